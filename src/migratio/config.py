@@ -1,0 +1,389 @@
+"""Configuration: loaded once, validated at start-up, frozen afterwards.
+
+Three kinds of files, all as the original Ruby tool had them:
+
+* ``config.yml`` — own site id, Redis, namespace, plus migratio's new optional keys;
+* the credentials file (``~/.creds``) — ``export KEY=VALUE`` lines for the source site;
+* ``config/<site id>.conf`` — one per destination site, same syntax.
+
+Every error names the file, the key and the reason, and is a :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import yaml
+
+from migratio.errors import ConfigError, UnknownSiteError
+from migratio.shellvars import read_shell_vars
+
+DEFAULT_REDIS_URL = "redis://localhost:6379"
+#: the original's config loader fell back to this when ``namespace`` was absent or null
+DEFAULT_NAMESPACE = "air"
+DEFAULT_IMAGES_DIR = "/var/lib/glance/images"
+DEFAULT_CIPHERS = (
+    "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-ctr"
+)
+DISK_FORMATS = frozenset({"raw", "qcow2", "vmdk", "vdi", "vhd", "vhdx", "iso", "ploop"})
+
+_SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_SSH_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_SSH_HOST = re.compile(r"[A-Za-z0-9_.:\[\]%-]{1,253}")
+
+
+def check_site_id(site_id: str, *, what: str = "site id") -> str:
+    """Return ``site_id`` if it is a plain name, usable as a file name; raise otherwise."""
+    if not isinstance(site_id, str) or not _SITE_ID.fullmatch(site_id) or ".." in site_id:
+        raise UnknownSiteError(
+            f"{what} {site_id!r} is not a plain site name "
+            "(letters, digits, '.', '_', '-'; no '/', no '..')"
+        )
+    return site_id
+
+
+@dataclass(frozen=True)
+class OpenStackCredentials:
+    """How to reach one site's Glance: Keystone password auth, or a token and an endpoint."""
+
+    source: str
+    auth_url: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    project_name: str | None = None
+    project_id: str | None = None
+    user_domain_name: str | None = None
+    project_domain_name: str | None = None
+    region_name: str | None = None
+    interface: str = "public"
+    token: str | None = field(default=None, repr=False)
+    image_url: str | None = None
+    cacert: str | None = None
+    insecure: bool = False
+
+    @classmethod
+    def from_vars(cls, values: Mapping[str, str], source: str) -> OpenStackCredentials:
+        """Build from ``OS_*`` variables; name what is missing."""
+        creds = cls(
+            source=source,
+            auth_url=values.get("OS_AUTH_URL") or None,
+            username=values.get("OS_USERNAME") or None,
+            password=values.get("OS_PASSWORD") or None,
+            project_name=values.get("OS_PROJECT_NAME") or values.get("OS_TENANT_NAME") or None,
+            project_id=values.get("OS_PROJECT_ID") or values.get("OS_TENANT_ID") or None,
+            user_domain_name=values.get("OS_USER_DOMAIN_NAME") or None,
+            project_domain_name=values.get("OS_PROJECT_DOMAIN_NAME") or None,
+            region_name=values.get("OS_REGION_NAME") or None,
+            interface=values.get("OS_INTERFACE") or values.get("OS_ENDPOINT_TYPE") or "public",
+            token=values.get("OS_AUTH_TOKEN") or values.get("OS_TOKEN") or None,
+            image_url=values.get("OS_IMAGE_URL") or None,
+            cacert=values.get("OS_CACERT") or None,
+            insecure=values.get("OS_INSECURE", "").lower() in {"1", "true", "yes"},
+        )
+        creds.validate()
+        return creds
+
+    @property
+    def uses_token(self) -> bool:
+        """True when a fixed token and Glance endpoint are given (no Keystone)."""
+        return bool(self.token and self.image_url)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the missing variables."""
+        if self.uses_token:
+            return
+        if self.token and not self.image_url:
+            raise ConfigError(f"{self.source}: OS_AUTH_TOKEN is set but OS_IMAGE_URL is missing")
+        missing = [
+            key
+            for key, value in (
+                ("OS_AUTH_URL", self.auth_url),
+                ("OS_USERNAME", self.username),
+                ("OS_PASSWORD", self.password),
+            )
+            if not value
+        ]
+        if not (self.project_name or self.project_id):
+            missing.append("OS_TENANT_NAME (or OS_PROJECT_NAME)")
+        if missing:
+            raise ConfigError(
+                f"{self.source}: missing {', '.join(missing)} "
+                "(or set OS_AUTH_TOKEN and OS_IMAGE_URL for a Glance without Keystone)"
+            )
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """An account on a destination host reachable with a key and a verified host key."""
+
+    user: str
+    host: str
+    port: int = 22
+    key_file: Path | None = None
+    known_hosts: Path | None = None
+    ciphers: str = DEFAULT_CIPHERS
+    connect_timeout: int = 15
+
+    @property
+    def destination(self) -> str:
+        """``user@host`` as ssh and rsync take it."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{self.user}@{host}"
+
+
+@dataclass(frozen=True)
+class OpenStackSite:
+    """A destination OpenStack site (``config/<site_id>.conf``)."""
+
+    site_id: str
+    path: Path
+    register: Literal["ssh", "api"]
+    ssh: SshTarget | None
+    api: OpenStackCredentials | None
+    disk_format: str | None = None
+    remote_staging_dir: str = ".migratio-staging"
+    remote_creds: str = "~/.creds"
+    remote_glance: str = "glance"
+    remote_python: str = "python3"
+    kind: Literal["openstack"] = "openstack"
+
+
+@dataclass(frozen=True)
+class AmazonSite:
+    """A destination Amazon EC2 region (``config/<site_id>.conf`` with ``AWS_REGION``)."""
+
+    site_id: str
+    path: Path
+    region: str
+    ec2_url: str | None = None
+    kind: Literal["amazon"] = "amazon"
+
+
+Site = OpenStackSite | AmazonSite
+
+
+@dataclass(frozen=True)
+class AwsCredentials:
+    """Amazon keys from the credentials file (``AWS_ACCESS_KEY``, ``AWS_SECRET_KEY``)."""
+
+    access_key: str
+    secret_key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything migratio needs to know, validated and frozen."""
+
+    name: str
+    config_path: Path
+    redis_url: str
+    namespace: str
+    credentials_file: Path
+    sites_dir: Path
+    staging_dir: Path
+    log_dir: Path
+    progress_interval: float
+    command_timeout: float
+    images_dir: Path
+    source: OpenStackCredentials
+    aws: AwsCredentials | None
+    sites: Mapping[str, Site]
+
+    def site(self, site_id: str) -> Site:
+        """The destination site ``site_id``, or :class:`UnknownSiteError` saying why not."""
+        check_site_id(site_id, what="destination site")
+        try:
+            return self.sites[site_id]
+        except KeyError:
+            raise UnknownSiteError(
+                f"unknown destination site {site_id!r}: there is no "
+                f"{self.sites_dir / (site_id + '.conf')}"
+            ) from None
+
+
+def default_config_path() -> Path:
+    """``$MIGRATIO_CONFIG``, else ``./config.yml``."""
+    return Path(os.environ.get("MIGRATIO_CONFIG") or "config.yml")
+
+
+def load_settings(config_path: Path | None = None) -> Settings:
+    """Load and validate every configuration file; raise :class:`ConfigError` on any problem."""
+    path = (config_path or default_config_path()).expanduser()
+    raw = _read_yaml(path)
+    base = path.resolve().parent
+
+    def key(name: str, default: Any = None) -> Any:
+        value = raw.get(name)
+        return default if value is None else value
+
+    name = key("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{path}: 'name' is required: the Atmosphere site_id of this site")
+    try:
+        check_site_id(name, what="'name'")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.message}") from None
+
+    namespace = raw.get("namespace", DEFAULT_NAMESPACE)
+    namespace = DEFAULT_NAMESPACE if namespace is None else str(namespace)
+
+    credentials_file = _path(key("credentials_file", "~/.creds"), base)
+    creds = _read_credentials(credentials_file)
+    source_cs = creds.get("SOURCE_CS")
+    if source_cs and source_cs != name:
+        raise ConfigError(
+            f"{credentials_file}: SOURCE_CS={source_cs!r} differs from 'name: {name}' in {path}"
+        )
+
+    aws = None
+    if creds.get("AWS_ACCESS_KEY") and creds.get("AWS_SECRET_KEY"):
+        aws = AwsCredentials(creds["AWS_ACCESS_KEY"], creds["AWS_SECRET_KEY"])
+
+    sites_dir = _path(key("sites_dir", "config"), base)
+    return Settings(
+        name=name,
+        config_path=path,
+        redis_url=str(key("redis_url", DEFAULT_REDIS_URL)),
+        namespace=namespace,
+        credentials_file=credentials_file,
+        sites_dir=sites_dir,
+        staging_dir=_path(key("staging_dir", "staging"), base),
+        log_dir=_path(key("log_dir", "log"), base),
+        progress_interval=_number(path, "progress_interval", key("progress_interval", 5.0)),
+        command_timeout=_number(path, "command_timeout", key("command_timeout", 6 * 3600)),
+        images_dir=Path(creds.get("IMAGES_DIR") or DEFAULT_IMAGES_DIR).expanduser(),
+        source=OpenStackCredentials.from_vars(creds, str(credentials_file)),
+        aws=aws,
+        sites=MappingProxyType(load_sites(sites_dir)),
+    )
+
+
+def load_sites(sites_dir: Path) -> dict[str, Site]:
+    """Read every ``<site id>.conf`` in ``sites_dir``."""
+    if not sites_dir.is_dir():
+        raise ConfigError(f"{sites_dir}: the site directory does not exist")
+    sites: dict[str, Site] = {}
+    for conf in sorted(sites_dir.glob("*.conf")):
+        site_id = conf.name.removesuffix(".conf")
+        try:
+            check_site_id(site_id)
+        except ConfigError as exc:
+            raise ConfigError(f"{conf}: {exc.message}") from None
+        sites[site_id] = load_site(site_id, conf)
+    return sites
+
+
+def load_site(site_id: str, path: Path) -> Site:
+    """Read one destination site file."""
+    values = read_shell_vars(path)
+    if "AWS_REGION" in values or "EC2_URL" in values:
+        region = values.get("AWS_REGION")
+        if not region:
+            raise ConfigError(f"{path}: AWS_REGION is required for an Amazon site")
+        return AmazonSite(site_id, path, region=region, ec2_url=values.get("EC2_URL") or None)
+
+    register = values.get("REGISTER", "ssh").lower()
+    if register not in {"ssh", "api"}:
+        raise ConfigError(f"{path}: REGISTER must be 'ssh' or 'api', not {register!r}")
+    disk_format = values.get("DISK_FORMAT") or None
+    if disk_format is not None and disk_format not in DISK_FORMATS:
+        raise ConfigError(
+            f"{path}: DISK_FORMAT {disk_format!r} is not one of {', '.join(sorted(DISK_FORMATS))}"
+        )
+    ssh = _ssh_target(values, path) if register == "ssh" else None
+    api = OpenStackCredentials.from_vars(values, str(path)) if register == "api" else None
+    return OpenStackSite(
+        site_id=site_id,
+        path=path,
+        register="api" if register == "api" else "ssh",
+        ssh=ssh,
+        api=api,
+        disk_format=disk_format,
+        remote_staging_dir=values.get("REMOTE_STAGING_DIR") or ".migratio-staging",
+        remote_creds=values.get("REMOTE_CREDS") or "~/.creds",
+        remote_glance=values.get("REMOTE_GLANCE") or "glance",
+        remote_python=values.get("REMOTE_PYTHON") or "python3",
+    )
+
+
+def _ssh_target(values: Mapping[str, str], path: Path) -> SshTarget:
+    user, host = values.get("EXTERNAL_USER"), values.get("EXTERNAL_HOST")
+    missing = [k for k, v in (("EXTERNAL_USER", user), ("EXTERNAL_HOST", host)) if not v]
+    if missing:
+        raise ConfigError(
+            f"{path}: missing {' and '.join(missing)} (or set REGISTER=api with OS_* credentials)"
+        )
+    assert user is not None and host is not None
+    if not _SSH_USER.fullmatch(user):
+        raise ConfigError(f"{path}: EXTERNAL_USER {user!r} is not a valid user name")
+    if not _SSH_HOST.fullmatch(host) or host.startswith("-"):
+        raise ConfigError(f"{path}: EXTERNAL_HOST {host!r} is not a valid host name or address")
+    port_text = values.get("SSH_PORT", "22")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{path}: SSH_PORT {port_text!r} is not a port number")
+    key_file = Path(values["SSH_KEY"]).expanduser() if values.get("SSH_KEY") else None
+    known = Path(values["SSH_KNOWN_HOSTS"]).expanduser() if values.get("SSH_KNOWN_HOSTS") else None
+    for name, file in (("SSH_KEY", key_file), ("SSH_KNOWN_HOSTS", known)):
+        if file is not None and not file.is_file():
+            raise ConfigError(f"{path}: {name} {file} does not exist")
+    return SshTarget(
+        user=user,
+        host=host,
+        port=int(port_text),
+        key_file=key_file,
+        known_hosts=known,
+        ciphers=values.get("SSH_CIPHERS") or DEFAULT_CIPHERS,
+        connect_timeout=int(values.get("SSH_CONNECT_TIMEOUT", "15") or 15),
+    )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{path}: file not found (give --config PATH or set MIGRATIO_CONFIG)"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, found {type(data).__name__}")
+    return data
+
+
+def _read_credentials(path: Path) -> dict[str, str]:
+    """The credentials file, with the process environment filling keys it lacks."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(("OS_", "AWS_"))}
+    env.update({k: os.environ[k] for k in ("IMAGES_DIR", "SOURCE_CS") if k in os.environ})
+    if not path.exists():
+        if env:
+            return env
+        raise ConfigError(f"{path}: credentials file not found (set credentials_file)")
+    return {**env, **read_shell_vars(path)}
+
+
+def _path(value: Any, base: Path) -> Path:
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _number(path: Path, name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: '{name}' must be a number, not {value!r}") from None
+    if number <= 0:
+        raise ConfigError(f"{path}: '{name}' must be positive, not {value!r}")
+    return number

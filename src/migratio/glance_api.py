@@ -1,0 +1,182 @@
+"""Adapter for a Glance v2 API, through keystoneauth1 and python-glanceclient.
+
+Used for the source site always, and for a destination whose site file says ``REGISTER=api``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from migratio.config import OpenStackCredentials
+from migratio.errors import GlanceError, VerificationError
+from migratio.hashing import BLOCK, Digests, VerifyingReader
+from migratio.images import ImageRecord
+
+log = logging.getLogger(__name__)
+
+
+def make_session(creds: OpenStackCredentials, *, timeout: float = 60) -> Any:
+    """A keystoneauth1 session: a fixed token and endpoint, or Keystone password auth."""
+    from keystoneauth1 import session, token_endpoint
+    from keystoneauth1.identity import generic
+
+    if creds.uses_token:
+        auth: Any = token_endpoint.Token(creds.image_url, creds.token)
+    else:
+        auth = generic.Password(
+            auth_url=creds.auth_url,
+            username=creds.username,
+            password=creds.password,
+            project_name=creds.project_name,
+            project_id=creds.project_id,
+            user_domain_name=creds.user_domain_name,
+            project_domain_name=creds.project_domain_name,
+            default_domain_name="Default",
+        )
+    verify: bool | str = creds.cacert or not creds.insecure
+    return session.Session(auth=auth, verify=verify, timeout=timeout)
+
+
+class GlanceApi:
+    """One Glance, spoken to over its v2 API."""
+
+    def __init__(self, creds: OpenStackCredentials, *, timeout: float = 60) -> None:
+        from glanceclient import Client
+
+        self.creds = creds
+        self.where = creds.image_url or creds.auth_url or creds.source
+        kwargs: dict[str, Any] = {"session": make_session(creds, timeout=timeout)}
+        if not creds.uses_token:
+            kwargs["interface"] = creds.interface
+            if creds.region_name:
+                kwargs["region_name"] = creds.region_name
+            if creds.image_url:
+                kwargs["endpoint_override"] = creds.image_url
+        self.client = Client("2", **kwargs)
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """Turn any client or HTTP failure into a :class:`GlanceError` that says what failed."""
+        from glanceclient import exc as gexc
+        from keystoneauth1 import exceptions as kexc
+
+        try:
+            yield
+        except (gexc.HTTPException, kexc.ClientException) as exc:
+            status = getattr(exc, "code", None) or getattr(exc, "http_status", None)
+            transient = status is None or int(status) >= 500 or int(status) in (408, 429)
+            raise GlanceError(
+                f"Glance at {self.where}: {doing} failed: {_describe(exc)}", retryable=transient
+            ) from exc
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, VerificationError):
+                raise
+            raise GlanceError(
+                f"Glance at {self.where}: {doing} failed: {exc}", retryable=True
+            ) from exc
+
+    def get(self, image_id: str) -> ImageRecord | None:
+        """The image, or None when Glance does not have it."""
+        from glanceclient import exc as gexc
+
+        try:
+            with self._errors(f"reading image {image_id}"):
+                return ImageRecord.from_glance(dict(self.client.images.get(image_id)))
+        except GlanceError as exc:
+            if isinstance(exc.__cause__, gexc.HTTPNotFound):
+                return None
+            raise
+
+    def find(self, **filters: str) -> list[ImageRecord]:
+        """Images whose properties equal ``filters`` (all visibilities the caller may see)."""
+        with self._errors(f"listing images with {filters}"):
+            images = self.client.images.list(filters={**filters, "visibility": "all"})
+            return [ImageRecord.from_glance(dict(image)) for image in images]
+
+    def download_to(
+        self, image: ImageRecord, path: Path, on_progress: Callable[[int], None] | None = None
+    ) -> None:
+        """Stream the image's bytes into ``path`` (via ``path.part``), checked against Glance."""
+        part = path.with_name(path.name + ".part")
+        try:
+            with self._errors(f"downloading image {image.id}"), part.open("wb") as out:
+                body = self.client.images.data(image.id, do_checksum=False)
+                if body is None:
+                    raise GlanceError(f"Glance at {self.where} has no data for image {image.id}")
+                reader = VerifyingReader(_IterReader(iter(body)), image.digests, on_progress)
+                while block := reader.read(BLOCK):
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        part.rename(path)
+
+    def create(self, fields: Mapping[str, Any]) -> ImageRecord:
+        """Create an image record (no data yet)."""
+        with self._errors("creating the image record"):
+            return ImageRecord.from_glance(dict(self.client.images.create(**fields)))
+
+    def upload(
+        self,
+        image_id: str,
+        stream: BinaryIO,
+        expected: Digests,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Upload ``stream`` as the image's data, verified on the way.
+
+        The bytes are hashed as they go; a mismatch raises before the last chunk is sent, so
+        Glance never completes an image from wrong bytes. The size goes in a header, so Glance
+        also refuses a short stream.
+        """
+        reader = VerifyingReader(stream, expected, on_progress)
+        with self._errors(f"uploading the data of image {image_id}"):
+            self.client.images.upload(image_id, reader, image_size=expected.size)
+
+    def delete(self, image_id: str) -> None:
+        """Delete an image; one that is already gone is fine."""
+        from glanceclient import exc as gexc
+
+        try:
+            with self._errors(f"deleting image {image_id}"):
+                self.client.images.delete(image_id)
+        except GlanceError as exc:
+            if not isinstance(exc.__cause__, gexc.HTTPNotFound):
+                raise
+
+    def ping(self) -> int:
+        """List one image, to prove the credentials and endpoint work; returns how many."""
+        with self._errors("listing images"):
+            return len(list(self.client.images.list(limit=1, page_size=1)))
+
+
+class _IterReader:
+    """A minimal file-like view of an iterator of byte chunks."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+
+    def read(self, size: int = BLOCK) -> bytes:
+        while len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    details = getattr(exc, "details", None)
+    if details and str(details) not in text:
+        text = f"{text}: {details}"
+    return " ".join(text.split())[:500]

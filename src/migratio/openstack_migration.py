@@ -1,0 +1,376 @@
+"""OpenStack → OpenStack: move one Glance image to another OpenStack site.
+
+Steps, each idempotent so that a re-run after any failure finishes the job:
+
+1. find the image in the source Glance;
+2. skip it when the destination already has an active copy with the same content;
+3. get the bytes (the local file store, else a verified download into staging);
+4. inspect them before any tool opens them;
+5. convert with qemu-img when the destination wants another disk format;
+6. transfer with rsync over SSH (resumable) while the destination's glance CLI uploads the
+   arriving file — or, with ``REGISTER=api``, stream straight into the destination's API;
+7. register with the source's metadata and the link properties;
+8. verify the destination's hashes; 9. clean up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+from migratio import qemu_img, rsync, status
+from migratio.config import OpenStackSite, Settings
+from migratio.errors import (
+    ConfigError,
+    ImageNotFoundError,
+    MigratioError,
+    RemoteError,
+    VerificationError,
+)
+from migratio.glance_api import GlanceApi
+from migratio.glance_cli import RemoteGlance
+from migratio.hashing import Digests, file_digests
+from migratio.images import LINK_PROPERTIES, SOURCE_HASH, ImageRecord
+from migratio.inspection import inspect_image
+from migratio.status import Progress, StatusSink, human_bytes
+
+log = logging.getLogger(__name__)
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+#: how long the remote upload waits for the transferred file to grow before giving up
+FOLLOW_IDLE = 900.0
+#: non-active states of a copy that a failed earlier attempt of ours may have left behind
+LEFTOVER_STATES = frozenset({"queued", "saving", "killed"})
+
+
+@dataclass(frozen=True)
+class MigrationRequest:
+    """Copy image ``image_id`` of this site to site ``destination``."""
+
+    image_id: str
+    destination: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image_id, str) or not _UUID.fullmatch(self.image_id):
+            raise ImageNotFoundError(f"{self.image_id!r} is not an image id (a UUID)")
+
+
+class Outcome(Enum):
+    """How a migration ended well."""
+
+    MIGRATED = "migrated"
+    ALREADY_THERE = "already there"
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """What a successful migration did."""
+
+    outcome: Outcome
+    destination_image_id: str
+    bytes_sent: int = 0
+
+
+class Destination(Protocol):
+    """What the steps need of a destination Glance (its API, or its CLI over SSH)."""
+
+    def get(self, image_id: str) -> ImageRecord | None: ...
+    def find(self, **filters: str) -> list[ImageRecord]: ...
+    def create(self, fields: Mapping[str, Any]) -> ImageRecord: ...
+    def delete(self, image_id: str) -> None: ...
+
+
+@dataclass
+class Migration:
+    """One run of one OpenStack → OpenStack migration, with everything its steps use."""
+
+    settings: Settings
+    request: MigrationRequest
+    site: OpenStackSite
+    status: StatusSink
+    source: GlanceApi
+    destination: Destination
+    workdir: Path
+    cancel: threading.Event
+
+    @property
+    def me(self) -> str:
+        return self.settings.name
+
+    def progress(self, label: str, total: int) -> Progress:
+        return Progress(self.status, label, total, interval=self.settings.progress_interval)
+
+    # 1
+    def find_source(self) -> ImageRecord:
+        image = self.source.get(self.request.image_id)
+        if image is None:
+            raise ImageNotFoundError(f"image {self.request.image_id} is not on site {self.me}")
+        if image.status != "active":
+            raise ImageNotFoundError(
+                f"image {image.id} on site {self.me} is {image.status}, not active"
+            )
+        if not image.disk_format or not image.size:
+            raise ImageNotFoundError(f"image {image.id} on site {self.me} has no data")
+        return image
+
+    # 2
+    def existing_copy(self, image: ImageRecord, target_format: str) -> ImageRecord | None:
+        converting = target_format != image.disk_format
+        copies = self.destination.find(source_uuid=image.id)
+        for copy in copies:
+            if copy.status != "active":
+                if copy.status in LEFTOVER_STATES and copy.properties.get("source_cs") == self.me:
+                    log.info("deleting %s copy %s left by an earlier attempt", copy.status, copy.id)
+                    self.destination.delete(copy.id)
+                continue
+            if converting:
+                same = (
+                    copy.disk_format == target_format
+                    and copy.properties.get(SOURCE_HASH) == image.source_hash
+                )
+            else:
+                same = copy.digests.matches(image.digests)
+            if same:
+                return copy
+        if not converting and image.os_hash_value:
+            for copy in self.destination.find(os_hash_value=image.os_hash_value):
+                if copy.status == "active" and copy.digests.matches(image.digests):
+                    return copy
+        return None
+
+    # 3
+    def local_bytes(self, image: ImageRecord) -> Path:
+        stored = self.settings.images_dir / image.id
+        try:
+            if stored.is_file() and os.access(stored, os.R_OK):
+                if stored.stat().st_size == image.size:
+                    log.info("reading %s from the file store", stored)
+                    return stored
+                log.warning("%s has the wrong size; downloading from Glance instead", stored)
+        except OSError as exc:
+            log.info("cannot use %s (%s); downloading from Glance", stored, exc)
+        path = self.workdir / f"{image.id}.{image.disk_format}"
+        self.status(f"Downloading {human_bytes(image.size or 0)} from Glance at {self.me}")
+        self.source.download_to(image, path, self.progress("Downloading", image.size or 0))
+        return path
+
+    # 5
+    def convert(self, image: ImageRecord, local: Path, target_format: str) -> tuple[Path, Digests]:
+        target = self.workdir / f"{image.id}.{target_format}"
+        qemu_img.convert(
+            local,
+            str(image.disk_format),
+            target,
+            target_format,
+            timeout=self.settings.command_timeout,
+            cancel=self.cancel,
+        )
+        digests = file_digests(target, ("md5",))
+        size = target.stat().st_size
+        self.status(f"Converted {image.disk_format} to {target_format} ({human_bytes(size)})")
+        return target, Digests(size=size, md5=digests["md5"])
+
+    # 7 (the record)
+    def fields(self, image: ImageRecord, target_format: str) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            key: value for key, value in image.properties.items() if key not in LINK_PROPERTIES
+        }
+        fields.update(
+            name=image.name,
+            disk_format=target_format,
+            container_format=image.container_format or "bare",
+            min_disk=image.min_disk,
+            min_ram=image.min_ram,
+            source_uuid=image.id,
+            source_cs=self.me,
+            source_t=self.me,
+        )
+        fields[SOURCE_HASH] = image.source_hash
+        return fields
+
+    # 8
+    def verify(self, image_id: str, sent: Digests) -> ImageRecord:
+        copy = self.destination.get(image_id)
+        problem = None
+        if copy is None:
+            problem = "it disappeared"
+        elif copy.status != "active":
+            problem = f"it is {copy.status}, not active"
+        elif not copy.digests.matches(sent):
+            problem = (
+                f"its size/checksum ({copy.size}, {copy.checksum}) differ from what was sent "
+                f"({sent.size}, {sent.md5})"
+            )
+        if problem is not None or copy is None:
+            self.destination.delete(image_id)
+            raise VerificationError(f"the copy at {self.site.site_id} was deleted: {problem}")
+        return copy
+
+    def run(self) -> MigrationResult:
+        """Run every step; raise a :class:`MigratioError` on failure."""
+        self.status(f"{status.MIGRATION_STARTED}: image {self.request.image_id} to {self.site.site_id}")
+        image = self.find_source()
+        target_format = self.site.disk_format or str(image.disk_format)
+        existing = self.existing_copy(image, target_format)
+        if existing is not None:
+            self.status(
+                f"{status.ALREADY_UPLOADED} {self.site.site_id} has it as image {existing.id}"
+            )
+            return MigrationResult(Outcome.ALREADY_THERE, existing.id)
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            local = self.local_bytes(image)
+            inspect_image(local, str(image.disk_format))
+            payload, digests = local, image.digests
+            if target_format != image.disk_format:
+                payload, digests = self.convert(image, local, target_format)
+            fields = self.fields(image, target_format)
+            if self.site.register == "api":
+                assert isinstance(self.destination, GlanceApi)
+                copy_id, sent = self.stream_to_api(payload, digests, fields)
+            else:
+                assert isinstance(self.destination, RemoteGlance)
+                copy_id, sent = self.rsync_and_upload(
+                    self.destination, image, payload, digests, fields
+                )
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return MigrationResult(Outcome.MIGRATED, copy_id, sent)
+
+    # 6-8, REGISTER=api
+    def stream_to_api(
+        self, payload: Path, digests: Digests, fields: Mapping[str, Any]
+    ) -> tuple[str, int]:
+        api = self.destination
+        assert isinstance(api, GlanceApi)
+        copy = api.create(fields)
+        try:
+            with payload.open("rb") as stream:
+                api.upload(copy.id, stream, digests, self.progress("Uploading", digests.size))
+            self.status(f"{status.TRANSFERED} {human_bytes(digests.size)} to {api.where}")
+            self.verify(copy.id, digests)
+        except BaseException:
+            _quietly(api.delete, copy.id)
+            raise
+        self.status(f"{status.REGISTERED} as image {copy.id} at {self.site.site_id}")
+        return copy.id, digests.size
+
+    # 6-8, over SSH
+    def rsync_and_upload(
+        self,
+        cli: RemoteGlance,
+        image: ImageRecord,
+        payload: Path,
+        digests: Digests,
+        fields: Mapping[str, Any],
+    ) -> tuple[str, int]:
+        assert self.site.ssh is not None
+        target_format = str(fields["disk_format"])
+        algo, digest = digests.cheapest()
+        remote_dir = self.site.remote_staging_dir.rstrip("/") or "."
+        remote_path = f"{remote_dir}/{image.id}-{digest[:12]}.{target_format}.part"
+        cli.make_dir(remote_dir)
+        copy = cli.create(fields)
+        try:
+            follower = cli.start_follow_upload(
+                copy.id, remote_path, digests.size, algo, digest, FOLLOW_IDLE
+            )
+            try:
+                sent = rsync.push(
+                    payload,
+                    self.site.ssh,
+                    remote_path,
+                    sparse=target_format == "raw",
+                    timeout=self.settings.command_timeout,
+                    cancel=self.cancel,
+                    on_progress=self.progress("Transferring", digests.size),
+                ).bytes_sent
+                self.status(
+                    f"{status.TRANSFERED} {human_bytes(digests.size)} to {self.site.ssh.host} "
+                    f"({human_bytes(sent)} sent)"
+                )
+                _tell(follower.popen.stdin, b"done\n")
+                upload = follower.communicate(
+                    timeout=self.settings.command_timeout, cancel=self.cancel
+                )
+            finally:
+                follower.stop()
+            if upload.returncode != 0:
+                corrupt = "follow_upload: aborted" in upload.stderr and algo in upload.stderr
+                if corrupt:
+                    _quietly(cli.remove_file, remote_path)
+                raise RemoteError(
+                    f"uploading into Glance at {self.site.site_id} failed: {upload.tail()}",
+                    retryable=True,
+                )
+            self.verify(copy.id, digests)
+        except BaseException:
+            _quietly(cli.delete, copy.id)
+            raise
+        self.status(f"{status.REGISTERED} as image {copy.id} at {self.site.site_id}")
+        _quietly(cli.remove_file, remote_path)
+        return copy.id, sent
+
+
+def destination_for(site: OpenStackSite, settings: Settings) -> GlanceApi | RemoteGlance:
+    """The adapter for registering at ``site``: its Glance API or its glance CLI over SSH."""
+    if site.register == "api":
+        assert site.api is not None
+        return GlanceApi(site.api)
+    return RemoteGlance(site, timeout=min(settings.command_timeout, 900))
+
+
+def migrate_to_openstack(
+    settings: Settings,
+    request: MigrationRequest,
+    sink: StatusSink,
+    *,
+    cancel: threading.Event | None = None,
+) -> MigrationResult:
+    """Migrate one image to an OpenStack site, reporting each step to ``sink``.
+
+    A failure is reported to ``sink`` with the original's text where it had one, then raised.
+    """
+    try:
+        site = settings.site(request.destination)
+        if not isinstance(site, OpenStackSite):
+            raise ConfigError(f"site {site.site_id} is an Amazon site, not an OpenStack one")
+        migration = Migration(
+            settings=settings,
+            request=request,
+            site=site,
+            status=sink,
+            source=GlanceApi(settings.source),
+            destination=destination_for(site, settings),
+            workdir=settings.staging_dir / f"{request.image_id}-{site.site_id}",
+            cancel=cancel or threading.Event(),
+        )
+        return migration.run()
+    except MigratioError as exc:
+        sink(exc.status_line())
+        raise
+
+
+def _tell(stream: Any, message: bytes) -> None:
+    try:
+        stream.write(message)
+        stream.flush()
+    except (BrokenPipeError, OSError):
+        pass  # the helper is gone; its exit status says why
+
+
+def _quietly(action: Any, *args: Any) -> None:
+    """Best-effort clean-up that must not hide the error being raised."""
+    try:
+        action(*args)
+    except Exception:
+        log.exception("clean-up step %s%r failed", getattr(action, "__name__", action), args)

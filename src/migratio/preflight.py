@@ -1,0 +1,119 @@
+"""``migratio check``: prove, before any job arrives, that every migration can work."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from migratio import processes
+from migratio.config import OpenStackSite, Settings
+from migratio.errors import MigratioError
+from migratio.glance_api import GlanceApi
+from migratio.ssh import SshClient
+
+
+class Level(Enum):
+    """How a check ended."""
+
+    OK = "ok"
+    WARN = "warning"
+    FAIL = "FAILED"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report."""
+
+    level: Level
+    what: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.level.value:8} {self.what}: {self.detail}"
+
+
+TOOLS = ("qemu-img", "rsync", "ssh")
+
+
+def run_checks(settings: Settings, site_ids: Sequence[str] = ()) -> Iterator[Check]:
+    """Check this site, then each named destination (all of them when none is named)."""
+    for tool in TOOLS:
+        path = shutil.which(tool)
+        yield Check(Level.OK if path else Level.FAIL, f"local {tool}", path or "not found on PATH")
+    yield _attempt(f"source Glance ({settings.name})", lambda: _ping(GlanceApi(settings.source)))
+    images = settings.images_dir
+    readable = images.is_dir() and os.access(images, os.R_OK | os.X_OK)
+    yield Check(
+        Level.OK if readable else Level.WARN,
+        "file store",
+        f"{images} readable" if readable
+        else f"{images} not readable: images will be downloaded from Glance (slower); "
+        "add this user to the glance group",
+    )
+    for site_id in site_ids or sorted(settings.sites):
+        try:
+            site = settings.site(site_id)
+        except MigratioError as exc:
+            yield Check(Level.FAIL, f"site {site_id}", exc.message)
+            continue
+        if not isinstance(site, OpenStackSite):
+            yield Check(Level.WARN, f"site {site_id}", "Amazon sites are not checked yet")
+            continue
+        yield from _check_openstack(site)
+
+
+def _check_openstack(site: OpenStackSite) -> Iterator[Check]:
+    name = f"site {site.site_id}"
+    if site.register == "api":
+        assert site.api is not None
+        api = site.api
+        yield _attempt(f"{name} Glance API", lambda: _ping(GlanceApi(api)))
+        return
+    assert site.ssh is not None
+    ssh = SshClient(site.ssh, creds=site.remote_creds)
+    login = _attempt(
+        f"{name} SSH login",
+        lambda: ssh.run(["true"], what="ssh login", timeout=30, creds=False) and
+        f"{site.ssh.destination} port {site.ssh.port}, host key verified",  # type: ignore[union-attr]
+    )
+    yield login
+    if login.level is Level.FAIL:
+        return
+    remote = [
+        ("remote rsync", ["rsync", "--version"], False),
+        (f"remote {site.remote_python}", [site.remote_python, "-c", "import hashlib"], False),
+        ("remote staging dir",
+         ["sh", "-c", 'mkdir -p -- "$1" && test -w "$1"', "sh", site.remote_staging_dir], False),
+        ("remote glance CLI",
+         [site.remote_glance, "--os-image-api-version", "2", "image-list", "--limit", "1"], True),
+    ]
+    for what, argv, creds in remote:
+        yield _attempt(
+            f"{name} {what}",
+            lambda argv=argv, creds=creds, what=what: _first_line(
+                ssh.run(argv, what=what, timeout=120, creds=creds)
+            ),
+        )
+
+
+def _ping(api: GlanceApi) -> str:
+    api.ping()
+    return f"reachable at {api.where}"
+
+
+def _first_line(done: processes.Completed) -> str:
+    lines = done.stdout.strip().splitlines()
+    return lines[0][:100] if lines else "ok"
+
+
+def _attempt(what: str, action: object) -> Check:
+    assert callable(action)
+    try:
+        return Check(Level.OK, what, str(action()))
+    except MigratioError as exc:
+        return Check(Level.FAIL, what, exc.message)
+    except Exception as exc:  # a check must report, never crash the report
+        return Check(Level.FAIL, what, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,181 @@
+"""The one place where migratio starts child processes.
+
+Every external tool (qemu-img, rsync, ssh) runs through here: argv lists only, never a shell;
+each child in its own session so that a Ctrl-C or a signal aimed at migratio never reaches a
+running ``qemu-img`` directly; every run has a deadline and can be cancelled, and stopping a
+child is always SIGTERM to its process group, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from migratio.errors import Cancelled, ToolError
+
+log = logging.getLogger(__name__)
+
+#: how long a child gets between SIGTERM and SIGKILL
+STOP_GRACE = 10.0
+_POLL = 0.25
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A finished child: its exit code and what it printed."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def tail(self, lines: int = 5) -> str:
+        """The last lines of stderr (else stdout), for error messages."""
+        text = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        return " | ".join(text[-lines:])
+
+
+class Child:
+    """A running child process in its own process group."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        what: str,
+        stdin: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
+        self.argv = tuple(argv)
+        self.what = what
+        try:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise ToolError(f"{what}: program {self.argv[0]!r} not found on PATH") from exc
+        except OSError as exc:
+            raise ToolError(f"{what}: cannot start {self.argv[0]!r}: {exc}") from exc
+        log.debug("started %s (pid %d): %s", what, self.popen.pid, " ".join(self.argv))
+
+    @property
+    def pid(self) -> int:
+        """The child's process id (also its process group id)."""
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        """The exit code, or None while it runs."""
+        return self.popen.poll()
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM the child's whole process group, SIGKILL it if it is still there after grace."""
+        if self.popen.poll() is not None:
+            return
+        self._signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0fs of SIGTERM; killing it", self.what, grace)
+            self._signal(signal.SIGKILL)
+            self.popen.wait()
+
+    def _signal(self, signum: int) -> None:
+        try:
+            os.killpg(self.popen.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def communicate(
+        self,
+        *,
+        timeout: float,
+        cancel: threading.Event | None = None,
+        on_line: Callable[[str], None] | None = None,
+    ) -> Completed:
+        """Wait for the child, collecting its output; lines of stdout go to ``on_line``.
+
+        Lines end at ``\\n`` or ``\\r`` (rsync redraws its progress with ``\\r``).
+        Raises :class:`ToolError` on timeout and :class:`Cancelled` when ``cancel`` is set;
+        in both cases the child is stopped first.
+        """
+        assert self.popen.stdout is not None and self.popen.stderr is not None
+        deadline = time.monotonic() + timeout
+        out: list[bytes] = []
+        err: list[bytes] = []
+        pending = b""
+        selector = selectors.DefaultSelector()
+        selector.register(self.popen.stdout, selectors.EVENT_READ, out)
+        selector.register(self.popen.stderr, selectors.EVENT_READ, err)
+        try:
+            while selector.get_map():
+                if cancel is not None and cancel.is_set():
+                    self.stop()
+                    raise Cancelled(f"{self.what} was stopped on request")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ToolError(f"{self.what} timed out after {timeout:.0f}s", retryable=True)
+                for key, _ in selector.select(_POLL):
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        selector.unregister(key.fileobj)
+                        continue
+                    key.data.append(chunk)
+                    if on_line is not None and key.data is out:
+                        pending += chunk
+                        *lines, pending = pending.replace(b"\r", b"\n").split(b"\n")
+                        for line in lines:
+                            if line.strip():
+                                on_line(line.decode("utf-8", "replace"))
+            if on_line is not None and pending.strip():
+                on_line(pending.decode("utf-8", "replace"))
+            remaining = max(deadline - time.monotonic(), 1.0)
+            try:
+                returncode = self.popen.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise ToolError(f"{self.what} timed out after {timeout:.0f}s", retryable=True)
+        finally:
+            selector.close()
+        return Completed(
+            self.argv,
+            returncode,
+            b"".join(out).decode("utf-8", "replace"),
+            b"".join(err).decode("utf-8", "replace"),
+        )
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    what: str,
+    timeout: float,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    cancel: threading.Event | None = None,
+    on_line: Callable[[str], None] | None = None,
+    error: type[ToolError] = ToolError,
+) -> Completed:
+    """Run ``argv`` to completion; with ``check``, a non-zero exit raises ``error``."""
+    child = Child(argv, what=what, env=env, cwd=cwd)
+    try:
+        done = child.communicate(timeout=timeout, cancel=cancel, on_line=on_line)
+    finally:
+        child.stop()
+    if check and done.returncode != 0:
+        raise error(f"{what} failed (exit {done.returncode}): {done.tail()}")
+    return done

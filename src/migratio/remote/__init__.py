@@ -1,0 +1,1 @@
+"""Programs that migratio sends to a destination host to run there (standard library only)."""

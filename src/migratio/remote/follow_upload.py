@@ -1,0 +1,82 @@
+"""Runs on the destination host (sent as ``python3 -c``; standard library only).
+
+Feeds a file that rsync is still writing into a command's standard input — the destination's
+``glance image-upload`` — so that the upload overlaps the transfer instead of following it.
+
+usage: follow_upload.py PATH SIZE ALGO HEXDIGEST IDLE_SECONDS -- COMMAND [ARG...]
+
+The command gets EOF only after exactly SIZE bytes whose ALGO digest is HEXDIGEST. In every
+other case (a short or wrong file, the local side gone, no growth for IDLE_SECONDS) it is
+killed before EOF, so Glance sees a broken upload and never completes an image from bad
+bytes. The local side writes ``done`` to our stdin when rsync has finished, and simply goes
+away (EOF on our stdin) to abort.
+"""
+
+import hashlib
+import os
+import select
+import subprocess
+import sys
+import time
+
+READ = 4 << 20
+
+
+def main(argv):
+    path, size, algo, digest, idle = argv[1], int(argv[2]), argv[3], argv[4], float(argv[5])
+    if argv[6] != "--":
+        sys.exit("follow_upload: expected -- before the command")
+    child = subprocess.Popen(argv[7:], stdin=subprocess.PIPE)
+    hasher = hashlib.new(algo)
+    fed = 0
+    source = None
+    rsync_done = False
+    last_growth = time.monotonic()
+    reason = None
+    try:
+        while fed < size:
+            if source is None:
+                try:
+                    source = open(path, "rb", buffering=0)  # noqa: SIM115
+                except FileNotFoundError:
+                    source = None
+            chunk = source.read(min(READ, size - fed)) if source is not None else b""
+            if chunk:
+                hasher.update(chunk)
+                child.stdin.write(chunk)
+                fed += len(chunk)
+                last_growth = time.monotonic()
+                continue
+            if child.poll() is not None:
+                reason = "the upload command exited early"
+                break
+            if rsync_done:
+                reason = "the transferred file is %d bytes, expected %d" % (fed, size)
+                break
+            if time.monotonic() - last_growth > idle:
+                reason = "the file stopped growing for %.0f s" % idle
+                break
+            ready, _, _ = select.select([0], [], [], 0.1)
+            if ready:
+                message = os.read(0, 64)
+                if not message:
+                    reason = "the migrating side went away"
+                    break
+                if b"done" in message:
+                    rsync_done = True
+        if reason is None and hasher.hexdigest() != digest:
+            reason = "%s of the transferred file is %s, expected %s" % (
+                algo, hasher.hexdigest(), digest)
+    except BrokenPipeError:
+        reason = "the upload command stopped reading"
+    if reason is not None:
+        child.kill()
+        child.wait()
+        sys.stderr.write("follow_upload: aborted: %s\n" % reason)
+        return 3
+    child.stdin.close()
+    return child.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,107 @@
+"""Adapter for OpenSSH: one place that knows how migratio logs in to a destination host.
+
+Host keys are always verified (``StrictHostKeyChecking=yes``; never ``no``), logins are by key
+only (``BatchMode``), and a remote command is built from an argv list with every word quoted,
+so that no image name, property or path can become shell syntax on the other side.
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from collections.abc import Sequence
+
+from migratio import processes
+from migratio.config import SshTarget
+from migratio.errors import RemoteError
+
+SSH = "ssh"
+
+
+def ssh_options(target: SshTarget) -> list[str]:
+    """The ``ssh`` argv for ``target`` up to (not including) the destination."""
+    argv = [
+        SSH,
+        "-p", str(target.port),
+        "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"ConnectTimeout={target.connect_timeout}",
+        "-o", "ServerAliveInterval=15",
+        "-o", "ServerAliveCountMax=4",
+        "-o", "LogLevel=ERROR",
+        "-c", target.ciphers,
+    ]  # fmt: skip
+    if target.key_file is not None:
+        argv += ["-i", str(target.key_file), "-o", "IdentitiesOnly=yes"]
+    if target.known_hosts is not None:
+        argv += ["-o", f"UserKnownHostsFile={target.known_hosts}"]
+    return argv
+
+
+def rsync_shell(target: SshTarget) -> str:
+    """The ``-e`` value for rsync: the same ssh command, as one quoted string."""
+    return shlex.join(ssh_options(target))
+
+
+def remote_command(argv: Sequence[str], *, creds: str | None = None, stdin: bool = False) -> str:
+    """Quote ``argv`` for the remote POSIX shell, optionally after sourcing ``creds``.
+
+    Without ``stdin`` the command's standard input is closed (``<&-``): the glance CLI reads
+    image data from any stdin that is not a terminal, and would upload an empty image.
+    """
+    command = shlex.join(argv)
+    if not stdin:
+        command += " <&-"
+    if creds:
+        if creds.startswith("~/"):
+            source = '"$HOME"/' + shlex.quote(creds[2:])
+        else:
+            source = shlex.quote(creds)
+        command = f". {source} && {command}"
+    return command
+
+
+class SshClient:
+    """Runs commands on one destination account."""
+
+    def __init__(self, target: SshTarget, *, creds: str | None = None) -> None:
+        self.target = target
+        self.creds = creds
+
+    def argv(self, remote: Sequence[str], *, stdin: bool = False, creds: bool = True) -> list[str]:
+        """The local argv that runs ``remote`` on the destination."""
+        command = remote_command(remote, creds=self.creds if creds else None, stdin=stdin)
+        return [*ssh_options(self.target), "--", self.target.destination, command]
+
+    def run(
+        self,
+        remote: Sequence[str],
+        *,
+        what: str,
+        timeout: float = 300,
+        creds: bool = True,
+        check: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> processes.Completed:
+        """Run ``remote`` there and wait; a failure raises :class:`RemoteError` with its output."""
+        done = processes.run(
+            self.argv(remote, creds=creds),
+            what=what,
+            timeout=timeout,
+            check=False,
+            cancel=cancel,
+        )
+        if done.returncode == 255:
+            raise RemoteError(
+                f"{what}: cannot log in to {self.target.destination} port {self.target.port}: "
+                f"{done.tail()}"
+            )
+        if check and done.returncode != 0:
+            raise RemoteError(
+                f"{what} on {self.target.host} failed (exit {done.returncode}): {done.tail()}"
+            )
+        return done
+
+    def start(self, remote: Sequence[str], *, what: str) -> processes.Child:
+        """Start ``remote`` there with a pipe to its stdin, and return at once."""
+        return processes.Child(self.argv(remote, stdin=True), what=what, stdin=True)
