@@ -319,7 +319,8 @@ def _ssh_target(values: Mapping[str, str], path: Path) -> SshTarget:
         raise ConfigError(
             f"{path}: missing {' and '.join(missing)} (or set REGISTER=api with OS_* credentials)"
         )
-    assert user is not None and host is not None
+    assert user is not None
+    assert host is not None
     if not _SSH_USER.fullmatch(user):
         raise ConfigError(f"{path}: EXTERNAL_USER {user!r} is not a valid user name")
     if not _SSH_HOST.fullmatch(host) or host.startswith("-"):

@@ -12,6 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from glanceclient import Client
+from glanceclient import exc as gexc
+from keystoneauth1 import exceptions as kexc
+from keystoneauth1 import session, token_endpoint
+from keystoneauth1.identity import generic
+
 from migratio.config import OpenStackCredentials
 from migratio.errors import GlanceError, VerificationError
 from migratio.hashing import BLOCK, Digests, VerifyingReader
@@ -22,14 +28,12 @@ log = logging.getLogger(__name__)
 
 def make_session(creds: OpenStackCredentials, *, timeout: float = 60) -> Any:
     """A keystoneauth1 session: a fixed token and endpoint, or Keystone password auth."""
-    from keystoneauth1 import session, token_endpoint
-    from keystoneauth1.identity import generic
 
     if creds.uses_token:
         auth: Any = token_endpoint.Token(creds.image_url, creds.token)
     else:
         auth = generic.Password(
-            auth_url=creds.auth_url,
+            auth_url=str(creds.auth_url),
             username=creds.username,
             password=creds.password,
             project_name=creds.project_name,
@@ -46,7 +50,6 @@ class GlanceApi:
     """One Glance, spoken to over its v2 API."""
 
     def __init__(self, creds: OpenStackCredentials, *, timeout: float = 60) -> None:
-        from glanceclient import Client
 
         self.creds = creds
         self.where = creds.image_url or creds.auth_url or creds.source
@@ -62,8 +65,6 @@ class GlanceApi:
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
         """Turn any client or HTTP failure into a :class:`GlanceError` that says what failed."""
-        from glanceclient import exc as gexc
-        from keystoneauth1 import exceptions as kexc
 
         try:
             yield
@@ -82,7 +83,6 @@ class GlanceApi:
 
     def get(self, image_id: str) -> ImageRecord | None:
         """The image, or None when Glance does not have it."""
-        from glanceclient import exc as gexc
 
         try:
             with self._errors(f"reading image {image_id}"):
@@ -142,7 +142,6 @@ class GlanceApi:
 
     def delete(self, image_id: str) -> None:
         """Delete an image; one that is already gone is fine."""
-        from glanceclient import exc as gexc
 
         try:
             with self._errors(f"deleting image {image_id}"):

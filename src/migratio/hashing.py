@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from migratio.errors import VerificationError
 
@@ -57,6 +57,12 @@ class Digests:
         return compared
 
 
+class Readable(Protocol):
+    """Anything with ``read(size) -> bytes``."""
+
+    def read(self, size: int, /) -> bytes: ...
+
+
 class VerifyingReader:
     """A file-like reader that hashes what passes through and checks it at the end.
 
@@ -66,7 +72,7 @@ class VerifyingReader:
 
     def __init__(
         self,
-        stream: BinaryIO,
+        stream: Readable | BinaryIO,
         expected: Digests,
         on_progress: Callable[[int], None] | None = None,
     ) -> None:
@@ -81,7 +87,7 @@ class VerifyingReader:
 
     def read(self, size: int = BLOCK) -> bytes:
         """Read and hash up to ``size`` bytes; verify everything at EOF."""
-        data = self._stream.read(size if size and size > 0 else BLOCK)
+        data: bytes = self._stream.read(size if size and size > 0 else BLOCK)
         if data:
             for h in self._hashes.values():
                 h.update(data)

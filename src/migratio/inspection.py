@@ -49,4 +49,6 @@ def inspect_image(path: Path, declared_format: str) -> Inspection:
     except (format_inspector.SafetyCheckFailed, format_inspector.ImageFormatError) as exc:
         raise ImageRefusedError(f"the {found} image failed the safety check: {exc}") from exc
     log.debug("inspected %s: %s, virtual size %d", path, found, inspector.virtual_size)
-    return Inspection(format="raw" if found in RAW_LIKE else found, virtual_size=inspector.virtual_size)
+    return Inspection(
+        format="raw" if found in RAW_LIKE else found, virtual_size=inspector.virtual_size
+    )

@@ -12,8 +12,9 @@ MAX_BYTES = 10 * 1024 * 1024
 BACKUPS = 10
 
 
-def setup_logging(log_dir: Path | None, *, stderr_level: int = logging.WARNING,
-                  filename: str = "migratio.log") -> None:
+def setup_logging(
+    log_dir: Path | None, *, stderr_level: int = logging.WARNING, filename: str = "migratio.log"
+) -> None:
     """Send INFO and above to ``log_dir/filename`` (rotated), ``stderr_level`` to stderr."""
     root = logging.getLogger()
     for handler in list(root.handlers):

@@ -216,7 +216,9 @@ class Migration:
 
     def run(self) -> MigrationResult:
         """Run every step; raise a :class:`MigratioError` on failure."""
-        self.status(f"{status.MIGRATION_STARTED}: image {self.request.image_id} to {self.site.site_id}")
+        self.status(
+            f"{status.MIGRATION_STARTED}: image {self.request.image_id} to {self.site.site_id}"
+        )
         image = self.find_source()
         target_format = self.site.disk_format or str(image.disk_format)
         existing = self.existing_copy(image, target_format)

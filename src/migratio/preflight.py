@@ -49,7 +49,8 @@ def run_checks(settings: Settings, site_ids: Sequence[str] = ()) -> Iterator[Che
     yield Check(
         Level.OK if readable else Level.WARN,
         "file store",
-        f"{images} readable" if readable
+        f"{images} readable"
+        if readable
         else f"{images} not readable: images will be downloaded from Glance (slower); "
         "add this user to the glance group",
     )
@@ -76,8 +77,10 @@ def _check_openstack(site: OpenStackSite) -> Iterator[Check]:
     ssh = SshClient(site.ssh, creds=site.remote_creds)
     login = _attempt(
         f"{name} SSH login",
-        lambda: ssh.run(["true"], what="ssh login", timeout=30, creds=False) and
-        f"{site.ssh.destination} port {site.ssh.port}, host key verified",  # type: ignore[union-attr]
+        lambda: (
+            ssh.run(["true"], what="ssh login", timeout=30, creds=False)
+            and f"{site.ssh.destination} port {site.ssh.port}, host key verified"
+        ),
     )
     yield login
     if login.level is Level.FAIL:
@@ -85,10 +88,16 @@ def _check_openstack(site: OpenStackSite) -> Iterator[Check]:
     remote = [
         ("remote rsync", ["rsync", "--version"], False),
         (f"remote {site.remote_python}", [site.remote_python, "-c", "import hashlib"], False),
-        ("remote staging dir",
-         ["sh", "-c", 'mkdir -p -- "$1" && test -w "$1"', "sh", site.remote_staging_dir], False),
-        ("remote glance CLI",
-         [site.remote_glance, "--os-image-api-version", "2", "image-list", "--limit", "1"], True),
+        (
+            "remote staging dir",
+            ["sh", "-c", 'mkdir -p -- "$1" && test -w "$1"', "sh", site.remote_staging_dir],
+            False,
+        ),
+        (
+            "remote glance CLI",
+            [site.remote_glance, "--os-image-api-version", "2", "image-list", "--limit", "1"],
+            True,
+        ),
     ]
     for what, argv, creds in remote:
         yield _attempt(

@@ -8,6 +8,7 @@ child is always SIGTERM to its process group, then SIGKILL after a grace period.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -94,10 +95,8 @@ class Child:
             self.popen.wait()
 
     def _signal(self, signum: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signum)
-        except ProcessLookupError:
-            pass
 
     def communicate(
         self,
@@ -112,7 +111,8 @@ class Child:
         Raises :class:`ToolError` on timeout and :class:`Cancelled` when ``cancel`` is set;
         in both cases the child is stopped first.
         """
-        assert self.popen.stdout is not None and self.popen.stderr is not None
+        assert self.popen.stdout is not None
+        assert self.popen.stderr is not None
         deadline = time.monotonic() + timeout
         out: list[bytes] = []
         err: list[bytes] = []
@@ -147,7 +147,9 @@ class Child:
                 returncode = self.popen.wait(timeout=remaining)
             except subprocess.TimeoutExpired:
                 self.stop()
-                raise ToolError(f"{self.what} timed out after {timeout:.0f}s", retryable=True)
+                raise ToolError(
+                    f"{self.what} timed out after {timeout:.0f}s", retryable=True
+                ) from None
         finally:
             selector.close()
         return Completed(

@@ -12,6 +12,8 @@ bytes. The local side writes ``done`` to our stdin when rsync has finished, and 
 away (EOF on our stdin) to abort.
 """
 
+from __future__ import annotations
+
 import hashlib
 import os
 import select
@@ -22,11 +24,13 @@ import time
 READ = 4 << 20
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     path, size, algo, digest, idle = argv[1], int(argv[2]), argv[3], argv[4], float(argv[5])
     if argv[6] != "--":
         sys.exit("follow_upload: expected -- before the command")
     child = subprocess.Popen(argv[7:], stdin=subprocess.PIPE)
+    pipe = child.stdin
+    assert pipe is not None
     hasher = hashlib.new(algo)
     fed = 0
     source = None
@@ -43,7 +47,7 @@ def main(argv):
             chunk = source.read(min(READ, size - fed)) if source is not None else b""
             if chunk:
                 hasher.update(chunk)
-                child.stdin.write(chunk)
+                pipe.write(chunk)
                 fed += len(chunk)
                 last_growth = time.monotonic()
                 continue
@@ -54,7 +58,7 @@ def main(argv):
                 reason = "the transferred file is %d bytes, expected %d" % (fed, size)
                 break
             if time.monotonic() - last_growth > idle:
-                reason = "the file stopped growing for %.0f s" % idle
+                reason = f"the file stopped growing for {idle:.0f} s"
                 break
             ready, _, _ = select.select([0], [], [], 0.1)
             if ready:
@@ -65,16 +69,15 @@ def main(argv):
                 if b"done" in message:
                     rsync_done = True
         if reason is None and hasher.hexdigest() != digest:
-            reason = "%s of the transferred file is %s, expected %s" % (
-                algo, hasher.hexdigest(), digest)
+            reason = f"{algo} of the transferred file is {hasher.hexdigest()}, expected {digest}"
     except BrokenPipeError:
         reason = "the upload command stopped reading"
     if reason is not None:
         child.kill()
         child.wait()
-        sys.stderr.write("follow_upload: aborted: %s\n" % reason)
+        sys.stderr.write(f"follow_upload: aborted: {reason}\n")
         return 3
-    child.stdin.close()
+    pipe.close()
     return child.wait()
 
 
