@@ -1,0 +1,313 @@
+"""OpenStack → OpenStack end to end: two real Glance servers, a real sshd, rsync and qemu-img."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tests.sandbox.images import make_qcow2, make_qcow2_with_backing, make_raw, sha256_file
+from tests.sandbox.site import Sandbox
+
+from migratio.cli import main
+from migratio.config import Settings, load_settings
+from migratio.errors import (
+    Cancelled,
+    ImageRefusedError,
+    MigratioError,
+    RemoteError,
+    UnknownSiteError,
+)
+from migratio.openstack_migration import MigrationRequest, Outcome, migrate_to_openstack
+
+HOSTILE_NAME = 'x"; touch /tmp/pwned; "'
+MiB = 1024 * 1024
+
+
+def settings_for(sandbox: Sandbox, tmp_path: Path, **extra_sites: str) -> Settings:
+    """The sandbox's settings with private staging/log dirs and extra site files."""
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    for conf in sandbox.sites_dir.glob("*.conf"):
+        shutil.copy(conf, sites / conf.name)
+    for name, text in extra_sites.items():
+        (sites / f"{name}.conf").write_text(text)
+    config = tmp_path / "config.yml"
+    config.write_text(
+        sandbox.config_path.read_text()
+        + f"\nsites_dir: {sites}\nstaging_dir: {tmp_path / 'staging'}\n"
+        + f"log_dir: {tmp_path / 'log'}\n"
+    )
+    return load_settings(config)
+
+
+def site_b_with(sandbox: Sandbox, *lines: str) -> str:
+    return (sandbox.sites_dir / "site-b.conf").read_text() + "".join(f"{x}\n" for x in lines)
+
+
+class Lines(list[str]):
+    """A status sink that keeps the lines."""
+
+    def __call__(self, text: str) -> None:
+        self.append(text)
+
+
+def upload_source(sandbox: Sandbox, tmp_path: Path, **kwargs: object) -> tuple[str, Path]:
+    image = make_qcow2(tmp_path / "source.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+    params: dict[str, object] = {"name": "ubuntu-template", "disk_format": "qcow2"}
+    params.update(kwargs)
+    image_id = sandbox.source.upload_image(image, **params)  # type: ignore[arg-type]
+    return image_id, image
+
+
+def copies_at_destination(sandbox: Sandbox, image_id: str) -> list[dict[str, object]]:
+    return sandbox.destination.find_by_property("source_uuid", image_id)
+
+
+@pytest.mark.parametrize("site", ["site-b", "site-b-api"])
+def test_happy_path_bytes_and_properties(clean_sandbox: Sandbox, tmp_path: Path, site: str) -> None:
+    sb = clean_sandbox
+    image_id, image = upload_source(
+        sb,
+        tmp_path,
+        min_disk=3,
+        min_ram=512,
+        properties={"architecture": "x86_64", "os_distro": "ubuntu", "source_t": "stale"},
+    )
+    lines = Lines()
+    result = migrate_to_openstack(
+        settings_for(sb, tmp_path), MigrationRequest(image_id, site), lines
+    )
+
+    assert result.outcome is Outcome.MIGRATED
+    [copy] = copies_at_destination(sb, image_id)
+    assert copy["id"] == result.destination_image_id
+    assert copy["status"] == "active"
+    assert copy["name"] == "ubuntu-template"
+    assert (copy["disk_format"], copy["container_format"]) == ("qcow2", "bare")
+    assert (copy["min_disk"], copy["min_ram"]) == (3, 512)
+    assert copy["architecture"] == "x86_64"
+    assert copy["os_distro"] == "ubuntu"
+    assert (copy["source_uuid"], copy["source_cs"], copy["source_t"]) == (
+        image_id,
+        "site-a",
+        "site-a",
+    )
+    download = tmp_path / "arrived"
+    sb.destination.download_to(str(copy["id"]), download)
+    assert sha256_file(download) == sha256_file(image)
+    assert lines[0].startswith("Migration started")
+    texts = [line.split(" ")[0].rstrip(":") for line in lines]
+    assert texts.index("Transfered") < texts.index("Registered")
+    assert lines[-1].startswith("Registered")
+    # staging is cleaned up here and there
+    assert not any((tmp_path / "staging").glob("*/*"))
+    if site == "site-b":
+        staging = sb.ssh.home / ".migratio-staging"
+        assert staging.is_dir()
+        assert list(staging.iterdir()) == []
+
+
+def test_already_migrated_is_skipped(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+    sb = clean_sandbox
+    image_id, _ = upload_source(sb, tmp_path)
+    settings = settings_for(sb, tmp_path)
+    migrate_to_openstack(settings, MigrationRequest(image_id, "site-b"), Lines())
+    lines = Lines()
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-b-api"), lines)
+    assert result.outcome is Outcome.ALREADY_THERE
+    assert lines[-1].startswith("Requested image was uploaded.")
+    assert len(copies_at_destination(sb, image_id)) == 1
+
+
+def test_missing_image_fails_with_the_original_text(
+    clean_sandbox: Sandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for(clean_sandbox, tmp_path)
+    missing = "6f3c9a0e-1111-2222-3333-444455556666"
+    code = main(["migrate", "--config", str(settings.config_path), missing, "site-b"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert out[-1] == f"Requested image not exist. image {missing} is not on site site-a"
+    code = main(["migrate", "--config", str(settings.config_path), "not-a-uuid", "site-b"])
+    assert code == 1
+    assert capsys.readouterr().out.startswith("Requested image not exist. 'not-a-uuid' is not")
+
+
+def test_conversion_to_raw(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+    sb = clean_sandbox
+    image_id, image = upload_source(sb, tmp_path)
+    settings = settings_for(sb, tmp_path, **{"site-raw": site_b_with(sb, "export DISK_FORMAT=raw")})
+    lines = Lines()
+    migrate_to_openstack(settings, MigrationRequest(image_id, "site-raw"), lines)
+    [copy] = copies_at_destination(sb, image_id)
+    assert copy["disk_format"] == "raw"
+    assert copy["size"] == 64 * MiB
+    arrived = tmp_path / "arrived.raw"
+    sb.destination.download_to(str(copy["id"]), arrived)
+    same = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(arrived)], check=False
+    )
+    assert same.returncode == 0
+    assert any(line.startswith("Converted qcow2 to raw") for line in lines)
+    # a second run recognises the converted copy
+    again = migrate_to_openstack(settings, MigrationRequest(image_id, "site-raw"), Lines())
+    assert again.outcome is Outcome.ALREADY_THERE
+
+
+@pytest.mark.parametrize("site", ["site-b", "site-b-api"])
+def test_hostile_name_is_registered_verbatim_and_nothing_runs(
+    clean_sandbox: Sandbox, tmp_path: Path, site: str
+) -> None:
+    sb = clean_sandbox
+    pwned = Path("/tmp/pwned")
+    pwned.unlink(missing_ok=True)
+    image_id, _ = upload_source(
+        sb, tmp_path, name=HOSTILE_NAME, properties={"note": "$(touch /tmp/pwned) `id` ; rm -rf ~"}
+    )
+    migrate_to_openstack(settings_for(sb, tmp_path), MigrationRequest(image_id, site), Lines())
+    [copy] = copies_at_destination(sb, image_id)
+    assert copy["name"] == HOSTILE_NAME
+    assert copy["note"] == "$(touch /tmp/pwned) `id` ; rm -rf ~"
+    assert not pwned.exists()
+
+
+def test_qcow2_with_backing_file_is_refused(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+    sb = clean_sandbox
+    backing = make_raw(tmp_path / "backing.raw", virtual_size=MiB, data_bytes=MiB)
+    evil = make_qcow2_with_backing(tmp_path / "evil.qcow2", backing)
+    # a non-bare container skips Glance's own upload inspection, as older Glances did
+    image_id = sb.source.upload_image(
+        evil, name="evil", disk_format="qcow2", container_format="ovf"
+    )
+    lines = Lines()
+    with pytest.raises(ImageRefusedError, match="backing file"):
+        migrate_to_openstack(
+            settings_for(sb, tmp_path), MigrationRequest(image_id, "site-b"), lines
+        )
+    assert lines[-1].startswith("Requested image not exist.")
+    assert copies_at_destination(sb, image_id) == []
+
+
+def test_format_mismatch_is_refused(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+    sb = clean_sandbox
+    raw = make_raw(tmp_path / "disk.raw", virtual_size=4 * MiB, data_bytes=MiB)
+    image_id = sb.source.upload_image(raw, name="liar", disk_format="qcow2", container_format="ovf")
+    with pytest.raises(ImageRefusedError, match="Glance says the image is 'qcow2' but its bytes"):
+        migrate_to_openstack(
+            settings_for(sb, tmp_path), MigrationRequest(image_id, "site-b"), Lines()
+        )
+    assert copies_at_destination(sb, image_id) == []
+
+
+@pytest.mark.parametrize("site_id", ["../site-b", "..", "site-b/../site-b"])
+def test_path_like_site_id_is_refused(
+    clean_sandbox: Sandbox, tmp_path: Path, site_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sb = clean_sandbox
+    image_id, _ = upload_source(sb, tmp_path)
+    settings = settings_for(sb, tmp_path)
+    with pytest.raises(UnknownSiteError, match="not a plain site name"):
+        migrate_to_openstack(settings, MigrationRequest(image_id, site_id), Lines())
+    code = main(["migrate", "--config", str(settings.config_path), image_id, site_id])
+    assert code == 78
+    assert "not a plain site name" in capsys.readouterr().out
+
+
+def test_interrupted_transfer_resumes(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=1024 * MiB, data_bytes=400 * MiB)
+    image_id = sb.source.upload_image(image, name="big", disk_format="qcow2")
+    settings = settings_for(sb, tmp_path)
+    staging = sb.ssh.home / ".migratio-staging"
+    cancel = threading.Event()
+
+    def cancel_midway() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not cancel.is_set():
+            parts = list(staging.glob(f"{image_id}-*.part")) if staging.exists() else []
+            if parts and parts[0].stat().st_size > 100 * MiB:
+                cancel.set()
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=cancel_midway)
+    watcher.start()
+    with pytest.raises(Cancelled):
+        migrate_to_openstack(settings, MigrationRequest(image_id, "site-b"), Lines(), cancel=cancel)
+    watcher.join()
+    [part] = staging.glob(f"{image_id}-*.part")
+    kept = part.stat().st_size
+    assert 0 < kept < image.stat().st_size
+    assert [c for c in copies_at_destination(sb, image_id) if c["status"] == "active"] == []
+
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-b"), Lines())
+    assert result.outcome is Outcome.MIGRATED
+    # only what was missing crossed the wire the second time
+    assert result.bytes_sent < image.stat().st_size - kept // 2
+    [copy] = copies_at_destination(sb, image_id)
+    arrived = tmp_path / "arrived"
+    sb.destination.download_to(str(copy["id"]), arrived)
+    assert sha256_file(arrived) == sha256_file(image)
+    assert not part.exists()
+
+
+def test_unknown_host_key_is_refused(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+    sb = clean_sandbox
+    wrong = sb.ssh.wrong_known_hosts(tmp_path / "known_hosts")
+    conf = site_b_with(sb, f"export SSH_KNOWN_HOSTS={wrong}")
+    image_id, _ = upload_source(sb, tmp_path)
+    settings = settings_for(sb, tmp_path, **{"site-evil": conf})
+    lines = Lines()
+    with pytest.raises(
+        RemoteError, match="Host key verification failed|REMOTE HOST IDENTIFICATION"
+    ):
+        migrate_to_openstack(settings, MigrationRequest(image_id, "site-evil"), lines)
+    assert lines[-1].startswith("Error: ")
+    assert copies_at_destination(sb, image_id) == []
+
+
+def test_check_reports_a_broken_destination_precisely(
+    clean_sandbox: Sandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sb = clean_sandbox
+    settings = settings_for(
+        sb,
+        tmp_path,
+        **{
+            "site-noglance": site_b_with(sb, "export REMOTE_GLANCE=/nonexistent/glance"),
+            "site-hostkey": site_b_with(
+                sb, f"export SSH_KNOWN_HOSTS={sb.ssh.wrong_known_hosts(tmp_path / 'kh')}"
+            ),
+        },
+    )
+    config = str(settings.config_path)
+    assert main(["check", "--config", config, "site-b", "site-b-api"]) == 0
+    good = capsys.readouterr().out
+    assert "FAILED" not in good
+    assert f"site site-b SSH login: {sb.ssh.user}@127.0.0.1 port {sb.ssh.port}" in good
+    assert main(["check", "--config", config, "site-noglance"]) == 1
+    out = capsys.readouterr().out
+    [line] = [x for x in out.splitlines() if x.startswith("FAILED")]
+    assert "remote glance CLI" in line and "/nonexistent/glance" in line
+    assert main(["check", "--config", config, "site-hostkey"]) == 1
+    out = capsys.readouterr().out
+    [line] = [x for x in out.splitlines() if x.startswith("FAILED")]
+    assert "SSH login" in line and "Host key verification failed" in line
+
+
+def test_every_failure_is_a_migratio_error_with_a_status_line(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    settings = settings_for(clean_sandbox, tmp_path)
+    lines = Lines()
+    with pytest.raises(MigratioError):
+        migrate_to_openstack(
+            settings, MigrationRequest("6f3c9a0e-1111-2222-3333-444455556666", "nowhere"), lines
+        )
+    assert lines == [
+        "Error: unknown destination site 'nowhere': there is no "
+        f"{settings.sites_dir / 'nowhere.conf'}"
+    ]
