@@ -63,9 +63,13 @@ def test_original_files_load_unchanged(tmp_path: Path) -> None:
         settings.name = "other"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize(("yaml_line", "expected"), [("", "air"), ("namespace:", "air"),
-                                                     ("namespace: ''", ""), ("namespace: x", "x")])
-def test_namespace_defaults_like_the_original(tmp_path: Path, yaml_line: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("yaml_line", "expected"),
+    [("", "air"), ("namespace:", "air"), ("namespace: ''", ""), ("namespace: x", "x")],
+)
+def test_namespace_defaults_like_the_original(
+    tmp_path: Path, yaml_line: str, expected: str
+) -> None:
     path = write_setup(tmp_path, f"name: cyfronet-folsom\n{yaml_line}")
     settings = load_settings(path)
     assert settings.namespace == expected
@@ -95,7 +99,10 @@ def test_single_quoted_dollar_is_literal() -> None:
         ("export EXTERNAL_USER=u\nexport EXTERNAL_HOST=h\nexport DISK_FORMAT=exe\n", "DISK_FORMAT"),
         ("export REGISTER=api\n", "OS_AUTH_URL"),
         ("export AWS_REGION=\nexport EC2_URL=x\n", "AWS_REGION"),
-        ("export EXTERNAL_USER=u\nexport EXTERNAL_HOST=h\nexport SSH_KEY=/nonexistent\n", "SSH_KEY"),
+        (
+            "export EXTERNAL_USER=u\nexport EXTERNAL_HOST=h\nexport SSH_KEY=/nonexistent\n",
+            "SSH_KEY",
+        ),
     ],
 )
 def test_bad_site_files_name_file_and_key(tmp_path: Path, site_text: str, message: str) -> None:
@@ -121,8 +128,15 @@ def test_unknown_destination_names_the_missing_file(tmp_path: Path) -> None:
 
 
 def test_missing_credentials_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in ("OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD", "OS_AUTH_TOKEN", "OS_TENANT_NAME",
-                "OS_PROJECT_NAME", "OS_IMAGE_URL"):
+    for key in (
+        "OS_AUTH_URL",
+        "OS_USERNAME",
+        "OS_PASSWORD",
+        "OS_AUTH_TOKEN",
+        "OS_TENANT_NAME",
+        "OS_PROJECT_NAME",
+        "OS_IMAGE_URL",
+    ):
         monkeypatch.delenv(key, raising=False)
     path = write_setup(tmp_path, "name: a", creds="export OS_USERNAME=u\n")
     with pytest.raises(ConfigError, match=r"missing OS_AUTH_URL, OS_PASSWORD, OS_TENANT_NAME"):
