@@ -1,0 +1,124 @@
+"""Small helpers for the sandbox's long-running child processes."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+_LIVE: set[subprocess.Popen[bytes]] = set()
+
+# A tiny init for one daemon: it becomes a "child subreaper", runs argv, forwards
+# SIGTERM/SIGINT/SIGHUP to it and reaps every orphan that the daemon leaves behind.
+# sshd orphans a process per connection; where PID 1 does not reap (containers,
+# microVMs) those would pile up as zombies. When the daemon exits, remaining
+# descendants get SIGTERM (then SIGKILL) so nothing outlives the sandbox.
+_REAPER = r"""
+import ctypes, os, signal, subprocess, sys, time
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+child = subprocess.Popen(sys.argv[1:])
+def forward(sig, _frame):
+    if child.returncode is None:
+        try:
+            os.kill(child.pid, sig)
+        except ProcessLookupError:
+            pass
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, forward)
+def orphans():
+    me = str(os.getpid())
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me:
+                found.append(int(entry))
+    return found
+code, deadline = 0, None
+while True:
+    try:
+        pid, status = os.waitpid(-1, os.WNOHANG if deadline else 0)
+    except ChildProcessError:
+        break
+    if pid == child.pid:
+        child.returncode = code = os.waitstatus_to_exitcode(status)
+        deadline = time.monotonic() + 5
+    if deadline and pid == 0:
+        sig = signal.SIGTERM if time.monotonic() < deadline else signal.SIGKILL
+        for orphan in orphans():
+            try:
+                os.kill(orphan, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def reaped(argv: list[str]) -> list[str]:
+    """``argv`` run under a subreaper that reaps (and finally ends) the daemon's orphans."""
+    return [sys.executable, "-c", _REAPER, *argv]
+
+
+def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Popen a daemon in its own session; it is stopped at interpreter exit if still alive."""
+    proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
+    _LIVE.add(proc)
+    return proc
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for proc in list(_LIVE):
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM a child started by ``spawn`` and its process group; SIGKILL if slow."""
+    if proc is None:
+        return
+    _LIVE.discard(proc)
+    if proc.poll() is not None:
+        return
+    _kill_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+    _kill_group(proc.pid, signal.SIGKILL)  # stragglers of the group, right after the leader
+
+
+def _kill_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a text file, or a note that it is missing."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"<{path}: {exc.strerror}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The current environment minus Python settings that would leak into other venvs."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP"}
+        and not k.startswith("OS_")
+    }
+    env.update(extra)
+    return env

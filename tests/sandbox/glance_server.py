@@ -1,0 +1,309 @@
+"""A real Glance API (v2, file store, no Keystone) served by uWSGI on 127.0.0.1."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from ._process import child_env, spawn, stop_process, tail
+from .ports import LOOPBACK, free_port
+
+DEFAULT_GLANCE_VENV = Path("/opt/migratio-sandbox/glance-venv")
+TOKEN = "sandbox"  # Glance runs without Keystone: any token is accepted
+
+
+def glance_venv() -> Path:
+    """The venv holding Glance, uWSGI and the glance CLI ($MIGRATIO_GLANCE_VENV overrides)."""
+    return Path(os.environ.get("MIGRATIO_GLANCE_VENV") or DEFAULT_GLANCE_VENV)
+
+
+def glance_venv_missing() -> str | None:
+    """Why the Glance venv is unusable, or None when uwsgi and glance are there."""
+    venv = glance_venv()
+    for tool in ("uwsgi", "glance", "glance-manage"):
+        if not os.access(venv / "bin" / tool, os.X_OK):
+            return f"{venv}/bin/{tool} is missing: run scripts/bootstrap"
+    return None
+
+
+class GlanceServerError(RuntimeError):
+    """The Glance server did not come up."""
+
+
+class GlanceServer:
+    """One Glance API server whose state lives in ``workdir/name``.
+
+    ``start()`` writes the config, runs ``glance-manage db_sync`` and serves the
+    API with uWSGI on a free port of 127.0.0.1; ``stop()`` terminates uWSGI.
+    """
+
+    START_ATTEMPTS = 3
+    READY_TIMEOUT = 60.0
+
+    def __init__(self, workdir: Path, name: str) -> None:
+        self.name = name
+        self.dir = Path(workdir).resolve() / name
+        self.etc_dir = self.dir / "etc"
+        self.images_dir = self.dir / "images"
+        self.log_path = self.dir / "api.log"
+        self.uwsgi_log_path = self.dir / "uwsgi.log"
+        self.db_path = self.dir / "glance.sqlite"
+        self.venv = glance_venv()
+        self.port = 0
+        self.endpoint = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> GlanceServer:
+        """Configure, migrate the DB and serve; raise GlanceServerError with log tails."""
+        if self._proc is not None:
+            return self
+        missing = glance_venv_missing()
+        if missing:
+            raise GlanceServerError(missing)
+        try:
+            for sub in ("etc", "images", "staging", "tasks"):
+                (self.dir / sub).mkdir(parents=True, exist_ok=True)
+            self.images_dir.chmod(0o755)
+            self._write_config()
+            self._db_sync()
+            error = ""
+            for _ in range(self.START_ATTEMPTS):  # a port can be taken between pick and bind
+                self.port = free_port()
+                self.endpoint = f"http://{LOOPBACK}:{self.port}"
+                error = self._serve()
+                if not error:
+                    return self
+            raise GlanceServerError(error)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Terminate uWSGI (master and workers)."""
+        stop_process(self._proc)
+        self._proc = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> GlanceServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        """True while the uWSGI master is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def _env(self) -> dict[str, str]:
+        return child_env(OS_GLANCE_CONFIG_DIR=str(self.etc_dir))
+
+    def _write_config(self) -> None:
+        d = self.dir
+        paste_src = next(self.venv.glob("etc/glance/glance-api-paste.ini"), None)
+        if paste_src is None:
+            raise GlanceServerError(f"{self.venv}/etc/glance/glance-api-paste.ini not found")
+        shutil.copyfile(paste_src, self.etc_dir / "glance-api-paste.ini")
+        (self.etc_dir / "policy.yaml").write_text('"context_is_admin": "@"\n')
+        (self.etc_dir / "glance-api.conf").write_text(
+            f"""[DEFAULT]
+bind_host = {LOOPBACK}
+log_file = {self.log_path}
+enabled_import_methods = []
+show_multiple_locations = false
+image_size_cap = 1099511627776
+
+[database]
+connection = sqlite:///{self.db_path}
+
+[paste_deploy]
+flavor =
+config_file = {self.etc_dir}/glance-api-paste.ini
+
+[glance_store]
+stores = file
+default_store = file
+filesystem_store_datadir = {self.images_dir}
+
+[oslo_policy]
+policy_file = {self.etc_dir}/policy.yaml
+
+[os_glance_staging_store]
+filesystem_store_datadir = {d}/staging
+
+[os_glance_tasks_store]
+filesystem_store_datadir = {d}/tasks
+"""
+        )
+
+    def _db_sync(self) -> None:
+        if self.db_path.exists():
+            return
+        result = subprocess.run(
+            [
+                str(self.venv / "bin" / "glance-manage"),
+                "--config-dir",
+                str(self.etc_dir),
+                "db_sync",
+            ],
+            env=self._env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise GlanceServerError(
+                f"glance-manage db_sync failed ({result.returncode}) for {self.name}:\n"
+                f"{result.stdout[-3000:]}{result.stderr[-3000:]}\n{tail(self.log_path)}"
+            )
+
+    def _wsgi_file(self) -> Path:
+        found = sorted(self.venv.glob("lib/python3*/site-packages/glance/wsgi/api.py"))
+        if not found:
+            raise GlanceServerError(f"glance/wsgi/api.py not found under {self.venv}")
+        return found[-1]
+
+    def _serve(self) -> str:
+        """Start uWSGI and wait for the API; return '' when ready, else an error text."""
+        argv = [
+            str(self.venv / "bin" / "uwsgi"),
+            "--http-socket", f"{LOOPBACK}:{self.port}",
+            "--wsgi-file", str(self._wsgi_file()),
+            "--master", "--processes", "1", "--threads", "4", "--enable-threads",
+            "--die-on-term", "--need-app", "--lazy-apps",
+            "--http-chunked-input", "--http-auto-chunked", "--http-raw-body",
+            "--chunked-input-limit", "134217728", "--chunked-input-timeout", "300",
+            "--socket-timeout", "300", "--buffer-size", "65535",
+            # --http-socket closes every connection after the response; saying so stops
+            # clients from reusing a pooled, already-closed connection ("connection reset")
+            "--add-header", "Connection: close",
+            "--procname-prefix-spaced", f"migratio-sandbox-glance-{self.name}",
+        ]  # fmt: skip
+        self._log_file = self.uwsgi_log_path.open("ab")
+        self._proc = spawn(
+            argv,
+            cwd=self.dir,
+            env=self._env(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + self.READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                break
+            if self._ready():
+                return ""
+            time.sleep(0.1)
+        code = self._proc.poll()
+        self.stop()
+        why = "timed out" if code is None else f"uwsgi exited with {code}"
+        return (
+            f"Glance {self.name!r} on {self.endpoint} did not start ({why}).\n"
+            f"--- {self.uwsgi_log_path} ---\n{tail(self.uwsgi_log_path)}\n"
+            f"--- {self.log_path} ---\n{tail(self.log_path)}"
+        )
+
+    def _ready(self) -> bool:
+        conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=2)
+        try:
+            conn.request("GET", "/v2/images?limit=1", headers={"X-Auth-Token": TOKEN})
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    # -- client helpers ------------------------------------------------------------
+
+    def client(self) -> Any:
+        """A glanceclient v2 Client talking to this server with token auth."""
+        from glanceclient import Client  # noqa: PLC0415 (only needed by tests)
+        from keystoneauth1 import session, token_endpoint  # noqa: PLC0415
+
+        sess = session.Session(auth=token_endpoint.Token(self.endpoint, TOKEN))
+        return Client("2", session=sess)
+
+    def upload_image(
+        self,
+        path: Path,
+        *,
+        name: str,
+        disk_format: str,
+        container_format: str = "bare",
+        properties: dict[str, str] | None = None,
+        min_disk: int = 0,
+        min_ram: int = 0,
+        timeout: float = 300.0,
+    ) -> str:
+        """Create an image, upload ``path`` into it, wait until active; return its id."""
+        glance = self.client()
+        image = glance.images.create(
+            name=name,
+            disk_format=disk_format,
+            container_format=container_format,
+            min_disk=min_disk,
+            min_ram=min_ram,
+            **(properties or {}),
+        )
+        path = Path(path)
+        with path.open("rb") as data:
+            glance.images.upload(image["id"], data, image_size=path.stat().st_size)
+        deadline = time.monotonic() + timeout
+        while True:
+            status = glance.images.get(image["id"])["status"]
+            if status == "active":
+                return str(image["id"])
+            if status in {"killed", "deleted"} or time.monotonic() > deadline:
+                raise GlanceServerError(
+                    f"image {image['id']} ended {status!r} on {self.name}:\n{tail(self.log_path)}"
+                )
+            time.sleep(0.1)
+
+    def image(self, image_id: str) -> dict[str, Any]:
+        """The image's metadata as a plain dict."""
+        return dict(self.client().images.get(image_id))
+
+    def images(self) -> list[dict[str, Any]]:
+        """All images on this server, as plain dicts."""
+        return [dict(i) for i in self.client().images.list()]
+
+    def image_bytes(self, image_id: str) -> bytes:
+        """Download the image's data."""
+        return b"".join(self.client().images.data(image_id))
+
+    def download_to(self, image_id: str, path: Path) -> Path:
+        """Stream the image's data to ``path``."""
+        path = Path(path)
+        with path.open("wb") as out:
+            for chunk in self.client().images.data(image_id):
+                out.write(chunk)
+        return path
+
+    def find_by_property(self, key: str, value: str) -> list[dict[str, Any]]:
+        """Images whose property ``key`` equals ``value``."""
+        return [dict(i) for i in self.client().images.list(filters={key: value})]
+
+    def delete_all(self) -> None:
+        """Delete every image (unprotecting first)."""
+        glance = self.client()
+        for image in list(glance.images.list()):
+            if image.get("protected"):
+                glance.images.update(image["id"], protected=False)
+            glance.images.delete(image["id"])
