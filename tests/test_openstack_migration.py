@@ -184,7 +184,7 @@ def test_qcow2_with_backing_file_is_refused(clean_sandbox: Sandbox, tmp_path: Pa
         evil, name="evil", disk_format="qcow2", container_format="ovf"
     )
     lines = Lines()
-    with pytest.raises(ImageRefusedError, match="backing file"):
+    with pytest.raises(ImageRefusedError, match="backing_file: Image has a backing file"):
         migrate_to_openstack(
             settings_for(sb, tmp_path), MigrationRequest(image_id, "site-b"), lines
         )

@@ -46,8 +46,13 @@ def inspect_image(path: Path, declared_format: str) -> Inspection:
         )
     try:
         inspector.safety_check()
-    except (format_inspector.SafetyCheckFailed, format_inspector.ImageFormatError) as exc:
-        raise ImageRefusedError(f"the {found} image failed the safety check: {exc}") from exc
+    except format_inspector.SafetyCheckFailed as exc:
+        reasons = "; ".join(f"{name}: {why}" for name, why in exc.failures.items())
+        raise ImageRefusedError(
+            f"the {found} image is unsafe and was not processed ({reasons})"
+        ) from exc
+    except format_inspector.ImageFormatError as exc:
+        raise ImageRefusedError(f"the {found} image cannot be parsed safely: {exc}") from exc
     log.debug("inspected %s: %s, virtual size %d", path, found, inspector.virtual_size)
     return Inspection(
         format="raw" if found in RAW_LIKE else found, virtual_size=inspector.virtual_size
