@@ -42,7 +42,8 @@ def main() -> int:
             subprocess.run([migratio, "check", "--config", config], check=False)
             for site in ("site-b", "site-b"):
                 say(f"migratio migrate {image_id} {site}")
-                subprocess.run([migratio, "migrate", "--config", config, image_id, site], check=True)
+                argv = [migratio, "migrate", "--config", config, image_id, site]
+                subprocess.run(argv, check=True)
             [copy] = sandbox.destination.find_by_property("source_uuid", image_id)
             arrived = work / "arrived"
             sandbox.destination.download_to(str(copy["id"]), arrived)

@@ -95,8 +95,8 @@ class RemoteGlance:
         ids = parse_ids(self._run("image-list", *args).stdout)
         return [image for image in (self.get(i) for i in ids) if image is not None]
 
-    def create(self, fields: Mapping[str, Any]) -> ImageRecord:
-        """Create the image record (no data: the command's stdin is closed)."""
+    def create_args(self, fields: Mapping[str, Any]) -> list[str]:
+        """``glance image-create`` arguments for an image with ``fields``."""
         args = ["image-create"]
         properties: dict[str, Any] = dict(fields)
         for core in ("name", "disk_format", "container_format", "min_disk", "min_ram"):
@@ -105,24 +105,31 @@ class RemoteGlance:
                 args += [f"--{core.replace('_', '-')}", str(value)]
         for key, value in properties.items():
             args += ["--property", f"{key}={value}"]
-        table = parse_table(self._run("image-create", *args).stdout)
-        if "id" not in table:
-            raise RemoteError("glance image-create printed no image id")
-        return ImageRecord.from_glance(table)
+        return args
 
-    def upload_argv(self, image_id: str, size: int) -> list[str]:
-        """The remote argv that uploads stdin as the image's data, ``size`` bytes exactly."""
-        return self._glance("image-upload", "--size", str(size), image_id)
-
-    def start_follow_upload(
-        self, image_id: str, remote_path: str, size: int, algo: str, digest: str, idle: float
+    def start_follow_create(
+        self,
+        fields: Mapping[str, Any],
+        remote_path: str,
+        size: int,
+        algo: str,
+        digest: str,
+        idle: float,
     ) -> processes.Child:
-        """Start the remote helper that uploads ``remote_path`` while rsync writes it."""
+        """Start creating the image there from ``remote_path`` while rsync still writes it.
+
+        The helper feeds the growing file to ``glance image-create`` (which reads its data
+        from stdin) and only lets it finish on exactly ``size`` bytes with the right digest;
+        the CLI then prints the final image record, which :func:`parse_table` reads.
+        """
         helper = [self.site.remote_python, "-c", follow_upload_source()]
         args = [remote_path, str(size), algo, digest, str(int(idle)), "--"]
-        return self.ssh.start(
-            [*helper, *args, *self.upload_argv(image_id, size)], what="remote glance upload"
-        )
+        command = self._glance(*self.create_args(fields))
+        return self.ssh.start([*helper, *args, *command], what="remote glance upload")
+
+    def make_dir(self, remote_dir: str) -> None:
+        """Create the remote staging directory."""
+        self.ssh.run(["mkdir", "-p", "--", remote_dir], what="create remote directory", creds=False)
 
     def delete(self, image_id: str) -> None:
         """Delete an image there; one that is already gone is fine."""
@@ -138,7 +145,3 @@ class RemoteGlance:
     def remove_file(self, remote_path: str) -> None:
         """Remove a staging file there."""
         self.ssh.run(["rm", "-f", "--", remote_path], what="remove remote file", creds=False)
-
-    def make_dir(self, remote_dir: str) -> None:
-        """Create the remote staging directory."""
-        self.ssh.run(["mkdir", "-p", "--", remote_dir], what="create remote directory", creds=False)

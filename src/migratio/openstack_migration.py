@@ -21,6 +21,7 @@ import re
 import shutil
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -36,7 +37,7 @@ from migratio.errors import (
     VerificationError,
 )
 from migratio.glance_api import GlanceApi
-from migratio.glance_cli import RemoteGlance
+from migratio.glance_cli import RemoteGlance, parse_table
 from migratio.hashing import Digests, file_digests
 from migratio.images import LINK_PROPERTIES, SOURCE_HASH, ImageRecord
 from migratio.inspection import inspect_image
@@ -84,7 +85,6 @@ class Destination(Protocol):
 
     def get(self, image_id: str) -> ImageRecord | None: ...
     def find(self, **filters: str) -> list[ImageRecord]: ...
-    def create(self, fields: Mapping[str, Any]) -> ImageRecord: ...
     def delete(self, image_id: str) -> None: ...
 
 
@@ -124,12 +124,20 @@ class Migration:
     # 2
     def existing_copy(self, image: ImageRecord, target_format: str) -> ImageRecord | None:
         converting = target_format != image.disk_format
-        copies = self.destination.find(source_uuid=image.id)
+        by_hash = not converting and image.os_hash_value
+        # the lookups are independent: on a remote CLI each costs a Python start-up
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            linked = pool.submit(self.destination.find, source_uuid=image.id)
+            same_hash = (
+                pool.submit(self.destination.find, os_hash_value=str(image.os_hash_value))
+                if by_hash
+                else None
+            )
+            copies = linked.result()
+            hash_copies = same_hash.result() if same_hash is not None else []
+        self.delete_leftovers(copies)
         for copy in copies:
             if copy.status != "active":
-                if copy.status in LEFTOVER_STATES and copy.properties.get("source_cs") == self.me:
-                    log.info("deleting %s copy %s left by an earlier attempt", copy.status, copy.id)
-                    self.destination.delete(copy.id)
                 continue
             if converting:
                 same = (
@@ -140,10 +148,9 @@ class Migration:
                 same = copy.digests.matches(image.digests)
             if same:
                 return copy
-        if not converting and image.os_hash_value:
-            for copy in self.destination.find(os_hash_value=image.os_hash_value):
-                if copy.status == "active" and copy.digests.matches(image.digests):
-                    return copy
+        for copy in hash_copies:
+            if copy.status == "active" and copy.digests.matches(image.digests):
+                return copy
         return None
 
     # 3
@@ -197,8 +204,10 @@ class Migration:
         return fields
 
     # 8
-    def verify(self, image_id: str, sent: Digests) -> ImageRecord:
-        copy = self.destination.get(image_id)
+    def verify(self, image_id: str, sent: Digests, copy: ImageRecord | None = None) -> ImageRecord:
+        """Check the copy's state and hashes (read again unless given); delete it if wrong."""
+        if copy is None:
+            copy = self.destination.get(image_id)
         problem = None
         if copy is None:
             problem = "it disappeared"
@@ -221,7 +230,13 @@ class Migration:
         )
         image = self.find_source()
         target_format = self.site.disk_format or str(image.disk_format)
-        existing = self.existing_copy(image, target_format)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            staging = None
+            if isinstance(self.destination, RemoteGlance):
+                staging = pool.submit(self.destination.make_dir, self.remote_dir)
+            existing = self.existing_copy(image, target_format)
+            if staging is not None:
+                staging.result()
         if existing is not None:
             self.status(
                 f"{status.ALREADY_UPLOADED} {self.site.site_id} has it as image {existing.id}"
@@ -266,6 +281,10 @@ class Migration:
         self.status(f"{status.REGISTERED} as image {copy.id} at {self.site.site_id}")
         return copy.id, digests.size
 
+    @property
+    def remote_dir(self) -> str:
+        return self.site.remote_staging_dir.rstrip("/") or "."
+
     # 6-8, over SSH
     def rsync_and_upload(
         self,
@@ -275,17 +294,16 @@ class Migration:
         digests: Digests,
         fields: Mapping[str, Any],
     ) -> tuple[str, int]:
+        """rsync the file while the destination's glance CLI uploads what has arrived."""
         assert self.site.ssh is not None
         target_format = str(fields["disk_format"])
         algo, digest = digests.cheapest()
-        remote_dir = self.site.remote_staging_dir.rstrip("/") or "."
-        remote_path = f"{remote_dir}/{image.id}-{digest[:12]}.{target_format}.part"
-        cli.make_dir(remote_dir)
-        copy = cli.create(fields)
+        remote_path = f"{self.remote_dir}/{image.id}-{digest[:12]}.{target_format}.part"
+        follower = cli.start_follow_create(
+            fields, remote_path, digests.size, algo, digest, FOLLOW_IDLE
+        )
+        copy: ImageRecord | None = None
         try:
-            follower = cli.start_follow_upload(
-                copy.id, remote_path, digests.size, algo, digest, FOLLOW_IDLE
-            )
             try:
                 sent = rsync.push(
                     payload,
@@ -306,21 +324,34 @@ class Migration:
                 )
             finally:
                 follower.stop()
+            table = parse_table(upload.stdout)
+            if "id" in table:
+                copy = ImageRecord.from_glance(table)
             if upload.returncode != 0:
-                corrupt = "follow_upload: aborted" in upload.stderr and algo in upload.stderr
-                if corrupt:
-                    _quietly(cli.remove_file, remote_path)
+                if "follow_upload: aborted" in upload.stderr and algo in upload.stderr:
+                    _quietly(cli.remove_file, remote_path)  # wrong bytes: nothing to resume
                 raise RemoteError(
                     f"uploading into Glance at {self.site.site_id} failed: {upload.tail()}",
                     retryable=True,
                 )
-            self.verify(copy.id, digests)
+            if copy is None:
+                raise RemoteError(f"glance image-create at {self.site.site_id} printed no image")
+            self.verify(copy.id, digests, copy)
         except BaseException:
-            _quietly(cli.delete, copy.id)
+            if copy is not None:
+                _quietly(cli.delete, copy.id)
+            else:
+                _quietly(lambda: self.delete_leftovers(cli.find(source_uuid=image.id)))
             raise
         self.status(f"{status.REGISTERED} as image {copy.id} at {self.site.site_id}")
-        _quietly(cli.remove_file, remote_path)
         return copy.id, sent
+
+    def delete_leftovers(self, copies: list[ImageRecord]) -> None:
+        """Delete unfinished copies that an interrupted attempt of ours left behind."""
+        for copy in copies:
+            if copy.status in LEFTOVER_STATES and copy.properties.get("source_cs") == self.me:
+                log.info("deleting %s copy %s left by an interrupted attempt", copy.status, copy.id)
+                self.destination.delete(copy.id)
 
 
 def destination_for(site: OpenStackSite, settings: Settings) -> GlanceApi | RemoteGlance:

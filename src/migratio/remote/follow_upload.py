@@ -1,7 +1,8 @@
 """Runs on the destination host (sent as ``python3 -c``; standard library only).
 
 Feeds a file that rsync is still writing into a command's standard input — the destination's
-``glance image-upload`` — so that the upload overlaps the transfer instead of following it.
+``glance image-create`` — so that the upload overlaps the transfer instead of following it.
+Once the command has succeeded the file is removed: it is in Glance now.
 
 usage: follow_upload.py PATH SIZE ALGO HEXDIGEST IDLE_SECONDS -- COMMAND [ARG...]
 
@@ -78,7 +79,10 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"follow_upload: aborted: {reason}\n")
         return 3
     pipe.close()
-    return child.wait()
+    code = child.wait()
+    if code == 0:
+        os.remove(path)
+    return code
 
 
 if __name__ == "__main__":
