@@ -261,9 +261,7 @@ def test_unknown_host_key_is_refused(clean_sandbox: Sandbox, tmp_path: Path) -> 
     image_id, _ = upload_source(sb, tmp_path)
     settings = settings_for(sb, tmp_path, **{"site-evil": conf})
     lines = Lines()
-    with pytest.raises(
-        RemoteError, match=r"Host key verification failed"
-    ):
+    with pytest.raises(RemoteError, match=r"Host key verification failed"):
         migrate_to_openstack(settings, MigrationRequest(image_id, "site-evil"), lines)
     assert lines[-1].startswith("Error: ")
     assert copies_at_destination(sb, image_id) == []
