@@ -8,10 +8,9 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
-from ._process import child_env, spawn, stop_process, tail
+from ._process import Service, child_env, spawn, stop_process, tail
 from .ports import LOOPBACK, free_port
 
 DEFAULT_GLANCE_VENV = Path("/opt/migratio-sandbox/glance-venv")
@@ -36,7 +35,7 @@ class GlanceServerError(RuntimeError):
     """The Glance server did not come up."""
 
 
-class GlanceServer:
+class GlanceServer(Service):
     """One Glance API server whose state lives in ``workdir/name``.
 
     ``start()`` writes the config, runs ``glance-manage db_sync`` and serves the
@@ -94,17 +93,6 @@ class GlanceServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-
-    def __enter__(self) -> GlanceServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def running(self) -> bool:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import shutil
 import threading
 from pathlib import Path
-from types import TracebackType
 
+from ._process import Service
 from .glance_server import TOKEN, GlanceServer, glance_venv
 from .ssh_server import SshServer
 
@@ -34,7 +34,7 @@ REMOTE_STAGING = ".migratio-staging"  # relative to the ssh user's home
 _CREDS_MARKER = "# written by the migratio test sandbox"
 
 
-class Sandbox:
+class Sandbox(Service):
     """Source + destination Glance and an sshd "destination host", with migratio's config."""
 
     def __init__(self, workdir: Path) -> None:
@@ -101,17 +101,6 @@ class Sandbox:
         self.ssh.stop()
         for t in threads:
             t.join()
-
-    def __enter__(self) -> Sandbox:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def reset(self) -> None:
         """Delete all images on both Glance servers; empty local and remote staging."""

@@ -22,10 +22,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import IO
 
-from ._process import reaped, spawn, stop_process, tail
+from ._process import Service, reaped, spawn, stop_process, tail
 from .ports import LOOPBACK, free_port, port_open
 
 SANDBOX_USER = "migratio-sandbox"
@@ -36,7 +35,7 @@ class SshServerError(RuntimeError):
     """sshd did not come up, or the sandbox user could not be prepared."""
 
 
-class SshServer:
+class SshServer(Service):
     """sshd on a free port of 127.0.0.1 that lets ``.user`` in with ``.client_key`` only."""
 
     START_ATTEMPTS = 3
@@ -90,17 +89,6 @@ class SshServer:
         if self._lock is not None:
             self._lock.close()  # releases the flock
             self._lock = None
-
-    def __enter__(self) -> SshServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def running(self) -> bool:
