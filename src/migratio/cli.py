@@ -14,9 +14,19 @@ from types import FrameType
 from migratio import __version__
 from migratio.config import Settings, default_config_path, load_settings
 from migratio.errors import ConfigError, MigratioError
+from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.logs import setup_logging
 from migratio.openstack_migration import MigrationRequest, Outcome, migrate_to_openstack
+from migratio.operations import operator_status, retry_failed
 from migratio.preflight import Level, run_checks
+from migratio.service import (
+    Service,
+    connect,
+    environment_for_workers,
+    run_worker,
+    worker_command,
+)
+from migratio.sidekiq import payload, push
 from migratio.status import FanOut, LogSink
 
 log = logging.getLogger("migratio")
@@ -65,6 +75,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("sites", metavar="SITE", nargs="*", help="destinations (default: all)")
     check.set_defaults(handler=cmd_check)
+
+    run = commands.add_parser(
+        "run",
+        parents=[common],
+        help="run the service: Atmosphere's jobs in, RQ workers, status back",
+        description="Take this site's jobs from Atmosphere's Redis queue in arrival order and "
+        "run them on 'workers' RQ worker processes; report every step to Atmosphere. "
+        "SIGTERM: warm stop (current jobs finish); a second SIGTERM: cold stop.",
+    )
+    run.set_defaults(handler=cmd_run)
+
+    worker = commands.add_parser(
+        "worker",
+        parents=[common],
+        help="run one RQ worker (run starts them; start more on other hosts)",
+        description="One RQ worker for this site's migrations, against the same Redis.",
+    )
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.set_defaults(handler=cmd_worker)
+
+    status_cmd = commands.add_parser(
+        "status",
+        parents=[common],
+        help="queue depth, running, failed and refused jobs",
+        description="What is queued, in flight, running (with its last status line), failed "
+        "(with the reason) and refused (dead letters).",
+    )
+    status_cmd.set_defaults(handler=cmd_status)
+
+    enqueue = commands.add_parser(
+        "enqueue",
+        parents=[common],
+        help="push a migration job exactly as Atmosphere does",
+        description="Push a Sidekiq job for IMAGE_UUID to DEST_SITE on this site's queue, "
+        "byte for byte as Atmosphere's Sidekiq::Client.push (for trying things out).",
+    )
+    enqueue.add_argument("image_uuid", metavar="IMAGE_UUID")
+    enqueue.add_argument("dest_site", metavar="DEST_SITE")
+    enqueue.add_argument("--amazon", action="store_true", help="an OpenStack → Amazon job")
+    enqueue.set_defaults(handler=cmd_enqueue)
+
+    retry = commands.add_parser(
+        "retry",
+        parents=[common],
+        help="run a failed job again",
+        description="Move failed jobs (by RQ job id, as 'migratio status' lists them) back "
+        "to the queue.",
+    )
+    retry.add_argument("job_ids", metavar="JOB_ID", nargs="+")
+    retry.set_defaults(handler=cmd_retry)
     return parser
 
 
@@ -118,6 +178,63 @@ def cmd_check(args: argparse.Namespace) -> int:
         if check.level is Level.FAIL:
             worst = Level.FAIL
     return EXIT_FAILED if worst is Level.FAIL else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``migratio run`` (also ``migratio-run``)."""
+    settings = _settings(args)
+    setup_logging(settings.log_dir, stderr_level=logging.INFO)
+    environment_for_workers(settings.config_path)
+    service = Service(settings, connect(settings), worker_argv=worker_command(settings.config_path))
+    return service.run()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """``migratio worker``."""
+    settings = _settings(args)
+    setup_logging(settings.log_dir, stderr_level=logging.INFO, filename="worker.log")
+    environment_for_workers(settings.config_path)
+    run_worker(settings, burst=args.burst)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``migratio status``."""
+    settings = _settings(args)
+    for line in operator_status(settings, connect(settings)):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    """``migratio enqueue IMAGE_UUID DEST_SITE [--amazon]``."""
+    settings = _settings(args)
+    keys = Keys(settings.namespace)
+    job_class = AMAZON_MIGRATOR if args.amazon else OPENSTACK_MIGRATOR
+    queue = migration_queue(settings.name)
+    body = payload(queue, job_class, [args.image_uuid, args.dest_site])
+    push(connect(settings), keys, queue, body)
+    print(body)
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """``migratio retry JOB_ID...``."""
+    settings = _settings(args)
+    code = EXIT_OK
+    for job_id in args.job_ids:
+        try:
+            retry_failed(settings, connect(settings), job_id)
+            print(f"{job_id}: queued again")
+        except MigratioError as exc:
+            print(f"{job_id}: {exc.message}", file=sys.stderr)
+            code = EXIT_FAILED
+    return code
+
+
+def run_main() -> int:
+    """``migratio-run``: the original's command name for the service."""
+    return main(["run", *sys.argv[1:]])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -190,6 +190,8 @@ class Settings:
     log_dir: Path
     progress_interval: float
     command_timeout: float
+    workers: int
+    job_timeout: float
     images_dir: Path
     source: OpenStackCredentials
     aws: AwsCredentials | None
@@ -257,6 +259,8 @@ def load_settings(config_path: Path | None = None) -> Settings:
         log_dir=_path(key("log_dir", "log"), base),
         progress_interval=_number(path, "progress_interval", key("progress_interval", 5.0)),
         command_timeout=_number(path, "command_timeout", key("command_timeout", 6 * 3600)),
+        workers=int(_number(path, "workers", key("workers", 1))),
+        job_timeout=_number(path, "job_timeout", key("job_timeout", 12 * 3600)),
         images_dir=Path(creds.get("IMAGES_DIR") or DEFAULT_IMAGES_DIR).expanduser(),
         source=OpenStackCredentials.from_vars(creds, str(credentials_file)),
         aws=aws,

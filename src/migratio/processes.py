@@ -160,6 +160,32 @@ class Child:
         )
 
 
+class Daemon:
+    """A long-running child (a worker process) sharing migratio's stdout and stderr.
+
+    It gets the signals migratio forwards to it, not migratio's own (its own session).
+    """
+
+    def __init__(self, argv: Sequence[str], *, what: str) -> None:
+        self.what = what
+        try:
+            self.popen = subprocess.Popen(
+                tuple(argv), stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        except OSError as exc:
+            raise ToolError(f"{what}: cannot start {argv[0]!r}: {exc}") from exc
+        log.info("started %s (pid %d)", what, self.popen.pid)
+
+    def poll(self) -> int | None:
+        """The exit code, or None while it runs."""
+        return self.popen.poll()
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the child itself."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+
 def run(
     argv: Sequence[str],
     *,

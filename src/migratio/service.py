@@ -1,0 +1,183 @@
+"""``migratio run``: the long-running service for one site.
+
+The loop is ``while not stopping: run_once()``; :meth:`Service.run_once` is what tests drive.
+It takes Atmosphere's jobs (see :mod:`migratio.intake`), keeps the RQ worker processes alive,
+and re-queues jobs whose worker died. Redis being down is an outage to wait out with capped
+exponential backoff, logged once, never a crash. Signal handlers only count requests: the first
+SIGTERM is a warm stop (workers finish their current job), the second a cold one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue, Worker
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from migratio import processes
+from migratio.config import Settings
+from migratio.intake import Intake
+from migratio.keys import Keys
+
+log = logging.getLogger(__name__)
+
+#: seconds between looks for jobs whose worker died (RQ's own cycle is 10 minutes)
+CLEANUP_INTERVAL = 15.0
+#: a worker's heartbeat period; a job without one for this + 60 s is taken as abandoned
+JOB_MONITORING_INTERVAL = 10
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+
+
+def connect(settings: Settings) -> Redis:
+    """A Redis client for ``redis_url`` with timeouts that outlast a blocking pop."""
+    return Redis.from_url(
+        settings.redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30
+    )
+
+
+def rq_queue(settings: Settings, redis: Redis) -> Queue:
+    """The RQ queue of this site's migrations (JSON-serialised jobs)."""
+    name = Keys(settings.namespace).rq_queue_name(settings.name)
+    return Queue(name, connection=redis, serializer=JSONSerializer)
+
+
+def run_worker(settings: Settings, *, burst: bool = False) -> bool:
+    """Run one RQ worker for this site (``migratio worker``) until it is told to stop."""
+    redis = connect(settings)
+    worker = Worker(
+        [rq_queue(settings, redis)],
+        connection=redis,
+        serializer=JSONSerializer,
+        job_monitoring_interval=JOB_MONITORING_INTERVAL,
+        maintenance_interval=60,
+    )
+    return bool(worker.work(burst=burst, with_scheduler=True, logging_level="INFO"))
+
+
+class Service:
+    """One site's intake plus its worker processes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        *,
+        worker_argv: list[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.queue = rq_queue(settings, redis)
+        self.intake = Intake(settings, redis, self.queue)
+        self.worker_argv = worker_argv
+        self.workers: list[processes.Daemon | None] = [None] * settings.workers
+        self.clock = clock
+        self.sleep = sleep
+        self.stop_requests = 0
+        self.recovered = False
+        self.next_cleanup = 0.0
+        self.retry_at = 0.0
+        self.backoff = BACKOFF_START
+        self.outage_since: float | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested."""
+        return self.stop_requests > 0
+
+    def request_stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
+        """Signal handler: only count the request; the loop acts on it."""
+        self.stop_requests += 1
+
+    def run_once(self, timeout: int = 1) -> None:
+        """One iteration: take a job (waiting up to ``timeout``), tidy up, mind the workers."""
+        now = self.clock()
+        if now < self.retry_at:
+            self.sleep(min(self.retry_at - now, timeout))
+            return
+        try:
+            if not self.recovered:
+                self.intake.recover()
+                self.recovered = True
+            self.intake.run_once(timeout)
+            if now >= self.next_cleanup:
+                StartedJobRegistry(queue=self.queue).cleanup()
+                self.next_cleanup = now + CLEANUP_INTERVAL
+        except RedisError as exc:
+            self._outage(exc)
+            return
+        if self.outage_since is not None:
+            log.warning("Redis is back after %.0f s", self.clock() - self.outage_since)
+            self.outage_since = None
+            self.backoff = BACKOFF_START
+        self.supervise()
+
+    def _outage(self, exc: RedisError) -> None:
+        if self.outage_since is None:
+            self.outage_since = self.clock()
+            log.error(
+                "Redis at %s is unreachable (%s); waiting for it", self.settings.redis_url, exc
+            )
+        self.retry_at = self.clock() + self.backoff
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+
+    def supervise(self) -> None:
+        """Start worker processes that are missing (a worker that died is replaced)."""
+        if self.worker_argv is None or self.stopping:
+            return
+        for index, worker in enumerate(self.workers):
+            if worker is not None and worker.poll() is None:
+                continue
+            if worker is not None:
+                log.warning("worker %d exited with %s; starting another", index, worker.poll())
+            self.workers[index] = processes.Daemon(self.worker_argv, what=f"worker {index}")
+
+    def shutdown(self) -> None:
+        """Stop the workers: warm (finish the current job), cold on a second request."""
+        forwarded = 0
+        while any(w is not None and w.poll() is None for w in self.workers):
+            while forwarded < min(self.stop_requests, 2):
+                forwarded += 1
+                log.warning("%s stop: telling the workers", "warm" if forwarded == 1 else "cold")
+                for worker in self.workers:
+                    if worker is not None:
+                        worker.signal(signal.SIGTERM)
+            self.sleep(0.2)
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; return the exit code."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        log.info(
+            "migratio for site %s: taking jobs from %s with %d worker(s)",
+            self.settings.name,
+            self.intake.source,
+            len(self.workers),
+        )
+        while not self.stopping:
+            self.run_once()
+        self.shutdown()
+        log.info("stopped")
+        return 0
+
+
+def worker_command(config_path: Path) -> list[str]:
+    """The argv of one worker process for ``config_path``."""
+    return [sys.executable, "-m", "migratio", "worker", "--config", str(config_path.resolve())]
+
+
+def environment_for_workers(config_path: Path) -> None:
+    """Workers load their settings from ``$MIGRATIO_CONFIG``."""
+    os.environ["MIGRATIO_CONFIG"] = str(config_path.resolve())
