@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import threading
 import time
@@ -11,9 +10,9 @@ from pathlib import Path
 import pytest
 from tests.sandbox.images import make_qcow2, make_qcow2_with_backing, make_raw, sha256_file
 from tests.sandbox.site import Sandbox
+from tests.support import Lines, settings_for
 
 from migratio.cli import main
-from migratio.config import Settings, load_settings
 from migratio.errors import (
     Cancelled,
     ImageRefusedError,
@@ -27,32 +26,8 @@ HOSTILE_NAME = 'x"; touch /tmp/pwned; "'
 MiB = 1024 * 1024
 
 
-def settings_for(sandbox: Sandbox, tmp_path: Path, **extra_sites: str) -> Settings:
-    """The sandbox's settings with private staging/log dirs and extra site files."""
-    sites = tmp_path / "sites"
-    sites.mkdir()
-    for conf in sandbox.sites_dir.glob("*.conf"):
-        shutil.copy(conf, sites / conf.name)
-    for name, text in extra_sites.items():
-        (sites / f"{name}.conf").write_text(text)
-    config = tmp_path / "config.yml"
-    config.write_text(
-        sandbox.config_path.read_text()
-        + f"\nsites_dir: {sites}\nstaging_dir: {tmp_path / 'staging'}\n"
-        + f"log_dir: {tmp_path / 'log'}\n"
-    )
-    return load_settings(config)
-
-
 def site_b_with(sandbox: Sandbox, *lines: str) -> str:
     return (sandbox.sites_dir / "site-b.conf").read_text() + "".join(f"{x}\n" for x in lines)
-
-
-class Lines(list[str]):
-    """A status sink that keeps the lines."""
-
-    def __call__(self, text: str) -> None:
-        self.append(text)
 
 
 def upload_source(sandbox: Sandbox, tmp_path: Path, **kwargs: object) -> tuple[str, Path]:

@@ -1,0 +1,306 @@
+"""The service: Atmosphere's jobs in (real Sidekiq client), RQ, status back (real Sidekiq)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from tests.sandbox import sidekiq
+from tests.sandbox.images import make_qcow2, sha256_file
+from tests.sandbox.redis_server import RedisServer
+from tests.sandbox.site import Sandbox
+from tests.support import settings_for
+
+from migratio.config import Settings
+from migratio.feedback import AtmosphereSink
+from migratio.keys import (
+    AMAZON_MIGRATOR,
+    FEEDBACK_CLASS,
+    FEEDBACK_QUEUE,
+    OPENSTACK_MIGRATOR,
+    Keys,
+    migration_queue,
+)
+from migratio.service import Service
+
+MiB = 1024 * 1024
+IMAGE = "6f3c9a0e-1111-2222-3333-444455556666"
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> Redis:
+    client = redis_server.client()
+    client.flushall()
+    return client
+
+
+@pytest.fixture
+def settings(clean_sandbox: Sandbox, tmp_path: Path, redis_server: RedisServer) -> Settings:
+    return settings_for(clean_sandbox, tmp_path, yaml=f"redis_url: {redis_server.url}\n")
+
+
+@pytest.fixture
+def atmosphere(
+    tmp_path: Path, redis_server: RedisServer, redis: Redis
+) -> Iterator[sidekiq.FeedbackServer]:
+    with sidekiq.FeedbackServer(tmp_path / "sidekiq", redis_server.url, "atmosphere") as server:
+        yield server
+
+
+def push(settings: Settings, args: list[str], job_class: str = OPENSTACK_MIGRATOR) -> str:
+    [jid] = sidekiq.push(
+        settings.redis_url, settings.namespace, migration_queue(settings.name), job_class, args
+    )
+    return jid
+
+
+def rq_job(redis: Redis, jid: str) -> Job:
+    return Job.fetch(f"migratio-{jid}", connection=redis, serializer=JSONSerializer)
+
+
+def run_worker_burst(settings: Settings) -> None:
+    """A real RQ worker (its own process, a forked work-horse per job) until the queue is empty."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "migratio",
+            "worker",
+            "--burst",
+            "--config",
+            str(settings.config_path),
+        ],
+        check=True,
+        timeout=300,
+    )
+
+
+def test_keys_are_exactly_what_sidekiq_uses() -> None:
+    keys = Keys("atmosphere")
+    assert keys.queues == "atmosphere:queues"
+    assert (
+        keys.queue(migration_queue("cyfronet-folsom"))
+        == "atmosphere:queue:migration_cyfronet-folsom"
+    )
+    assert keys.queue(FEEDBACK_QUEUE) == "atmosphere:queue:feedback"
+    assert keys.inflight("cyfronet-folsom") == "atmosphere:migratio:inflight:cyfronet-folsom"
+    assert keys.dead("cyfronet-folsom") == "atmosphere:migratio:dead:cyfronet-folsom"
+    assert Keys("").queues == ":queues"  # Ruby's empty namespace is a prefix of ':'
+    assert Keys(None).queue("feedback") == "queue:feedback"
+    assert FEEDBACK_CLASS == "Atmosphere::UpdateMigrationJobStatusWorker"
+    assert OPENSTACK_MIGRATOR == "Migratio::Worker::OpenstackOpenstackMigrator"
+    assert AMAZON_MIGRATOR == "Migratio::Worker::OpenstackAmazonMigrator"
+
+
+@pytest.mark.parametrize("namespace_yaml", ["namespace: atmosphere\n", "namespace:\n"])
+def test_real_sidekiq_jobs_are_taken_in_order(
+    clean_sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis: Redis,
+    namespace_yaml: str,
+) -> None:
+    settings = settings_for(
+        clean_sandbox, tmp_path, yaml=f"redis_url: {redis_server.url}\n{namespace_yaml}"
+    )
+    assert settings.namespace in {"atmosphere", "air"}
+    images = [f"6f3c9a0e-1111-2222-3333-44445555666{i}" for i in range(3)]
+    jids = [push(settings, [image, "site-b"]) for image in images]
+    service = Service(settings, redis)
+    for _ in jids:
+        service.run_once()
+    keys = Keys(settings.namespace)
+    assert redis.llen(keys.queue(migration_queue("site-a"))) == 0
+    assert redis.llen(keys.inflight("site-a")) == 0
+    assert service.queue.get_job_ids() == [f"migratio-{jid}" for jid in jids]
+    assert [rq_job(redis, jid).kwargs["image_id"] for jid in jids] == images
+
+
+LEGACY_PAYLOADS = {
+    # Sidekiq 3.1: no created_at
+    "sidekiq-3.1": {"retry": True, "queue": "migration_site-a", "class": OPENSTACK_MIGRATOR,
+                    "args": [IMAGE, "site-b"], "jid": "0123456789abcdef01234567",
+                    "enqueued_at": 1400000000.1},
+    # 4.2 and others: another key order, integer timestamps
+    "sidekiq-4.2": {"class": OPENSTACK_MIGRATOR, "args": [IMAGE, "site-b"], "retry": True,
+                    "queue": "migration_site-a", "jid": "abcdefabcdefabcdefabcdef",
+                    "created_at": 1500000000, "enqueued_at": 1500000000},
+    "class-and-args-only": {"args": [IMAGE, "site-b-api"], "class": OPENSTACK_MIGRATOR},
+}  # fmt: skip
+
+
+def test_legacy_payload_shapes_are_accepted(settings: Settings, redis: Redis) -> None:
+    keys = Keys(settings.namespace)
+    for body in LEGACY_PAYLOADS.values():
+        redis.lpush(keys.queue(migration_queue("site-a")), json.dumps(body))
+    service = Service(settings, redis)
+    for _ in LEGACY_PAYLOADS:
+        service.run_once()
+    jobs = [
+        Job.fetch(i, connection=redis, serializer=JSONSerializer)
+        for i in service.queue.get_job_ids()
+    ]
+    assert [job.kwargs["destination"] for job in jobs] == ["site-b", "site-b", "site-b-api"]
+    assert jobs[0].id == "migratio-0123456789abcdef01234567"
+    assert redis.llen(keys.dead("site-a")) == 0
+
+
+J, OS = json.dumps, OPENSTACK_MIGRATOR
+MALFORMED = [
+    (b"not json at all", "payload is not JSON", False),
+    (b'["an", "array"]', "not an object", False),
+    (b'"a string"', "not an object", False),
+    (J({"class": "Evil::Worker", "args": [IMAGE, "site-b"]}).encode(), "unknown job class", True),
+    (J({"class": OS, "args": [IMAGE]}).encode(), "args must be", False),
+    (J({"class": OS, "args": [1, 2]}).encode(), "args must be", False),
+    (J({"class": OS, "args": ["x; rm", "site-b"]}).encode(), "not an image id", True),
+    (J({"class": OS, "args": [IMAGE, "../etc"]}).encode(), "plain site name", True),
+    (J({"class": OS, "args": [IMAGE, "nowhere"]}).encode(), "unknown destina", True),
+    ("{\"class\": \"\u00e9\", \"args\": []}".encode(), "unknown job class", False),
+]  # fmt: skip
+
+
+def test_malformed_payloads_are_dead_lettered_and_reported(
+    settings: Settings, redis: Redis, atmosphere: sidekiq.FeedbackServer
+) -> None:
+    keys = Keys(settings.namespace)
+    source = keys.queue(migration_queue("site-a"))
+    for raw, _, _ in MALFORMED:
+        redis.lpush(source, raw)
+    good = push(settings, [IMAGE, "site-b"])
+    service = Service(settings, redis)
+    for _ in range(len(MALFORMED) + 1):
+        service.run_once()
+    dead = [json.loads(entry) for entry in reversed(redis.lrange(keys.dead("site-a"), 0, -1))]
+    assert [entry["raw"].encode() for entry in dead] == [raw for raw, _, _ in MALFORMED]
+    for entry, (_, reason, _) in zip(dead, MALFORMED, strict=True):
+        assert reason in entry["reason"]
+    # the service is alive and the good job behind them went through
+    assert service.queue.get_job_ids() == [f"migratio-{good}"]
+    assert redis.llen(keys.inflight("site-a")) == 0
+    reported = [raw for raw, _, tell in MALFORMED if tell]
+    received = atmosphere.wait_for(len(reported))
+    assert len(received) == len(reported)
+    assert all(
+        line[1] == "site-a" and line[3].startswith("Error: job refused: ") for line in received
+    )
+    assert received[-1] == [IMAGE, "site-a", "nowhere",
+                            "Error: job refused: unknown destination site 'nowhere': there is no "
+                            f"{settings.sites_dir / 'nowhere.conf'}"]  # fmt: skip
+
+
+def test_status_lines_reach_a_real_sidekiq_server(
+    settings: Settings, redis: Redis, atmosphere: sidekiq.FeedbackServer
+) -> None:
+    sink = AtmosphereSink(redis, Keys(settings.namespace), IMAGE, "site-a", "site-b")
+    texts = ["Migration started", "Transferring: 5% (x)", "Transferring: 8% (x)",
+             "Transferring: 50% (x)", "Transfered", "Registered", "zażółć ✓"]  # fmt: skip
+    for text in texts:
+        sink(text)
+    expected = [t for t in texts if t != "Transferring: 8% (x)"]  # thinned: < 10 points, < 30 s
+    received = atmosphere.wait_for(len(expected))
+    assert received == [[IMAGE, "site-a", "site-b", t] for t in expected]
+    assert redis.smembers(Keys(settings.namespace).queues) >= {b"feedback"}
+
+
+def test_recovers_a_job_taken_but_not_handed_over(settings: Settings, redis: Redis) -> None:
+    """The state a kill -9 between BLMOVE and the hand-over leaves: the job is in flight."""
+    keys = Keys(settings.namespace)
+    jid = push(settings, [IMAGE, "site-b"])
+    raw = redis.lmove(
+        keys.queue(migration_queue("site-a")), keys.inflight("site-a"), "RIGHT", "LEFT"
+    )
+    assert raw is not None
+    Service(settings, redis).run_once()  # a new service recovers it
+    assert redis.llen(keys.inflight("site-a")) == 0
+    assert Service(settings, redis).queue.get_job_ids() == [f"migratio-{jid}"]
+    # a second crash after the hand-over but before LREM must not run it twice
+    redis.lpush(keys.inflight("site-a"), raw)
+    service = Service(settings, redis)
+    service.run_once()
+    assert service.queue.get_job_ids() == [f"migratio-{jid}"]
+    assert redis.llen(keys.inflight("site-a")) == 0
+
+
+def test_redis_restart_is_waited_out(
+    clean_sandbox: Sandbox, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with RedisServer(tmp_path / "redis") as server:
+        settings = settings_for(clean_sandbox, tmp_path, yaml=f"redis_url: {server.url}\n")
+        service = Service(settings, server.client(), sleep=lambda s: time.sleep(min(s, 0.05)))
+        service.run_once()
+        server.stop()
+        caplog.set_level(logging.ERROR, logger="migratio.service")
+        for _ in range(6):
+            service.run_once()  # never raises
+        assert sum("unreachable" in r.message for r in caplog.records) == 1
+        server.start()
+        jid = push(settings, [IMAGE, "site-b"])
+        deadline = time.monotonic() + 20
+        while not service.queue.get_job_ids() and time.monotonic() < deadline:
+            service.run_once()
+        assert service.queue.get_job_ids() == [f"migratio-{jid}"]
+        assert service.outage_since is None
+
+
+def test_a_job_end_to_end_through_the_service(
+    settings: Settings,
+    redis: Redis,
+    atmosphere: sidekiq.FeedbackServer,
+    clean_sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "t.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+    image_id = sb.source.upload_image(image, name="template", disk_format="qcow2")
+    push(settings, [image_id, "site-b"])
+    push(settings, [IMAGE, "site-b"], job_class=AMAZON_MIGRATOR)
+    service = Service(settings, redis)
+    service.run_once()
+    service.run_once()
+    run_worker_burst(settings)
+    [copy] = sb.destination.find_by_property("source_uuid", image_id)
+    arrived = tmp_path / "arrived"
+    sb.destination.download_to(str(copy["id"]), arrived)
+    assert sha256_file(arrived) == sha256_file(image)
+    received = atmosphere.wait_for(4)
+    mine = [line[3] for line in received if line[0] == image_id]
+    assert mine[0].startswith("Migration started")
+    assert mine[-1].startswith("Registered")
+    assert any(line.startswith("Transfered") for line in mine)
+    amazon = [line[3] for line in received if line[0] == IMAGE]
+    assert amazon == ["Error: migrations to Amazon sites are not supported by this version yet"]
+
+
+def test_sigterm_stops_the_service(settings: Settings, redis: Redis) -> None:
+    env = {**os.environ, "MIGRATIO_CONFIG": str(settings.config_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "migratio", "run"], env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(
+            k.startswith(b"rq:worker:") for k in redis.keys("rq:worker:*")
+        ):
+            time.sleep(0.2)
+        assert redis.keys("rq:worker:*"), "the service started no RQ worker"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,194 @@
+"""Source Glance reached through a real Keystone: password auth, token, service catalog.
+
+The sandbox's Glance accepts any token, so what is under test here is migratio's side:
+getting a token from Keystone with the operator's ``OS_*`` variables and finding the
+``image`` endpoint in the catalog Keystone returns with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.sandbox.images import make_qcow2
+from tests.sandbox.keystone_server import KeystoneServer
+from tests.sandbox.ports import free_port
+from tests.sandbox.site import Sandbox
+
+from migratio.cli import main
+from migratio.config import OpenStackCredentials
+from migratio.errors import GlanceError
+from migratio.glance_api import GlanceApi
+
+MiB = 1024 * 1024
+IMAGE_NAME = "keystone-auth-probe"
+MEMBER = ("demo", "demo-pw-7f3a", "demo")  # user, password, project: a plain member
+
+
+@pytest.fixture(scope="module")
+def keystone(
+    sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[KeystoneServer]:
+    """A running Keystone whose catalog sends ``image`` to the sandbox's source Glance."""
+    with KeystoneServer(tmp_path_factory.mktemp("keystone")) as ks:
+        ks.register_image_service(sandbox.source.endpoint)
+        ks.create_user(*MEMBER)
+        yield ks
+
+
+@pytest.fixture(scope="module")
+def image_id(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One small qcow2 image on the source Glance, deleted afterwards."""
+    path = make_qcow2(
+        tmp_path_factory.mktemp("keystone-image") / "probe.qcow2",
+        virtual_size=16 * MiB,
+        data_bytes=256 * 1024,
+    )
+    uploaded = sandbox.source.upload_image(path, name=IMAGE_NAME, disk_format="qcow2")
+    yield uploaded
+    sandbox.source.client().images.delete(uploaded)
+
+
+def admin_vars(ks: KeystoneServer, **overrides: str) -> dict[str, str]:
+    values = {
+        "OS_AUTH_URL": ks.auth_url,
+        "OS_USERNAME": "admin",
+        "OS_PASSWORD": ks.admin_password,
+        "OS_PROJECT_NAME": "admin",
+        "OS_USER_DOMAIN_NAME": "Default",
+        "OS_PROJECT_DOMAIN_NAME": "Default",
+        "OS_REGION_NAME": "RegionOne",
+        "OS_INTERFACE": "public",
+    }
+    values.update(overrides)
+    return {k: v for k, v in values.items() if v}
+
+
+def assert_reads_image(api: GlanceApi, image_id: str) -> None:
+    record = api.get(image_id)
+    assert record is not None
+    assert record.id == image_id
+    assert record.name == IMAGE_NAME
+    assert api.ping() == 1
+
+
+def test_v3_password_with_project_and_domain_names(
+    keystone: KeystoneServer, sandbox: Sandbox, image_id: str
+) -> None:
+    creds = OpenStackCredentials.from_vars(admin_vars(keystone), "test")
+    assert not creds.uses_token
+    api = GlanceApi(creds)
+
+    assert_reads_image(api, image_id)
+    # the Glance URL came from Keystone's catalog: migratio was only given the auth URL
+    assert api.client.http_client.get_endpoint().rstrip("/") == sandbox.source.endpoint
+
+
+def test_member_of_another_project(keystone: KeystoneServer, image_id: str) -> None:
+    user, password, project = MEMBER
+    values = admin_vars(keystone, OS_USERNAME=user, OS_PASSWORD=password, OS_PROJECT_NAME=project)
+    api = GlanceApi(OpenStackCredentials.from_vars(values, "test"))
+
+    assert_reads_image(api, image_id)
+    session = api.client.http_client.session
+    access = session.auth.get_access(session)
+    assert (access.username, access.project_name) == (user, project)
+    assert "member" in access.role_names
+    assert "admin" not in access.role_names
+
+
+def test_region_and_interface_pick_the_catalog_endpoint(
+    keystone: KeystoneServer, sandbox: Sandbox, image_id: str
+) -> None:
+    # in region "Split" only the internal endpoint leads to Glance; public is a dead port
+    dead = f"http://127.0.0.1:{free_port()}"
+    keystone.register_image_service(dead, "Split", internal_url=sandbox.source.endpoint)
+
+    def api(interface: str) -> GlanceApi:
+        values = admin_vars(keystone, OS_REGION_NAME="Split", OS_INTERFACE=interface)
+        return GlanceApi(OpenStackCredentials.from_vars(values, "test"), timeout=10)
+
+    assert_reads_image(api("internal"), image_id)
+    with pytest.raises(GlanceError) as caught:
+        api("public").ping()
+    assert dead in caught.value.message
+
+
+@pytest.mark.parametrize("versioned", [True, False], ids=["v3-url", "unversioned-url"])
+def test_original_v2_style_variables(
+    keystone: KeystoneServer, image_id: str, versioned: bool
+) -> None:
+    values = {  # what the Ruby tool's ~/.creds had: a tenant, no domains, no region
+        "OS_AUTH_URL": keystone.auth_url if versioned else keystone.endpoint,
+        "OS_USERNAME": "admin",
+        "OS_PASSWORD": keystone.admin_password,
+        "OS_TENANT_NAME": "admin",
+    }
+    api = GlanceApi(OpenStackCredentials.from_vars(values, "test"))
+    assert_reads_image(api, image_id)
+
+
+def test_wrong_password_is_a_clear_401(keystone: KeystoneServer, image_id: str) -> None:
+    wrong = "not-the-Password-42"
+    api = GlanceApi(OpenStackCredentials.from_vars(admin_vars(keystone, OS_PASSWORD=wrong), "t"))
+
+    with pytest.raises(GlanceError) as caught:
+        api.get(image_id)
+
+    message = caught.value.message
+    assert f"reading image {image_id} failed" in message
+    assert "401" in message
+    assert wrong not in message
+    assert keystone.admin_password not in message
+    assert caught.value.retryable is False
+
+
+def test_unknown_region_names_the_missing_endpoint(keystone: KeystoneServer, image_id: str) -> None:
+    api = GlanceApi(
+        OpenStackCredentials.from_vars(admin_vars(keystone, OS_REGION_NAME="Nowhere"), "t")
+    )
+
+    with pytest.raises(GlanceError) as caught:
+        api.ping()
+
+    assert "endpoint" in caught.value.message.lower()
+    assert keystone.admin_password not in caught.value.message
+
+
+def test_check_reports_source_glance_ok_with_keystone(
+    keystone: KeystoneServer,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    creds = tmp_path / "creds"
+    creds.write_text(
+        f"export OS_AUTH_URL={keystone.auth_url}\n"
+        "export OS_USERNAME=admin\n"
+        f"export OS_PASSWORD='{keystone.admin_password}'\n"
+        "export OS_PROJECT_NAME=admin\n"
+        "export OS_USER_DOMAIN_NAME=Default\n"
+        "export OS_PROJECT_DOMAIN_NAME=Default\n"
+        "export OS_REGION_NAME=RegionOne\n"
+        f"export IMAGES_DIR={sandbox.source.images_dir}\n"
+        f"export SOURCE_CS={sandbox.source_site}\n"
+    )
+    creds.chmod(0o600)
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    config = tmp_path / "config.yml"
+    config.write_text(
+        sandbox.config_path.read_text()
+        + f"\ncredentials_file: {creds}\nsites_dir: {sites}\n"
+        + f"staging_dir: {tmp_path / 'staging'}\nlog_dir: {tmp_path / 'log'}\n"
+    )
+
+    code = main(["check", "--config", str(config)])
+
+    out = capsys.readouterr().out
+    [line] = [x for x in out.splitlines() if "source Glance" in x]
+    assert line.split()[0] == "ok", out
+    assert keystone.auth_url in line
+    assert keystone.admin_password not in out
+    assert code == 0, out
