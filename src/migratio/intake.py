@@ -17,6 +17,7 @@ import time
 from redis import Redis
 from rq import Queue, Retry
 from rq.job import Job
+from rq.queue import EnqueueData
 
 from migratio.config import Settings
 from migratio.errors import MigratioError
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: waits between RQ's retries of a job that failed for a reason that may pass
 RETRY_INTERVALS = (60, 300, 900)
+#: most jobs taken from Redis in one iteration
+BATCH = 200
 #: how long RQ keeps a finished or failed job's record
 RESULT_TTL = 7 * 24 * 3600
 FAILURE_TTL = 30 * 24 * 3600
@@ -56,39 +59,79 @@ class Intake:
             self.handle(raw)
         return len(left)
 
-    def run_once(self, timeout: int = 1) -> bool:
-        """Take at most one job (waiting up to ``timeout`` s); True if there was one."""
-        raw = self.redis.blmove(self.source, self.inflight, timeout, "RIGHT", "LEFT")
-        if raw is None:
-            return False
-        self.handle(_bytes(raw))
-        return True
+    def run_once(self, timeout: int = 1) -> int:
+        """Take the jobs waiting (up to a batch; waiting up to ``timeout`` s for the first).
+
+        Returns how many were taken.
+        """
+        first = self.redis.blmove(self.source, self.inflight, timeout, "RIGHT", "LEFT")
+        if first is None:
+            return 0
+        batch = [_bytes(first)]
+        waiting = min(int(self.redis.llen(self.source)), BATCH - 1)
+        if waiting:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for _ in range(waiting):
+                    pipe.lmove(self.source, self.inflight, "RIGHT", "LEFT")
+                batch += [_bytes(raw) for raw in pipe.execute() if raw is not None]
+        self.handle_batch(batch)
+        return len(batch)
 
     def handle(self, raw: bytes) -> None:
-        """Hand one in-flight payload to RQ (or to the dead letters), then let it go."""
+        """Hand one in-flight payload over (see :meth:`handle_batch`)."""
+        self.handle_batch([raw])
+
+    def handle_batch(self, batch: list[bytes]) -> None:
+        """Hand in-flight payloads to RQ (or to the dead letters), then let them go.
+
+        RQ gets them in one pipeline, in arrival order; a payload whose RQ job already
+        exists (handed over before a crash) is not enqueued again.
+        """
+        jobs: list[tuple[MigrationJob, bytes]] = []
+        for raw in batch:
+            job = self.understand(raw)
+            if job is not None:
+                jobs.append((job, raw))
+        ids = [rq_job_id(job, raw) for job, raw in jobs]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.exists(Job.key_for(job_id))
+            known = pipe.execute()
+        fresh, seen = [], set()
+        for (job, _), job_id, exists in zip(jobs, ids, known, strict=True):
+            if exists or job_id in seen:
+                log.info("job %s is already with the workers", job_id)
+                continue
+            seen.add(job_id)
+            fresh.append(self.enqueue_data(job, job_id))
+            log.info(
+                "job %s: %s of %s to %s queued", job_id, job.kind, job.image_id, job.destination
+            )
+        with self.redis.pipeline(transaction=False) as pipe:
+            if fresh:
+                self.queue.enqueue_many(fresh, pipeline=pipe)
+            for raw in batch:
+                pipe.lrem(self.inflight, 1, raw)  # type: ignore[arg-type]  # redis-py takes bytes
+            pipe.execute()
+
+    def understand(self, raw: bytes) -> MigrationJob | None:
+        """The job in ``raw``, or None after dead-lettering it with the reason."""
         try:
             job = parse_job(raw)
         except BadPayload as exc:
             self.dead_letter(raw, exc)
-        else:
-            try:
-                self.settings.site(job.destination)
-            except MigratioError as exc:  # no config/<destination>.conf
-                refused = BadPayload(
-                    exc.message, image_id=job.image_id, destination=job.destination
-                )
-                self.dead_letter(raw, refused)
-            else:
-                self.hand_over(job, raw)
-        self.redis.lrem(self.inflight, 1, raw)  # type: ignore[arg-type]  # redis-py takes bytes
+            return None
+        try:
+            self.settings.site(job.destination)
+        except MigratioError as exc:  # no config/<destination>.conf
+            refused = BadPayload(exc.message, image_id=job.image_id, destination=job.destination)
+            self.dead_letter(raw, refused)
+            return None
+        return job
 
-    def hand_over(self, job: MigrationJob, raw: bytes) -> None:
-        """Enqueue the migration in RQ once, whatever happens around it."""
-        job_id = rq_job_id(job, raw)
-        if Job.exists(job_id, connection=self.redis):
-            log.info("job %s is already with the workers", job_id)
-            return
-        self.queue.enqueue(
+    def enqueue_data(self, job: MigrationJob, job_id: str) -> EnqueueData:
+        """RQ's description of the job that runs ``job``."""
+        return Queue.prepare_data(
             "migratio.jobs.run_migration",
             kwargs={
                 "kind": job.kind,
@@ -98,12 +141,12 @@ class Intake:
             },
             job_id=job_id,
             description=f"{job.kind} migration of {job.image_id} to {job.destination}",
-            job_timeout=int(self.settings.job_timeout),
+            timeout=int(self.settings.job_timeout),
             result_ttl=RESULT_TTL,
             failure_ttl=FAILURE_TTL,
             retry=Retry(max=len(RETRY_INTERVALS), interval=list(RETRY_INTERVALS)),
+            meta={"jid": job.jid, "enqueued_at": job.enqueued_at},
         )
-        log.info("job %s: %s of %s to %s queued", job_id, job.kind, job.image_id, job.destination)
 
     def dead_letter(self, raw: bytes, exc: BadPayload) -> None:
         """Keep a payload that cannot run, with why; tell Atmosphere when it can be told."""

@@ -44,6 +44,7 @@ class MigrationJob:
     destination: str
     jid: str
     job_class: str
+    enqueued_at: float | None = None
 
 
 def parse_job(raw: bytes | str) -> MigrationJob:
@@ -76,12 +77,14 @@ def parse_job(raw: bytes | str) -> MigrationJob:
     except MigratioError as exc:
         raise BadPayload(exc.message, image_id=image_id, destination=destination) from None
     jid = data.get("jid")
+    enqueued = data.get("enqueued_at")
     return MigrationJob(
         kind="amazon" if MIGRATION_CLASSES[job_class] == "amazon" else "openstack",
         image_id=image_id,
         destination=destination,
         jid=jid if isinstance(jid, str) and _JID.fullmatch(jid) else "",
         job_class=job_class,
+        enqueued_at=float(enqueued) if isinstance(enqueued, int | float) else None,
     )
 
 
