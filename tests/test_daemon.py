@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -304,3 +305,103 @@ def test_sigterm_stops_the_service(settings: Settings, redis: Redis) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found by walking /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def start_service(settings: Settings) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "MIGRATIO_CONFIG": str(settings.config_path)}
+    return subprocess.Popen([sys.executable, "-m", "migratio", "run"], env=env)
+
+
+def wait_for_part(sb: Sandbox, image_id: str, size: int, timeout: float = 120) -> None:
+    staging = sb.ssh.home / ".migratio-staging"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        parts = list(staging.glob(f"{image_id}-*.part")) if staging.exists() else []
+        if parts and parts[0].stat().st_size > size:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the transfer never got going")
+
+
+def wait_for_copy(sb: Sandbox, image_id: str, timeout: float) -> list[dict[str, object]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        copies = sb.destination.find_by_property("source_uuid", image_id)
+        if any(c["status"] == "active" for c in copies):
+            return copies
+        time.sleep(0.5)
+    raise AssertionError(f"no active copy within {timeout}s")
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_transfer_is_rerun_and_resumes(
+    clean_sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis: Redis,
+    atmosphere: sidekiq.FeedbackServer,
+) -> None:
+    sb = clean_sandbox
+    settings = settings_for(
+        sb, tmp_path, yaml=f"redis_url: {redis_server.url}\nretry_delays: [1, 1, 1]\n"
+    )
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=1024 * MiB, data_bytes=400 * MiB)
+    image_id = sb.source.upload_image(image, name="big", disk_format="qcow2")
+    push(settings, [image_id, "site-b"])
+    service = start_service(settings)
+    try:
+        wait_for_part(sb, image_id, 100 * MiB)
+        for pid in descendants(service.pid):  # the worker, its work-horse, rsync, ssh: OOM-style
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        copies = wait_for_copy(sb, image_id, timeout=240)
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=60)
+    assert len(copies) == 1  # exactly one image: the interrupted attempt left nothing behind
+    arrived = tmp_path / "arrived"
+    sb.destination.download_to(str(copies[0]["id"]), arrived)
+    assert sha256_file(arrived) == sha256_file(image)
+    lines = [line[3] for line in atmosphere.wait_for(3) if line[0] == image_id]
+    assert sum(line.startswith("Migration started") for line in lines) == 2
+    [transfered] = [line for line in lines if line.startswith("Transfered")]
+    sent_mib = float(transfered.split("(")[1].split(" ")[0])
+    assert sent_mib < 300  # resumed: the part that had arrived was not sent again
+
+
+@pytest.mark.slow
+def test_first_sigterm_lets_the_running_job_finish(
+    clean_sandbox: Sandbox, tmp_path: Path, settings: Settings, redis: Redis
+) -> None:
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=1024 * MiB, data_bytes=300 * MiB)
+    image_id = sb.source.upload_image(image, name="big", disk_format="qcow2")
+    push(settings, [image_id, "site-b"])
+    service = start_service(settings)
+    try:
+        wait_for_part(sb, image_id, 20 * MiB)
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=180) == 0
+    finally:
+        if service.poll() is None:
+            service.kill()
+    [copy] = sb.destination.find_by_property("source_uuid", image_id)
+    assert copy["status"] == "active"

@@ -149,6 +149,32 @@ def test_wrong_password_is_a_clear_401(keystone: KeystoneServer, image_id: str) 
     assert caught.value.retryable is False
 
 
+def test_domain_ids_as_horizon_openrc_files_give_them(
+    keystone: KeystoneServer, image_id: str
+) -> None:
+    domain = keystone._request("POST", "domains", {"domain": {"name": "other-domain"}})
+    domain_id = domain["domain"]["id"]
+    project = keystone._request(
+        "POST", "projects", {"project": {"name": "p-other", "domain_id": domain_id}}
+    )["project"]["id"]
+    user = keystone._request(
+        "POST",
+        "users",
+        {"user": {"name": "u-other", "password": "pw-other", "domain_id": domain_id}},
+    )["user"]["id"]
+    role = keystone._find("roles", name="member")[0]["id"]
+    keystone._request("PUT", f"projects/{project}/users/{user}/roles/{role}")
+    values = {
+        "OS_AUTH_URL": keystone.auth_url,
+        "OS_USERNAME": "u-other",
+        "OS_PASSWORD": "pw-other",
+        "OS_PROJECT_NAME": "p-other",
+        "OS_USER_DOMAIN_ID": domain_id,
+        "OS_PROJECT_DOMAIN_ID": domain_id,
+    }
+    assert_reads_image(GlanceApi(OpenStackCredentials.from_vars(values, "test")), image_id)
+
+
 def test_unknown_region_names_the_missing_endpoint(keystone: KeystoneServer, image_id: str) -> None:
     api = GlanceApi(
         OpenStackCredentials.from_vars(admin_vars(keystone, OS_REGION_NAME="Nowhere"), "t")

@@ -60,6 +60,8 @@ class OpenStackCredentials:
     project_id: str | None = None
     user_domain_name: str | None = None
     project_domain_name: str | None = None
+    user_domain_id: str | None = None
+    project_domain_id: str | None = None
     region_name: str | None = None
     interface: str = "public"
     token: str | None = field(default=None, repr=False)
@@ -79,6 +81,8 @@ class OpenStackCredentials:
             project_id=values.get("OS_PROJECT_ID") or values.get("OS_TENANT_ID") or None,
             user_domain_name=values.get("OS_USER_DOMAIN_NAME") or None,
             project_domain_name=values.get("OS_PROJECT_DOMAIN_NAME") or None,
+            user_domain_id=values.get("OS_USER_DOMAIN_ID") or None,
+            project_domain_id=values.get("OS_PROJECT_DOMAIN_ID") or None,
             region_name=values.get("OS_REGION_NAME") or None,
             interface=values.get("OS_INTERFACE") or values.get("OS_ENDPOINT_TYPE") or "public",
             token=values.get("OS_AUTH_TOKEN") or values.get("OS_TOKEN") or None,
@@ -192,6 +196,7 @@ class Settings:
     command_timeout: float
     workers: int
     job_timeout: float
+    retry_delays: tuple[int, ...]
     images_dir: Path
     source: OpenStackCredentials
     aws: AwsCredentials | None
@@ -261,6 +266,7 @@ def load_settings(config_path: Path | None = None) -> Settings:
         command_timeout=_number(path, "command_timeout", key("command_timeout", 6 * 3600)),
         workers=int(_number(path, "workers", key("workers", 1))),
         job_timeout=_number(path, "job_timeout", key("job_timeout", 12 * 3600)),
+        retry_delays=_delays(path, key("retry_delays", [60, 300, 900])),
         images_dir=Path(creds.get("IMAGES_DIR") or DEFAULT_IMAGES_DIR).expanduser(),
         source=OpenStackCredentials.from_vars(creds, str(credentials_file)),
         aws=aws,
@@ -382,6 +388,12 @@ def _read_credentials(path: Path) -> dict[str, str]:
 def _path(value: Any, base: Path) -> Path:
     path = Path(str(value)).expanduser()
     return path if path.is_absolute() else base / path
+
+
+def _delays(path: Path, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and v >= 0 for v in value):
+        raise ConfigError(f"{path}: 'retry_delays' must be a list of seconds, not {value!r}")
+    return tuple(value)
 
 
 def _number(path: Path, name: str, value: Any) -> float:

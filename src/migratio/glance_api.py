@@ -40,7 +40,9 @@ def make_session(creds: OpenStackCredentials, *, timeout: float = 60) -> Any:
             project_id=creds.project_id,
             user_domain_name=creds.user_domain_name,
             project_domain_name=creds.project_domain_name,
-            default_domain_name="Default",
+            user_domain_id=creds.user_domain_id,
+            project_domain_id=creds.project_domain_id,
+            default_domain_name=None if creds.user_domain_id else "Default",
         )
     verify: bool | str = creds.cacert or not creds.insecure
     return session.Session(auth=auth, verify=verify, timeout=timeout)
@@ -68,11 +70,20 @@ class GlanceApi:
 
         try:
             yield
-        except (gexc.HTTPException, kexc.ClientException) as exc:
-            status = getattr(exc, "code", None) or getattr(exc, "http_status", None)
-            transient = status is None or int(status) >= 500 or int(status) in (408, 429)
+        except (gexc.HTTPException, kexc.HttpError) as exc:
+            status = int(getattr(exc, "code", None) or getattr(exc, "http_status", None) or 500)
             raise GlanceError(
-                f"Glance at {self.where}: {doing} failed: {_describe(exc)}", retryable=transient
+                f"Glance at {self.where}: {doing} failed: {_describe(exc)}",
+                retryable=status >= 500 or status in (408, 429),
+            ) from exc
+        except (gexc.CommunicationError, gexc.InvalidEndpoint, kexc.ConnectionError) as exc:
+            raise GlanceError(
+                f"Glance at {self.where}: {doing} failed: cannot connect: {_describe(exc)}",
+                retryable=True,
+            ) from exc
+        except kexc.ClientException as exc:  # no such endpoint or region, bad auth options
+            raise GlanceError(
+                f"Glance at {self.where}: {doing} failed: {_describe(exc)}", retryable=False
             ) from exc
         except (OSError, ValueError) as exc:
             if isinstance(exc, VerificationError):

@@ -26,8 +26,6 @@ from migratio.sidekiq import BadPayload, MigrationJob, parse_job, push_status
 
 log = logging.getLogger(__name__)
 
-#: waits between RQ's retries of a job that failed for a reason that may pass
-RETRY_INTERVALS = (60, 300, 900)
 #: most jobs taken from Redis in one iteration
 BATCH = 200
 #: how long RQ keeps a finished or failed job's record
@@ -50,6 +48,8 @@ class Intake:
         self.keys = Keys(settings.namespace)
         self.source = self.keys.queue(migration_queue(settings.name))
         self.inflight = self.keys.inflight(settings.name)
+        delays = list(settings.retry_delays)
+        self.retry = Retry(max=len(delays), interval=delays) if delays else None
 
     def recover(self) -> int:
         """Hand over again what a crash left in flight; return how many there were."""
@@ -144,7 +144,7 @@ class Intake:
             timeout=int(self.settings.job_timeout),
             result_ttl=RESULT_TTL,
             failure_ttl=FAILURE_TTL,
-            retry=Retry(max=len(RETRY_INTERVALS), interval=list(RETRY_INTERVALS)),
+            retry=self.retry,
             meta={"jid": job.jid, "enqueued_at": job.enqueued_at},
         )
 

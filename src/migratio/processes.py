@@ -9,11 +9,13 @@ child is always SIGTERM to its process group, then SIGKILL after a grace period.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import selectors
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +24,19 @@ from dataclasses import dataclass
 from migratio.errors import Cancelled, ToolError
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the process that started us dies.
+
+    A worker killed with SIGKILL must not leave an rsync writing on while its job is re-run.
+    """
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
 
 #: how long a child gets between SIGTERM and SIGKILL
 STOP_GRACE = 10.0
@@ -66,6 +81,7 @@ class Child:
                 env=dict(env) if env is not None else None,
                 cwd=cwd,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509  # no threads touch this in the child
             )
         except FileNotFoundError as exc:
             raise ToolError(f"{what}: program {self.argv[0]!r} not found on PATH") from exc

@@ -9,6 +9,7 @@ SIGTERM is a warm stop (workers finish their current job), the second a cold one
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -19,9 +20,12 @@ from pathlib import Path
 from types import FrameType
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, Worker
 from rq.registry import StartedJobRegistry
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
 from migratio import processes
@@ -32,7 +36,7 @@ from migratio.keys import Keys
 log = logging.getLogger(__name__)
 
 #: seconds between looks for jobs whose worker died (RQ's own cycle is 10 minutes)
-CLEANUP_INTERVAL = 15.0
+CLEANUP_INTERVAL = 15
 #: a worker's heartbeat period; a job without one for this + 60 s is taken as abandoned
 JOB_MONITORING_INTERVAL = 10
 BACKOFF_START = 0.5
@@ -62,7 +66,9 @@ def run_worker(settings: Settings, *, burst: bool = False) -> bool:
         job_monitoring_interval=JOB_MONITORING_INTERVAL,
         maintenance_interval=60,
     )
-    return bool(worker.work(burst=burst, with_scheduler=True, logging_level="INFO"))
+    # the site's service is the one scheduler (see Service.maintain): a worker blocked in its
+    # dequeue would not take over the lock of a scheduler that was killed
+    return bool(worker.work(burst=burst, with_scheduler=False, logging_level="INFO"))
 
 
 class Service:
@@ -81,6 +87,9 @@ class Service:
         self.redis = redis
         self.queue = rq_queue(settings, redis)
         self.intake = Intake(settings, redis, self.queue)
+        self.scheduler = RQScheduler(
+            [self.queue], connection=redis, serializer=JSONSerializer, interval=CLEANUP_INTERVAL
+        )
         self.worker_argv = worker_argv
         self.workers: list[processes.Daemon | None] = [None] * settings.workers
         self.clock = clock
@@ -113,10 +122,15 @@ class Service:
                 self.recovered = True
             self.intake.run_once(timeout)
             if now >= self.next_cleanup:
-                StartedJobRegistry(queue=self.queue).cleanup()
+                self.maintain()
                 self.next_cleanup = now + CLEANUP_INTERVAL
-        except RedisError as exc:
+        except (RedisConnectionError, RedisTimeoutError) as exc:
             self._outage(exc)
+            return
+        except RedisError:
+            # Redis answered, but not as expected: a bug, not an outage; say so loudly
+            log.exception("unexpected Redis error; retrying in %.0f s", self.backoff)
+            self._back_off()
             return
         if self.outage_since is not None:
             log.warning("Redis is back after %.0f s", self.clock() - self.outage_since)
@@ -124,12 +138,26 @@ class Service:
             self.backoff = BACKOFF_START
         self.supervise()
 
+    def maintain(self) -> None:
+        """Re-queue jobs whose worker died; start retries that are due.
+
+        RQ's own cycle for this is 10 minutes, and a scheduler lock held by a killed worker
+        would block retries for longer; here it is every CLEANUP_INTERVAL seconds.
+        """
+        StartedJobRegistry(queue=self.queue).cleanup()
+        self.scheduler.acquire_locks()  # type: ignore[no-untyped-call]
+        if self.scheduler.acquired_locks:
+            self.scheduler.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
+
     def _outage(self, exc: RedisError) -> None:
         if self.outage_since is None:
             self.outage_since = self.clock()
             log.error(
                 "Redis at %s is unreachable (%s); waiting for it", self.settings.redis_url, exc
             )
+        self._back_off()
+
+    def _back_off(self) -> None:
         self.retry_at = self.clock() + self.backoff
         self.backoff = min(self.backoff * 2, BACKOFF_MAX)
 
@@ -169,6 +197,8 @@ class Service:
         while not self.stopping:
             self.run_once()
         self.shutdown()
+        with contextlib.suppress(RedisError):  # the lock expires by itself
+            self.scheduler.release_locks()  # type: ignore[no-untyped-call]
         log.info("stopped")
         return 0
 
