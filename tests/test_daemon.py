@@ -271,7 +271,7 @@ def test_a_job_end_to_end_through_the_service(
     sb = clean_sandbox
     image = make_qcow2(tmp_path / "t.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
     image_id = sb.source.upload_image(image, name="template", disk_format="qcow2")
-    push(settings, [image_id, "site-b"])
+    jid = push(settings, [image_id, "site-b"])
     push(settings, [IMAGE, "site-b"], job_class=AMAZON_MIGRATOR)
     service = Service(settings, redis)
     service.run_once()
@@ -288,6 +288,19 @@ def test_a_job_end_to_end_through_the_service(
     assert any(line.startswith("Transfered") for line in mine)
     amazon = [line[3] for line in received if line[0] == IMAGE]
     assert amazon == ["Error: migrations to Amazon sites are not supported by this version yet"]
+    # every log line of the job says which job and which image
+    tagged = f"[job migratio-{jid} image {image_id}]"
+    job_lines = [
+        x
+        for x in (settings.log_dir / "worker.log").read_text().splitlines()
+        if "migratio." in x and image_id in x
+    ]
+    assert job_lines
+    assert all(
+        tagged in x
+        for x in job_lines
+        if " migratio.openstack_migration:" in x or " migratio.jobs:" in x
+    )
 
 
 def test_sigterm_stops_the_service(settings: Settings, redis: Redis) -> None:
@@ -300,6 +313,12 @@ def test_sigterm_stops_the_service(settings: Settings, redis: Redis) -> None:
         ):
             time.sleep(0.2)
         assert redis.keys("rq:worker:*"), "the service started no RQ worker"
+        info = subprocess.run(
+            [str(Path(sys.executable).parent / "rq"), "info", "--url", settings.redis_url,
+             "--serializer", "rq.serializers.JSONSerializer"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert "atmosphere-migratio-site-a" in info.stdout  # operators' usual tool sees it
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

@@ -11,6 +11,7 @@ from migratio.config import Settings, load_settings
 from migratio.errors import MigratioError
 from migratio.feedback import AtmosphereSink
 from migratio.keys import Keys
+from migratio.logs import job_context
 from migratio.openstack_migration import MigrationRequest, migrate_to_openstack
 from migratio.status import FanOut, LogSink
 
@@ -46,6 +47,7 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
     settings = worker_settings()
     job = get_current_job()
     assert job is not None, "run_migration runs inside an RQ worker"
+    job_context.set(f" [job {job.id} image {image_id}]")
     logger = logging.LoggerAdapter(log, {"jid": jid})
     atmosphere = AtmosphereSink(
         job.connection, Keys(settings.namespace), image_id, settings.name, destination

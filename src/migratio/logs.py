@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+from contextvars import ContextVar
 from pathlib import Path
 
-FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FORMAT = "%(asctime)s %(levelname)s %(name)s:%(job)s %(message)s"
+#: " [job <id> image <uuid>]" while a worker runs a job, so every line says which
+job_context: ContextVar[str] = ContextVar("job_context", default="")
+
+
+class _JobContext(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.job = job_context.get()
+        return True
+
+
 #: the rotating log: this many bytes per file, this many old files kept
 MAX_BYTES = 10 * 1024 * 1024
 BACKUPS = 10
@@ -24,6 +35,7 @@ def setup_logging(
     stderr = logging.StreamHandler()
     stderr.setLevel(stderr_level)
     stderr.setFormatter(logging.Formatter(FORMAT))
+    stderr.addFilter(_JobContext())
     root.addHandler(stderr)
     if log_dir is not None:
         try:
@@ -36,6 +48,7 @@ def setup_logging(
         else:
             rotating.setLevel(logging.INFO)
             rotating.setFormatter(logging.Formatter(FORMAT))
+            rotating.addFilter(_JobContext())
             root.addHandler(rotating)
     for noisy in ("urllib3", "keystoneauth", "glanceclient", "stevedore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
