@@ -23,6 +23,7 @@ from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
 from tests.support import settings_for
 
+from migratio.cli import main
 from migratio.config import Settings
 from migratio.feedback import AtmosphereSink
 from migratio.keys import (
@@ -424,3 +425,40 @@ def test_first_sigterm_lets_the_running_job_finish(
             service.kill()
     [copy] = sb.destination.find_by_property("source_uuid", image_id)
     assert copy["status"] == "active"
+
+
+def test_operator_commands_enqueue_status_retry(
+    settings: Settings, redis: Redis, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(settings.config_path)
+    missing = "6f3c9a0e-1111-2222-3333-999999999999"
+    assert main(["enqueue", "--config", config, missing, "site-b"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    keys = Keys(settings.namespace)
+    [raw] = redis.lrange(keys.queue(migration_queue("site-a")), 0, -1)
+    assert json.loads(raw) == body  # what was printed is what was pushed
+    real = json.loads(redis.lindex(keys.queue(migration_queue("site-a")), 0) or b"{}")
+    assert list(real) == ["retry", "queue", "class", "args", "jid", "created_at", "enqueued_at"]
+    assert (real["class"], real["args"], real["queue"]) == (
+        OPENSTACK_MIGRATOR,
+        [missing, "site-b"],
+        "migration_site-a",
+    )
+    assert redis.smembers(keys.queues) == {b"migration_site-a"}
+
+    Service(settings, redis).run_once()
+    run_worker_burst(settings)  # the image does not exist: a permanent failure
+    job = rq_job(redis, body["jid"])
+    assert job.get_status() == "failed"
+    assert not job.retries_left  # not retried: it can never succeed
+
+    assert main(["status", "--config", config]) == 0
+    out = capsys.readouterr().out
+    assert "failed: 1" in out
+    assert f"migratio-{body['jid']}" in out and "ImageNotFoundError: image" in out
+
+    assert main(["retry", "--config", config, f"migratio-{body['jid']}"]) == 0
+    assert main(["status", "--config", config]) == 0
+    out = capsys.readouterr().out
+    assert "queued for the workers (atmosphere-migratio-site-a): 1" in out and "failed: 0" in out
+    assert main(["retry", "--config", config, "migratio-nonexistent"]) == 1

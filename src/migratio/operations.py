@@ -36,7 +36,8 @@ def operator_status(settings: Settings, redis: Redis) -> Iterator[str]:
     failed = FailedJobRegistry(queue=queue)
     yield f"failed: {failed.count}"
     for job in _jobs(failed.get_job_ids()[:SHOWN], redis):
-        reason = (job.exc_info or "").strip().splitlines()
+        result = job.latest_result()
+        reason = (result.exc_string or "").strip().splitlines() if result is not None else []
         yield f"  {job.id}  {job.description}: {reason[-1] if reason else 'unknown'}"
     dead = redis.lrange(keys.dead(settings.name), 0, SHOWN - 1)
     yield f"refused payloads (dead letters, {keys.dead(settings.name)}): " + str(
