@@ -8,9 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import IO, Any, Self
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
 
@@ -123,6 +125,31 @@ def child_env(**extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
+
+
+def spawn_logged(
+    argv: list[str], *, cwd: Path, env: dict[str, str], log_path: Path
+) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    """``spawn`` a daemon whose stdout and stderr go to ``log_path``."""
+    log_file = log_path.open("ab")
+    proc = spawn(
+        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    return proc, log_file
+
+
+def wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float) -> str:
+    """Poll ``ready()`` until it is true (return ''), or say why the daemon is not ready."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        if ready():
+            return ""
+        time.sleep(0.1)
+    code = proc.poll()
+    return "timed out" if code is None else f"it exited with {code}"
 
 
 class Service:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from ._process import Service, child_env, spawn, stop_process, tail
+from ._process import Service, child_env, spawn_logged, stop_process, tail, wait_ready
 from .ports import LOOPBACK, free_port
 
 DEFAULT_GLANCE_VENV = Path("/opt/migratio-sandbox/glance-venv")
@@ -183,25 +183,13 @@ filesystem_store_datadir = {d}/tasks
             "--add-header", "Connection: close",
             "--procname-prefix-spaced", f"migratio-sandbox-glance-{self.name}",
         ]  # fmt: skip
-        self._log_file = self.uwsgi_log_path.open("ab")
-        self._proc = spawn(
-            argv,
-            cwd=self.dir,
-            env=self._env(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
+        self._proc, self._log_file = spawn_logged(
+            argv, cwd=self.dir, env=self._env(), log_path=self.uwsgi_log_path
         )
-        deadline = time.monotonic() + self.READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                break
-            if self._ready():
-                return ""
-            time.sleep(0.1)
-        code = self._proc.poll()
+        why = wait_ready(self._proc, self._ready, self.READY_TIMEOUT)
+        if not why:
+            return ""
         self.stop()
-        why = "timed out" if code is None else f"uwsgi exited with {code}"
         return (
             f"Glance {self.name!r} on {self.endpoint} did not start ({why}).\n"
             f"--- {self.uwsgi_log_path} ---\n{tail(self.uwsgi_log_path)}\n"
