@@ -222,7 +222,9 @@ def test_status_lines_reach_a_real_sidekiq_server(
     assert redis.smembers(Keys(settings.namespace).queues) >= {b"feedback"}
 
 
-def test_recovers_a_job_taken_but_not_handed_over(settings: Settings, redis: Redis) -> None:
+def test_recovers_a_job_taken_but_not_handed_over(
+    settings: Settings, redis: Redis, atmosphere: sidekiq.FeedbackServer
+) -> None:
     """The state a kill -9 between BLMOVE and the hand-over leaves: the job is in flight."""
     keys = Keys(settings.namespace)
     jid = push(settings, [IMAGE, "site-b"])
@@ -239,6 +241,12 @@ def test_recovers_a_job_taken_but_not_handed_over(settings: Settings, redis: Red
     service.run_once()
     assert service.queue.get_job_ids() == [f"migratio-{jid}"]
     assert redis.llen(keys.inflight("site-a")) == 0
+    run_worker_burst(settings)
+    # it ran, once: one "Migration started", then the (permanent) failure, then nothing
+    atmosphere.wait_for(2)
+    time.sleep(1)  # anything further would have arrived by now
+    received = [line[3] for line in atmosphere.received() if line[0] == IMAGE]
+    assert sum(text.startswith("Migration started") for text in received) == 1
 
 
 def test_redis_restart_is_waited_out(
