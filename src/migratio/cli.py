@@ -33,7 +33,6 @@ log = logging.getLogger("migratio")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_USAGE = 2
 EXIT_CONFIG = ConfigError.exit_code
 
 
@@ -128,14 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config or default_config_path())
+def _settings(
+    args: argparse.Namespace, *, log_level: int | None = None, log_file: str = "migratio.log"
+) -> Settings:
+    """Load the configuration; with ``log_level``, also start logging (stderr at that level)."""
+    settings = load_settings(args.config or default_config_path())
+    if log_level is not None:
+        verbose = getattr(args, "verbose", False)
+        level = min(log_level, logging.INFO) if verbose else log_level
+        setup_logging(settings.log_dir, stderr_level=level, filename=log_file)
+    return settings
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """``migratio migrate IMAGE_UUID DEST_SITE``."""
-    settings = _settings(args)
-    setup_logging(settings.log_dir, stderr_level=logging.INFO if args.verbose else logging.ERROR)
+    settings = _settings(args, log_level=logging.ERROR)
     cancel = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -169,8 +175,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """``migratio check [SITE...]``."""
-    settings = _settings(args)
-    setup_logging(settings.log_dir, stderr_level=logging.INFO if args.verbose else logging.ERROR)
+    settings = _settings(args, log_level=logging.ERROR)
     print(f"ok       configuration: {settings.config_path} (site {settings.name})", flush=True)
     worst = Level.OK
     for check in run_checks(settings, args.sites):
@@ -182,18 +187,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``migratio run`` (also ``migratio-run``)."""
-    settings = _settings(args)
-    setup_logging(settings.log_dir, stderr_level=logging.INFO)
-    environment_for_workers(settings.config_path)
+    settings = _settings(args, log_level=logging.INFO)
     service = Service(settings, connect(settings), worker_argv=worker_command(settings.config_path))
     return service.run()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """``migratio worker``."""
-    settings = _settings(args)
-    setup_logging(settings.log_dir, stderr_level=logging.INFO, filename="worker.log")
-    environment_for_workers(settings.config_path)
+    settings = _settings(args, log_level=logging.INFO, log_file="worker.log")
+    environment_for_workers(settings.config_path)  # the work-horses load it from there
     run_worker(settings, burst=args.burst)
     return EXIT_OK
 

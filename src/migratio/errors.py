@@ -6,6 +6,8 @@ whether retrying the same work can help. Tracebacks go to the log only.
 
 from __future__ import annotations
 
+from migratio import status
+
 
 class MigratioError(Exception):
     """Root of every error migratio raises on purpose.
@@ -51,13 +53,13 @@ class UnknownSiteError(ConfigError):
 class ImageNotFoundError(MigratioError):
     """The requested image is not on the source site, or not usable there."""
 
-    status_text = "Requested image not exist."
+    status_text = status.IMAGE_NOT_EXIST
 
 
 class ImageRefusedError(MigratioError):
     """The image's bytes are unsafe or do not match what Glance says they are."""
 
-    status_text = "Requested image not exist."
+    status_text = status.IMAGE_NOT_EXIST
 
 
 class ToolError(MigratioError):
@@ -67,7 +69,7 @@ class ToolError(MigratioError):
 class ConversionError(ToolError):
     """qemu-img could not convert the image."""
 
-    status_text = "Image was not converted."
+    status_text = status.NOT_CONVERTED
 
 
 class TransferError(ToolError):
@@ -96,7 +98,3 @@ class Cancelled(MigratioError):
     """The work was stopped on request (SIGTERM or a deadline)."""
 
     retryable = True
-
-
-class InternalError(MigratioError):
-    """A bug: an exception migratio did not expect. The traceback is in the log."""

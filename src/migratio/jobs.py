@@ -48,14 +48,11 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
     job = get_current_job()
     assert job is not None, "run_migration runs inside an RQ worker"
     job_context.set(f" [job {job.id} image {image_id}]")
-    logger = logging.LoggerAdapter(log, {"jid": jid})
     atmosphere = AtmosphereSink(
         job.connection, Keys(settings.namespace), image_id, settings.name, destination
     )
-    sink = FanOut(atmosphere, LogSink(logger), JobMetaSink())
-    logger.info(
-        "job %s (jid %s): %s migration of %s to %s", job.id, jid, kind, image_id, destination
-    )
+    sink = FanOut(atmosphere, LogSink(log), JobMetaSink())
+    log.info("job %s (jid %s): %s migration of %s to %s", job.id, jid, kind, image_id, destination)
     try:
         if kind != "openstack":
             atmosphere("Error: migrations to Amazon sites are not supported by this version yet")
@@ -65,11 +62,11 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
     except MigratioError as exc:
         if not exc.retryable:
             _no_more_retries()
-        logger.error("job %s failed: %s", job.id, exc.message)
+        log.error("job %s failed: %s", job.id, exc.message)
         raise
     except Exception:
         atmosphere("Error: internal error in migratio; the traceback is in its log")
-        logger.exception("job %s failed with an internal error", job.id)
+        log.exception("job %s failed with an internal error", job.id)
         raise
     finally:
         atmosphere.flush()

@@ -89,11 +89,6 @@ class Child:
             raise ToolError(f"{what}: cannot start {self.argv[0]!r}: {exc}") from exc
         log.debug("started %s (pid %d): %s", what, self.popen.pid, " ".join(self.argv))
 
-    @property
-    def pid(self) -> int:
-        """The child's process id (also its process group id)."""
-        return self.popen.pid
-
     def poll(self) -> int | None:
         """The exit code, or None while it runs."""
         return self.popen.poll()

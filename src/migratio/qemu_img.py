@@ -2,44 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from migratio import processes
-from migratio.errors import ConversionError, ToolError
+from migratio.errors import ConversionError
 
 QEMU_IMG = "qemu-img"
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """What ``qemu-img info`` says about a file."""
-
-    format: str
-    virtual_size: int
-    actual_size: int
-    backing_file: str | None
-
-
-def info(path: Path, fmt: str, *, timeout: float = 60) -> ImageInfo:
-    """``qemu-img info`` of ``path`` read as ``fmt``."""
-    done = processes.run(
-        [QEMU_IMG, "info", "--output=json", "-f", fmt, "--", str(path)],
-        what="qemu-img info",
-        timeout=timeout,
-    )
-    try:
-        data = json.loads(done.stdout)
-        return ImageInfo(
-            format=str(data["format"]),
-            virtual_size=int(data["virtual-size"]),
-            actual_size=int(data.get("actual-size", 0)),
-            backing_file=data.get("backing-filename"),
-        )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ToolError(f"qemu-img info gave output that cannot be read: {exc}") from exc
 
 
 def convert(

@@ -38,7 +38,7 @@ class StatusSink(Protocol):
 class LogSink:
     """A sink that writes status lines to the log (and nowhere else)."""
 
-    def __init__(self, logger: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> None:
+    def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
 
     def __call__(self, text: str) -> None:
