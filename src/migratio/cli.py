@@ -16,9 +16,10 @@ from migratio.config import Settings, default_config_path, load_settings
 from migratio.errors import ConfigError, MigratioError
 from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.logs import setup_logging
-from migratio.openstack_migration import MigrationRequest, Outcome, migrate_to_openstack
+from migratio.migration import migrate
 from migratio.operations import operator_status, retry_failed
 from migratio.preflight import Level, run_checks
+from migratio.request import MigrationRequest, Outcome
 from migratio.service import (
     Service,
     connect,
@@ -160,7 +161,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         sink(exc.status_line())
         return EXIT_FAILED
     try:
-        result = migrate_to_openstack(settings, request, sink, cancel=cancel)
+        result = migrate(settings, request, sink, cancel=cancel)
     except MigratioError as exc:
         log.debug("migration failed", exc_info=True)
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILED

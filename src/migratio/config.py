@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -33,6 +34,12 @@ DEFAULT_CIPHERS = (
 )
 DISK_FORMATS = frozenset({"raw", "qcow2", "vmdk", "vdi", "vhd", "vhdx", "iso", "ploop"})
 
+#: instance architectures EC2 registers, and the boot modes it knows
+ARCHITECTURES = ("x86_64", "arm64", "i386")
+BOOT_MODES = ("legacy-bios", "uefi", "uefi-preferred")
+
+_AWS_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
+_S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _SSH_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _SSH_HOST = re.compile(r"[A-Za-z0-9_.:\[\]%-]{1,253}")
@@ -159,25 +166,41 @@ class OpenStackSite:
 
 
 @dataclass(frozen=True)
+class AwsCredentials:
+    """Amazon keys (``AWS_ACCESS_KEY``, ``AWS_SECRET_KEY``)."""
+
+    access_key: str
+    secret_key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class AmazonSite:
     """A destination Amazon EC2 region (``config/<site_id>.conf`` with ``AWS_REGION``)."""
 
     site_id: str
     path: Path
     region: str
+    #: endpoints; None means boto3's standard endpoint for the region
     ec2_url: str | None = None
+    ebs_url: str | None = None
+    s3_url: str | None = None
+    #: the site's own keys, overriding the credentials file's (None: that file, else boto3's chain)
+    credentials: AwsCredentials | None = None
+    upload_method: Literal["ebs", "vmimport"] = "ebs"
+    s3_bucket: str | None = None
+    s3_prefix: str = "migratio/"
+    vmimport_role: str | None = None
+    upload_concurrency: int = 8
+    default_architecture: str = "x86_64"
+    default_boot_mode: str | None = None
+    volume_type: str = "gp3"
+    snapshot_timeout: float = 3600.0
+    import_timeout: float = 4 * 3600.0
+    poll_interval: float = 15.0
     kind: Literal["amazon"] = "amazon"
 
 
 Site = OpenStackSite | AmazonSite
-
-
-@dataclass(frozen=True)
-class AwsCredentials:
-    """Amazon keys from the credentials file (``AWS_ACCESS_KEY``, ``AWS_SECRET_KEY``)."""
-
-    access_key: str
-    secret_key: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -293,10 +316,7 @@ def load_site(site_id: str, path: Path) -> Site:
     """Read one destination site file."""
     values = read_shell_vars(path)
     if "AWS_REGION" in values or "EC2_URL" in values:
-        region = values.get("AWS_REGION")
-        if not region:
-            raise ConfigError(f"{path}: AWS_REGION is required for an Amazon site")
-        return AmazonSite(site_id, path, region=region, ec2_url=values.get("EC2_URL") or None)
+        return _amazon_site(site_id, path, values)
 
     register = values.get("REGISTER", "ssh").lower()
     if register not in {"ssh", "api"}:
@@ -320,6 +340,97 @@ def load_site(site_id: str, path: Path) -> Site:
         remote_glance=values.get("REMOTE_GLANCE") or "glance",
         remote_python=values.get("REMOTE_PYTHON") or "python3",
     )
+
+
+def _amazon_site(site_id: str, path: Path, values: Mapping[str, str]) -> AmazonSite:
+    region = values.get("AWS_REGION", "")
+    if not region:
+        raise ConfigError(f"{path}: AWS_REGION is required for an Amazon site")
+    if not _AWS_REGION.fullmatch(region):
+        raise ConfigError(f"{path}: AWS_REGION {region!r} is not a region name like eu-west-1")
+    urls = {key: _endpoint(path, key, values.get(key)) for key in ("EC2_URL", "EBS_URL", "S3_URL")}
+    ec2_url = urls["EC2_URL"]
+    if ec2_url is not None:
+        host = urlsplit(ec2_url).hostname or ""
+        named = re.fullmatch(r"ec2\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?", host)
+        if named and named.group(1) != region:
+            raise ConfigError(
+                f"{path}: EC2_URL {ec2_url} is the endpoint of {named.group(1)}, "
+                f"but AWS_REGION is {region}"
+            )
+        if not _is_aws_host(host):
+            # a private endpoint (or moto) serves every service at one address
+            urls["EBS_URL"] = urls["EBS_URL"] or ec2_url
+            urls["S3_URL"] = urls["S3_URL"] or ec2_url
+    method = values.get("UPLOAD_METHOD", "ebs").lower()
+    if method not in {"ebs", "vmimport"}:
+        raise ConfigError(f"{path}: UPLOAD_METHOD must be 'ebs' or 'vmimport', not {method!r}")
+    bucket = values.get("S3_BUCKET") or None
+    if method == "vmimport" and not bucket:
+        raise ConfigError(f"{path}: UPLOAD_METHOD=vmimport needs S3_BUCKET (a bucket in {region})")
+    if bucket is not None and not _S3_BUCKET.fullmatch(bucket):
+        raise ConfigError(f"{path}: S3_BUCKET {bucket!r} is not a valid bucket name")
+    architecture = values.get("DEFAULT_ARCHITECTURE", "x86_64")
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(
+            f"{path}: DEFAULT_ARCHITECTURE must be one of {', '.join(ARCHITECTURES)}, "
+            f"not {architecture!r}"
+        )
+    boot_mode = values.get("DEFAULT_BOOT_MODE") or None
+    if boot_mode is not None and boot_mode not in BOOT_MODES:
+        raise ConfigError(
+            f"{path}: DEFAULT_BOOT_MODE must be one of {', '.join(BOOT_MODES)}, not {boot_mode!r}"
+        )
+    credentials = None
+    if values.get("AWS_ACCESS_KEY") or values.get("AWS_SECRET_KEY"):
+        if not (values.get("AWS_ACCESS_KEY") and values.get("AWS_SECRET_KEY")):
+            raise ConfigError(f"{path}: set both AWS_ACCESS_KEY and AWS_SECRET_KEY, or neither")
+        credentials = AwsCredentials(values["AWS_ACCESS_KEY"], values["AWS_SECRET_KEY"])
+
+    def number(key: str, default: float, low: float, high: float) -> float:
+        text = values.get(key) or str(default)
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{path}: {key} must be a number, not {text!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{path}: {key} must be between {low:g} and {high:g}, not {text}")
+        return value
+
+    return AmazonSite(
+        site_id,
+        path,
+        region=region,
+        ec2_url=ec2_url,
+        ebs_url=urls["EBS_URL"],
+        s3_url=urls["S3_URL"],
+        credentials=credentials,
+        upload_method="vmimport" if method == "vmimport" else "ebs",
+        s3_bucket=bucket,
+        s3_prefix=values.get("S3_PREFIX", "migratio/"),
+        vmimport_role=values.get("VMIMPORT_ROLE") or None,
+        upload_concurrency=int(number("UPLOAD_CONCURRENCY", 8, 1, 64)),
+        default_architecture=architecture,
+        default_boot_mode=boot_mode,
+        volume_type=values.get("VOLUME_TYPE") or "gp3",
+        snapshot_timeout=number("SNAPSHOT_TIMEOUT", 3600, 0.1, 7 * 86400),
+        import_timeout=number("IMPORT_TIMEOUT", 4 * 3600, 0.1, 7 * 86400),
+        poll_interval=number("POLL_INTERVAL", 15, 0.01, 3600),
+    )
+
+
+def _endpoint(path: Path, key: str, value: str | None) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError(f"{path}: {key} {value!r} is not an http(s) URL")
+    return value.rstrip("/")
+
+
+def _is_aws_host(host: str) -> bool:
+    """True for Amazon's own endpoints, whose other services have their own host names."""
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws"))
 
 
 def _ssh_target(values: Mapping[str, str], path: Path) -> SshTarget:

@@ -6,7 +6,13 @@ whether retrying the same work can help. Tracebacks go to the log only.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import Any
+
 from migratio import status
+
+log = logging.getLogger(__name__)
 
 
 class MigratioError(Exception):
@@ -98,3 +104,21 @@ class Cancelled(MigratioError):
     """The work was stopped on request (SIGTERM or a deadline)."""
 
     retryable = True
+
+
+class AwsError(MigratioError):
+    """An Amazon Web Services call failed (EC2, EBS direct APIs, S3, VM Import)."""
+
+
+class NotUploadedError(AwsError):
+    """The image's bytes did not reach Amazon (snapshot blocks, S3 object, or the import)."""
+
+    status_text = status.NOT_UPLOADED
+
+
+def quietly(action: Callable[..., Any], *args: Any) -> None:
+    """Run a best-effort clean-up step: its failure is logged, never raised over the real error."""
+    try:
+        action(*args)
+    except Exception:
+        log.exception("clean-up step %s%r failed", getattr(action, "__name__", action), args)

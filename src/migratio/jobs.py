@@ -12,7 +12,8 @@ from migratio.errors import MigratioError
 from migratio.feedback import AtmosphereSink
 from migratio.keys import Keys
 from migratio.logs import job_context
-from migratio.openstack_migration import MigrationRequest, migrate_to_openstack
+from migratio.migration import migrate
+from migratio.request import MigrationRequest
 from migratio.status import FanOut, LogSink
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,14 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
     sink = FanOut(atmosphere, LogSink(log), JobMetaSink())
     log.info("job %s (jid %s): %s migration of %s to %s", job.id, jid, kind, image_id, destination)
     try:
-        if kind != "openstack":
-            atmosphere("Error: migrations to Amazon sites are not supported by this version yet")
-            _no_more_retries()
-            raise MigratioError("migrations to Amazon sites are not supported yet")
-        result = migrate_to_openstack(settings, MigrationRequest(image_id, destination), sink)
+        try:
+            request = MigrationRequest(image_id, destination)
+        except MigratioError as exc:
+            sink(exc.status_line())
+            raise
+        result = migrate(
+            settings, request, sink, kind="amazon" if kind == "amazon" else "openstack"
+        )
     except MigratioError as exc:
         if not exc.retryable:
             _no_more_retries()

@@ -2,7 +2,7 @@
 
 Steps, each idempotent so that a re-run after any failure finishes the job:
 
-1. find the image in the source Glance;
+1. find the image in the source Glance (:mod:`migratio.source_site`, shared with Amazon);
 2. skip it when the destination already has an active copy with the same content;
 3. get the bytes (the local file store, else a verified download into staging);
 4. inspect them before any tool opens them;
@@ -16,14 +16,11 @@ Steps, each idempotent so that a re-run after any failure finishes the job:
 from __future__ import annotations
 
 import logging
-import os
-import re
 import shutil
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,53 +28,25 @@ from migratio import qemu_img, rsync, status
 from migratio.config import OpenStackSite, Settings
 from migratio.errors import (
     ConfigError,
-    ImageNotFoundError,
     MigratioError,
     RemoteError,
     VerificationError,
+    quietly,
 )
 from migratio.glance_api import GlanceApi
 from migratio.glance_cli import RemoteGlance, parse_table
 from migratio.hashing import Digests, file_digests
 from migratio.images import LINK_PROPERTIES, SOURCE_HASH, ImageRecord
-from migratio.inspection import inspect_image
+from migratio.request import MigrationRequest, MigrationResult, Outcome
+from migratio.source_site import SourceSite
 from migratio.status import Progress, StatusSink, human_bytes
 
 log = logging.getLogger(__name__)
 
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 #: how long the remote upload waits for the transferred file to grow before giving up
 FOLLOW_IDLE = 900.0
 #: non-active states of a copy that a failed earlier attempt of ours may have left behind
 LEFTOVER_STATES = frozenset({"queued", "saving", "killed"})
-
-
-@dataclass(frozen=True)
-class MigrationRequest:
-    """Copy image ``image_id`` of this site to site ``destination``."""
-
-    image_id: str
-    destination: str
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.image_id, str) or not _UUID.fullmatch(self.image_id):
-            raise ImageNotFoundError(f"{self.image_id!r} is not an image id (a UUID)")
-
-
-class Outcome(Enum):
-    """How a migration ended well."""
-
-    MIGRATED = "migrated"
-    ALREADY_THERE = "already there"
-
-
-@dataclass(frozen=True)
-class MigrationResult:
-    """What a successful migration did."""
-
-    outcome: Outcome
-    destination_image_id: str
-    bytes_sent: int = 0
 
 
 class Destination(Protocol):
@@ -96,7 +65,7 @@ class Migration:
     request: MigrationRequest
     site: OpenStackSite
     status: StatusSink
-    source: GlanceApi
+    source: SourceSite
     destination: Destination
     workdir: Path
     cancel: threading.Event
@@ -107,19 +76,6 @@ class Migration:
 
     def progress(self, label: str, total: int) -> Progress:
         return Progress(self.status, label, total, interval=self.settings.progress_interval)
-
-    # 1
-    def find_source(self) -> ImageRecord:
-        image = self.source.get(self.request.image_id)
-        if image is None:
-            raise ImageNotFoundError(f"image {self.request.image_id} is not on site {self.me}")
-        if image.status != "active":
-            raise ImageNotFoundError(
-                f"image {image.id} on site {self.me} is {image.status}, not active"
-            )
-        if not image.disk_format or not image.size:
-            raise ImageNotFoundError(f"image {image.id} on site {self.me} has no data")
-        return image
 
     # 2
     def existing_copy(self, image: ImageRecord, target_format: str) -> ImageRecord | None:
@@ -152,22 +108,6 @@ class Migration:
             if copy.status == "active" and copy.digests.matches(image.digests):
                 return copy
         return None
-
-    # 3
-    def local_bytes(self, image: ImageRecord) -> Path:
-        stored = self.settings.images_dir / image.id
-        try:
-            if stored.is_file() and os.access(stored, os.R_OK):
-                if stored.stat().st_size == image.size:
-                    log.info("reading %s from the file store", stored)
-                    return stored
-                log.warning("%s has the wrong size; downloading from Glance instead", stored)
-        except OSError as exc:
-            log.info("cannot use %s (%s); downloading from Glance", stored, exc)
-        path = self.workdir / f"{image.id}.{image.disk_format}"
-        self.status(f"Downloading {human_bytes(image.size or 0)} from Glance at {self.me}")
-        self.source.download_to(image, path, self.progress("Downloading", image.size or 0))
-        return path
 
     # 5
     def convert(self, image: ImageRecord, local: Path, target_format: str) -> tuple[Path, Digests]:
@@ -228,7 +168,7 @@ class Migration:
         self.status(
             f"{status.MIGRATION_STARTED}: image {self.request.image_id} to {self.site.site_id}"
         )
-        image = self.find_source()
+        image = self.source.find(self.request.image_id)
         target_format = self.site.disk_format or str(image.disk_format)
         with ThreadPoolExecutor(max_workers=1) as pool:
             staging = None
@@ -245,8 +185,7 @@ class Migration:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            local = self.local_bytes(image)
-            inspect_image(local, str(image.disk_format))
+            local = self.source.inspected_bytes(image, self.workdir)
             payload, digests = local, image.digests
             if target_format != image.disk_format:
                 payload, digests = self.convert(image, local, target_format)
@@ -276,7 +215,7 @@ class Migration:
             self.status(f"{status.TRANSFERED} {human_bytes(digests.size)} to {api.where}")
             self.verify(copy.id, digests)
         except BaseException:
-            _quietly(api.delete, copy.id)
+            quietly(api.delete, copy.id)
             raise
         self.status(f"{status.REGISTERED} as image {copy.id} at {self.site.site_id}")
         return copy.id, digests.size
@@ -329,7 +268,7 @@ class Migration:
                 copy = ImageRecord.from_glance(table)
             if upload.returncode != 0:
                 if "follow_upload: aborted" in upload.stderr and algo in upload.stderr:
-                    _quietly(cli.remove_file, remote_path)  # wrong bytes: nothing to resume
+                    quietly(cli.remove_file, remote_path)  # wrong bytes: nothing to resume
                 raise RemoteError(
                     f"uploading into Glance at {self.site.site_id} failed: {upload.tail()}",
                     retryable=True,
@@ -339,9 +278,9 @@ class Migration:
             self.verify(copy.id, digests, copy)
         except BaseException:
             if copy is not None:
-                _quietly(cli.delete, copy.id)
+                quietly(cli.delete, copy.id)
             else:
-                _quietly(lambda: self.delete_leftovers(cli.find(source_uuid=image.id)))
+                quietly(lambda: self.delete_leftovers(cli.find(source_uuid=image.id)))
             raise
         self.status(f"{status.REGISTERED} as image {copy.id} at {self.site.site_id}")
         return copy.id, sent
@@ -382,7 +321,7 @@ def migrate_to_openstack(
             request=request,
             site=site,
             status=sink,
-            source=GlanceApi(settings.source),
+            source=SourceSite(settings, GlanceApi(settings.source), sink),
             destination=destination_for(site, settings),
             workdir=settings.staging_dir / f"{request.image_id}-{site.site_id}",
             cancel=cancel or threading.Event(),
@@ -399,11 +338,3 @@ def _tell(stream: Any, message: bytes) -> None:
         stream.flush()
     except (BrokenPipeError, OSError):
         pass  # the helper is gone; its exit status says why
-
-
-def _quietly(action: Any, *args: Any) -> None:
-    """Best-effort clean-up that must not hide the error being raised."""
-    try:
-        action(*args)
-    except Exception:
-        log.exception("clean-up step %s%r failed", getattr(action, "__name__", action), args)

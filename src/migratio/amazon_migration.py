@@ -1,0 +1,430 @@
+"""OpenStack → Amazon EC2: turn one Glance image into an AMI of an Amazon site.
+
+Steps, each safe to run again after any failure:
+
+1. find the image in the source Glance;
+2. skip it when the site already has an ``available`` AMI of ours for it (tagged
+   ``source_uuid`` and ``source_t``, or named after it); wait for a ``pending`` one; remove
+   failed AMIs and unfinished snapshots that an earlier attempt left;
+3. get the bytes and inspect them (:mod:`migratio.source_site`, as for OpenStack);
+4. by default (``UPLOAD_METHOD=ebs``): qemu-img to a sparse raw file, its data blocks into an
+   EBS snapshot (:mod:`migratio.ebs_snapshot`), ``register_image`` from it;
+   with ``UPLOAD_METHOD=vmimport``: a stream-optimized VMDK, S3, ``import_image``
+   (:mod:`migratio.vm_import`), the S3 object deleted;
+5. tag the AMI and its snapshots: ``Name``, ``source_uuid``, ``source_cs``, ``source_t``.
+
+On failure, what this attempt made (snapshot, AMI, S3 object, import task) is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from migratio import qemu_img, status
+from migratio.aws import AwsClients, aws_errors, tags
+from migratio.config import AmazonSite, Settings
+from migratio.ebs_snapshot import upload_snapshot
+from migratio.errors import (
+    AwsError,
+    Cancelled,
+    ConfigError,
+    ImageRefusedError,
+    MigratioError,
+    quietly,
+)
+from migratio.glance_api import GlanceApi
+from migratio.images import ImageRecord
+from migratio.raw_blocks import allocated_bytes
+from migratio.request import MigrationRequest, MigrationResult, Outcome
+from migratio.source_site import SourceSite
+from migratio.status import Progress, StatusSink, human_bytes
+from migratio.vm_import import delete_object, start_import, upload_to_s3, wait_for_import
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2.type_defs import ImageTypeDef
+
+log = logging.getLogger(__name__)
+
+#: Glance's ``architecture`` values (uname -m / libosinfo) → EC2's
+ARCHITECTURES = {
+    "x86_64": "x86_64",
+    "amd64": "x86_64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "i386": "i386",
+    "i686": "i386",
+    "x86": "i386",
+}
+#: Glance's ``hw_firmware_type`` → EC2's boot mode
+BOOT_MODES = {"uefi": "uefi", "bios": "legacy-bios"}
+ROOT_DEVICE = "/dev/xvda"
+#: AMI states an earlier, failed attempt leaves; such an AMI is removed and made again
+BROKEN_STATES = frozenset({"failed", "error", "invalid"})
+
+
+def ami_name(image_id: str, source_site: str) -> str:
+    """The AMI's name: fixed for an image, so a second registration is refused by EC2 itself."""
+    return f"{image_id} from {source_site}"
+
+
+def architecture_of(image: ImageRecord, site: AmazonSite) -> str:
+    """EC2's architecture for the image: its ``architecture`` property, else the site default."""
+    declared = image.properties.get("architecture")
+    if not declared:
+        return site.default_architecture
+    try:
+        return ARCHITECTURES[declared.lower()]
+    except KeyError:
+        raise ImageRefusedError(
+            f"image {image.id} is for architecture {declared!r}, which EC2 does not run "
+            f"(it runs {', '.join(sorted(set(ARCHITECTURES.values())))})"
+        ) from None
+
+
+def boot_mode_of(image: ImageRecord, site: AmazonSite) -> str | None:
+    """EC2's boot mode: from ``hw_firmware_type``, else the site default (None: EC2's own)."""
+    firmware = (image.properties.get("hw_firmware_type") or "").lower()
+    return BOOT_MODES.get(firmware, site.default_boot_mode)
+
+
+def register_params(
+    image: ImageRecord, site: AmazonSite, source_site: str, snapshot_id: str, size_gib: int
+) -> dict[str, Any]:
+    """The ``register_image`` request for an AMI booting from ``snapshot_id``."""
+    params: dict[str, Any] = {
+        "Name": ami_name(image.id, source_site),
+        "Description": description_of(image, source_site),
+        "Architecture": architecture_of(image, site),
+        "VirtualizationType": "hvm",
+        "EnaSupport": True,
+        "RootDeviceName": ROOT_DEVICE,
+        "BlockDeviceMappings": [
+            {
+                "DeviceName": ROOT_DEVICE,
+                "Ebs": {
+                    "SnapshotId": snapshot_id,
+                    "VolumeSize": max(size_gib, image.min_disk),
+                    "VolumeType": site.volume_type,
+                    "DeleteOnTermination": True,
+                },
+            }
+        ],
+    }
+    boot_mode = boot_mode_of(image, site)
+    if boot_mode is not None:
+        params["BootMode"] = boot_mode
+    return params
+
+
+def description_of(image: ImageRecord, source_site: str) -> str:
+    """A one-line description (AWS allows 255 characters)."""
+    return f"{image.name} - Glance image {image.id} of {source_site} (migratio)"[:255]
+
+
+@dataclass
+class AmazonMigration:
+    """One run of one OpenStack → Amazon migration, with everything its steps use."""
+
+    settings: Settings
+    request: MigrationRequest
+    site: AmazonSite
+    status: StatusSink
+    source: SourceSite
+    aws: AwsClients
+    workdir: Path
+    cancel: threading.Event
+    #: what this attempt made, removed again if it fails
+    made_snapshots: list[str] = field(default_factory=list)
+    made_image: str | None = None
+
+    @property
+    def me(self) -> str:
+        return self.settings.name
+
+    def progress(self, label: str, total: int) -> Progress:
+        return Progress(self.status, label, total, interval=self.settings.progress_interval)
+
+    def tag_values(self, image: ImageRecord) -> dict[str, str]:
+        return {
+            "Name": image.name or image.id,
+            "source_uuid": image.id,
+            "source_cs": self.me,
+            "source_t": self.me,
+        }
+
+    # 2
+    def our_images(self, image_id: str) -> list[ImageTypeDef]:
+        """AMIs of this account for the image: by tags, or by the name we give them."""
+        ec2 = self.aws.ec2
+        found: dict[str, ImageTypeDef] = {}
+        with aws_errors(f"looking for AMIs of image {image_id} in {self.site.region}"):
+            for filters in (
+                [
+                    {"Name": "tag:source_uuid", "Values": [image_id]},
+                    {"Name": "tag:source_t", "Values": [self.me]},
+                ],
+                [{"Name": "name", "Values": [ami_name(image_id, self.me)]}],
+            ):
+                for ami in ec2.describe_images(Owners=["self"], Filters=filters)["Images"]:  # type: ignore[arg-type]
+                    found[ami["ImageId"]] = ami
+        return list(found.values())
+
+    def existing_image(self, image: ImageRecord) -> str | None:
+        """The id of an available AMI for the image (waiting for a pending one), or None."""
+        for ami in self.our_images(image.id):
+            state, ami_id = ami.get("State", "unknown"), ami["ImageId"]
+            if state == "pending":
+                self.status(f"AMI {ami_id} for this image is pending; waiting for it")
+                state = self.wait_for_image(ami_id)
+            if state == "available":
+                self.tag([ami_id, *_snapshots_of(ami)], image)  # a crash may have left it untagged
+                return ami_id
+            if state in BROKEN_STATES:
+                log.info("removing AMI %s (%s) left by an earlier attempt", ami_id, state)
+                self.remove_image(ami_id, _snapshots_of(ami))
+                continue
+            raise AwsError(
+                f"AMI {ami_id} for image {image.id} is {state}: enable or deregister it, "
+                "then run the migration again"
+            )
+        return None
+
+    def remove_leftover_snapshots(self, image: ImageRecord) -> None:
+        """Delete snapshots of ours for the image that no AMI uses (an interrupted upload's)."""
+        with aws_errors("looking for unfinished snapshots"):
+            leftovers = self.aws.ec2.describe_snapshots(
+                OwnerIds=["self"],
+                Filters=[
+                    {"Name": "tag:source_uuid", "Values": [image.id]},
+                    {"Name": "tag:source_t", "Values": [self.me]},
+                ],
+            )["Snapshots"]
+        for snapshot in leftovers:
+            log.info("deleting snapshot %s left by an earlier attempt", snapshot["SnapshotId"])
+            quietly(self.delete_snapshot, snapshot["SnapshotId"])
+
+    def wait_for_image(self, ami_id: str) -> str:
+        """Wait (up to SNAPSHOT_TIMEOUT) while the AMI is pending; return its final state."""
+        deadline = time.monotonic() + self.site.snapshot_timeout
+        while True:
+            with aws_errors(f"reading the state of {ami_id}"):
+                found = self.aws.ec2.describe_images(ImageIds=[ami_id])["Images"]
+            state = found[0].get("State", "unknown") if found else "deregistered"
+            if state != "pending":
+                return state
+            if time.monotonic() + self.site.poll_interval > deadline:
+                raise AwsError(
+                    f"AMI {ami_id} was still pending at the deadline (SNAPSHOT_TIMEOUT)",
+                    retryable=False,
+                )
+            if self.cancel.wait(self.site.poll_interval):
+                raise Cancelled(f"stopped while waiting for AMI {ami_id}")
+
+    def tag(self, resources: Sequence[str], image: ImageRecord) -> None:
+        with aws_errors(f"tagging {', '.join(resources)}"):
+            self.aws.ec2.create_tags(
+                Resources=list(resources),
+                Tags=tags(self.tag_values(image)),  # type: ignore[arg-type]
+            )
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        with aws_errors(f"deleting snapshot {snapshot_id}"):
+            self.aws.ec2.delete_snapshot(SnapshotId=snapshot_id)
+
+    def remove_image(self, ami_id: str, snapshots: Sequence[str]) -> None:
+        """Deregister an AMI and delete its snapshots."""
+        with aws_errors(f"deregistering {ami_id}"):
+            self.aws.ec2.deregister_image(ImageId=ami_id)
+        for snapshot_id in snapshots:
+            quietly(self.delete_snapshot, snapshot_id)
+
+    def run(self) -> MigrationResult:
+        """Run every step; raise a :class:`MigratioError` on failure (after cleaning up)."""
+        self.status(
+            f"{status.MIGRATION_STARTED}: image {self.request.image_id} to {self.site.site_id} "
+            f"({self.site.region})"
+        )
+        image = self.source.find(self.request.image_id)
+        existing = self.existing_image(image)
+        if existing is not None:
+            self.status(f"{status.ALREADY_UPLOADED} {self.site.site_id} has it as {existing}")
+            return MigrationResult(Outcome.ALREADY_THERE, existing)
+        self.remove_leftover_snapshots(image)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            local = self.source.inspected_bytes(image, self.workdir)
+            if self.site.upload_method == "vmimport":
+                ami_id, sent = self.by_vm_import(image, local)
+            else:
+                ami_id, sent = self.by_ebs_snapshot(image, local)
+        except BaseException:
+            self.clean_up()
+            raise
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.status(f"{status.REGISTERED_IMAGE} {ami_id} in {self.site.region}")
+        return MigrationResult(Outcome.MIGRATED, ami_id, sent)
+
+    def clean_up(self) -> None:
+        """Remove what this attempt made at Amazon (best effort: the error is what matters)."""
+        if self.made_image is not None:
+            quietly(self.remove_image, self.made_image, self.made_snapshots)
+        else:
+            for snapshot_id in self.made_snapshots:
+                quietly(self.delete_snapshot, snapshot_id)
+
+    # 4, EBS direct APIs
+    def by_ebs_snapshot(self, image: ImageRecord, local: Path) -> tuple[str, int]:
+        raw = local
+        if image.disk_format != "raw":
+            raw = self.workdir / f"{image.id}.raw"
+            qemu_img.convert(
+                local,
+                str(image.disk_format),
+                raw,
+                "raw",
+                timeout=self.settings.command_timeout,
+                cancel=self.cancel,
+            )
+        virtual, data = raw.stat().st_size, allocated_bytes(raw)
+        self.status(
+            f"{status.IMAGE_CONVERTED}: {image.disk_format} to raw, {human_bytes(virtual)} "
+            f"virtual, {human_bytes(data)} of data"
+        )
+        uploaded = upload_snapshot(
+            self.aws.ebs,
+            self.aws.ec2,
+            raw,
+            tag_values=self.tag_values(image),
+            description=description_of(image, self.me),
+            concurrency=self.site.upload_concurrency,
+            deadline=time.monotonic() + self.site.snapshot_timeout,
+            poll_interval=self.site.poll_interval,
+            cancel=self.cancel,
+            on_started=self.made_snapshots.append,
+            on_progress=self.progress("Uploading", data),
+        )
+        self.status(
+            f"{status.IMAGE_TRANSFERED}: {human_bytes(uploaded.bytes_sent)} in "
+            f"{uploaded.blocks} blocks to EBS snapshot {uploaded.snapshot_id} "
+            f"({human_bytes(virtual)} disk; zeros not sent)"
+        )
+        self.status(f"{status.IMAGE_IMPORTED}: snapshot {uploaded.snapshot_id} completed")
+        params = register_params(
+            image, self.site, self.me, uploaded.snapshot_id, uploaded.volume_size_gib
+        )
+        with aws_errors(f"registering an AMI from {uploaded.snapshot_id}"):
+            self.made_image = self.aws.ec2.register_image(**params)["ImageId"]
+        self.tag([self.made_image, uploaded.snapshot_id], image)
+        return self.made_image, uploaded.bytes_sent
+
+    # 4, VM Import
+    def by_vm_import(self, image: ImageRecord, local: Path) -> tuple[str, int]:
+        assert self.site.s3_bucket is not None
+        vmdk = self.workdir / f"{image.id}.vmdk"
+        qemu_img.convert(
+            local,
+            str(image.disk_format),
+            vmdk,
+            "vmdk",
+            timeout=self.settings.command_timeout,
+            cancel=self.cancel,
+        )
+        size = vmdk.stat().st_size
+        self.status(
+            f"{status.IMAGE_CONVERTED}: {image.disk_format} to stream-optimized VMDK "
+            f"({human_bytes(size)})"
+        )
+        bucket, key = self.site.s3_bucket, f"{self.site.s3_prefix}{self.me}/{image.id}.vmdk"
+        try:
+            sent = upload_to_s3(
+                self.aws.s3,
+                vmdk,
+                bucket,
+                key,
+                concurrency=self.site.upload_concurrency,
+                cancel=self.cancel,
+                on_progress=self.progress("Uploading", size),
+            )
+            self.status(f"{status.IMAGE_TRANSFERED}: {human_bytes(sent)} to s3://{bucket}/{key}")
+            task_id = start_import(
+                self.aws.ec2,
+                bucket=bucket,
+                key=key,
+                description=description_of(image, self.me),
+                architecture=architecture_of(image, self.site),
+                boot_mode=boot_mode_of(image, self.site),
+                role=self.site.vmimport_role,
+                tag_values=self.tag_values(image),
+            )
+            self.status(f"Importing: VM Import task {task_id} started")
+            last = [-1]
+
+            def report(percent: int, message: str) -> None:
+                if percent != last[0]:
+                    last[0] = percent
+                    self.status(f"Importing: {percent}% ({message or 'active'})")
+
+            imported = wait_for_import(
+                self.aws.ec2,
+                task_id,
+                deadline=time.monotonic() + self.site.import_timeout,
+                poll=self.site.poll_interval,
+                cancel=self.cancel,
+                on_progress=report,
+            )
+        finally:
+            quietly(delete_object, self.aws.s3, bucket, key)
+        self.made_image = imported.image_id
+        self.made_snapshots.extend(imported.snapshot_ids)
+        self.status(f"{status.IMAGE_IMPORTED}: task {task_id} made {imported.image_id}")
+        self.tag([imported.image_id, *imported.snapshot_ids], image)
+        return imported.image_id, sent
+
+
+def _snapshots_of(ami: Mapping[str, Any]) -> list[str]:
+    return [
+        str(mapping["Ebs"]["SnapshotId"])
+        for mapping in ami.get("BlockDeviceMappings", [])
+        if mapping.get("Ebs", {}).get("SnapshotId")
+    ]
+
+
+def migrate_to_amazon(
+    settings: Settings,
+    request: MigrationRequest,
+    sink: StatusSink,
+    *,
+    cancel: threading.Event | None = None,
+    clients: AwsClients | None = None,
+) -> MigrationResult:
+    """Migrate one image to an Amazon site, reporting each step to ``sink``.
+
+    ``clients`` replaces the site's boto3 clients (tests pass stubbed ones). A failure is
+    reported to ``sink`` with the original's text where it had one, then raised.
+    """
+    try:
+        site = settings.site(request.destination)
+        if not isinstance(site, AmazonSite):
+            raise ConfigError(f"site {site.site_id} is an OpenStack site, not an Amazon one")
+        migration = AmazonMigration(
+            settings=settings,
+            request=request,
+            site=site,
+            status=sink,
+            source=SourceSite(settings, GlanceApi(settings.source), sink),
+            aws=clients or AwsClients(site, settings.aws),
+            workdir=settings.staging_dir / f"{request.image_id}-{site.site_id}",
+            cancel=cancel or threading.Event(),
+        )
+        return migration.run()
+    except MigratioError as exc:
+        sink(exc.status_line())
+        raise

@@ -1,0 +1,205 @@
+"""A raw disk straight into an EBS snapshot with the EBS direct APIs (as awslabs' coldsnap).
+
+``start_snapshot`` of the disk's size in GiB, then every block that holds data goes up with
+``put_snapshot_block`` — 512 KiB each, with its SHA-256, several at once — and
+``complete_snapshot`` with the count and the linear aggregate of the block checksums, so
+that EBS itself checks that it has exactly what was sent. Holes and all-zero blocks are
+never sent: a snapshot reads them as zeros.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from migratio.aws import aws_errors, tags
+from migratio.errors import AwsError, Cancelled, NotUploadedError
+from migratio.raw_blocks import BLOCK_SIZE, Block, nonzero_blocks
+
+if TYPE_CHECKING:
+    from mypy_boto3_ebs import EBSClient
+    from mypy_boto3_ec2 import EC2Client
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+#: how long EBS keeps a started snapshot open for blocks (its maximum is 4320 minutes)
+OPEN_MINUTES = 4320
+
+
+@dataclass(frozen=True)
+class UploadedSnapshot:
+    """A completed snapshot and what it took."""
+
+    snapshot_id: str
+    blocks: int
+    bytes_sent: int
+    volume_size_gib: int
+
+
+def volume_size_gib(size: int) -> int:
+    """The snapshot size (whole GiB, at least 1) for a disk of ``size`` bytes."""
+    return max(1, -(-size // GIB))
+
+
+def block_checksum(data: bytes) -> bytes:
+    """SHA-256 of one block (raw digest)."""
+    return hashlib.sha256(data).digest()
+
+
+def aggregate_checksum(digests: Mapping[int, bytes]) -> str:
+    """The LINEAR aggregate EBS checks at completion: SHA-256 of the block digests by index."""
+    whole = hashlib.sha256()
+    for index in sorted(digests):
+        whole.update(digests[index])
+    return base64.b64encode(whole.digest()).decode()
+
+
+class SnapshotWriter:
+    """Puts blocks of one open snapshot, ``concurrency`` at a time."""
+
+    def __init__(
+        self,
+        ebs: EBSClient,
+        snapshot_id: str,
+        *,
+        concurrency: int,
+        cancel: threading.Event,
+        on_block: Callable[[int], None] = lambda _n: None,
+    ) -> None:
+        self.ebs = ebs
+        self.snapshot_id = snapshot_id
+        self.concurrency = concurrency
+        self.cancel = cancel
+        self.on_block = on_block
+        self.digests: dict[int, bytes] = {}
+        self.bytes_sent = 0
+
+    def put(self, block: Block) -> None:
+        """Send one block with its checksum (runs on a pool thread)."""
+        digest = block_checksum(block.data)
+        with aws_errors(f"uploading block {block.index} of {self.snapshot_id}", NotUploadedError):
+            answer = self.ebs.put_snapshot_block(
+                SnapshotId=self.snapshot_id,
+                BlockIndex=block.index,
+                BlockData=block.data,
+                DataLength=len(block.data),
+                Checksum=base64.b64encode(digest).decode(),
+                ChecksumAlgorithm="SHA256",
+            )
+        echoed = answer.get("Checksum")
+        if echoed and base64.b64decode(echoed) != digest:
+            raise NotUploadedError(
+                f"EBS stored block {block.index} of {self.snapshot_id} with checksum {echoed}, "
+                "not the one sent",
+                retryable=True,
+            )
+        self.digests[block.index] = digest
+
+    def write_all(self, blocks: Iterable[Block]) -> int:
+        """Send every block; at most twice ``concurrency`` are read ahead. Return how many."""
+        pending: set[Future[None]] = set()
+        sent = 0
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="ebs-put") as pool:
+            try:
+                for block in blocks:
+                    if self.cancel.is_set():
+                        raise Cancelled("the upload to EBS was stopped")
+                    while len(pending) >= 2 * self.concurrency:
+                        sent += self._collect(pending, FIRST_COMPLETED)
+                    pending.add(pool.submit(self.put, block))
+                sent += self._collect(pending, None)
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+        return sent
+
+    def _collect(self, pending: set[Future[None]], until: str | None) -> int:
+        done, _ = wait(pending, timeout=None, return_when=until or "ALL_COMPLETED")
+        for future in done:
+            pending.discard(future)
+            future.result()  # raises the block's error
+            self.bytes_sent += BLOCK_SIZE
+            self.on_block(self.bytes_sent)
+        return len(done)
+
+
+def upload_snapshot(
+    ebs: EBSClient,
+    ec2: EC2Client,
+    raw: Path,
+    *,
+    tag_values: Mapping[str, str],
+    description: str,
+    concurrency: int,
+    deadline: float,
+    poll_interval: float,
+    cancel: threading.Event,
+    on_started: Callable[[str], None] = lambda _id: None,
+    on_progress: Callable[[int], None] = lambda _n: None,
+) -> UploadedSnapshot:
+    """Upload the raw disk ``raw`` into a new, completed snapshot; return it.
+
+    ``on_started`` gets the snapshot id as soon as it exists (so a failure can delete it).
+    ``deadline`` (``time.monotonic()``) bounds the wait for the snapshot to complete.
+    """
+    size_gib = volume_size_gib(raw.stat().st_size)
+    with aws_errors("starting an EBS snapshot", NotUploadedError):
+        started = ebs.start_snapshot(
+            VolumeSize=size_gib,
+            Tags=tags(dict(tag_values)),  # type: ignore[arg-type]
+            Description=description[:255],
+            Timeout=OPEN_MINUTES,
+        )
+    snapshot_id = started["SnapshotId"]
+    on_started(snapshot_id)
+    if started.get("BlockSize") not in (None, BLOCK_SIZE):
+        log.debug("EBS reports block size %s; sending %d", started.get("BlockSize"), BLOCK_SIZE)
+    writer = SnapshotWriter(
+        ebs, snapshot_id, concurrency=concurrency, cancel=cancel, on_block=on_progress
+    )
+    count = writer.write_all(nonzero_blocks(raw))
+    with aws_errors(f"completing snapshot {snapshot_id}", NotUploadedError):
+        ebs.complete_snapshot(
+            SnapshotId=snapshot_id,
+            ChangedBlocksCount=count,
+            Checksum=aggregate_checksum(writer.digests),
+            ChecksumAlgorithm="SHA256",
+            ChecksumAggregationMethod="LINEAR",
+        )
+    wait_for_snapshot(ec2, snapshot_id, deadline=deadline, poll=poll_interval, cancel=cancel)
+    return UploadedSnapshot(snapshot_id, count, writer.bytes_sent, size_gib)
+
+
+def wait_for_snapshot(
+    ec2: EC2Client, snapshot_id: str, *, deadline: float, poll: float, cancel: threading.Event
+) -> None:
+    """Wait until EC2 reports ``snapshot_id`` completed; raise if it errs or takes too long."""
+    while True:
+        with aws_errors(f"reading the state of {snapshot_id}"):
+            found = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+        state = found[0].get("State", "unknown") if found else "missing"
+        if state == "completed":
+            return
+        if state in {"error", "missing", "recoverable"}:
+            message = found[0].get("StateMessage", "") if found else ""
+            raise NotUploadedError(
+                f"snapshot {snapshot_id} is {state}" + (f": {message}" if message else ""),
+                retryable=True,
+            )
+        if time.monotonic() + poll > deadline:
+            raise AwsError(
+                f"snapshot {snapshot_id} was still {state} at the deadline (SNAPSHOT_TIMEOUT)",
+                retryable=False,
+            )
+        if cancel.wait(poll):
+            raise Cancelled(f"stopped while waiting for snapshot {snapshot_id}")

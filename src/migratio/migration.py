@@ -1,0 +1,43 @@
+"""Run one migration: :func:`migrate` picks the OpenStack or the Amazon one by destination."""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal
+
+from migratio.amazon_migration import migrate_to_amazon
+from migratio.config import Settings
+from migratio.errors import ConfigError, MigratioError
+from migratio.openstack_migration import migrate_to_openstack
+from migratio.request import MigrationRequest, MigrationResult
+from migratio.status import StatusSink
+
+_KIND_NAMES = {"openstack": "OpenStack", "amazon": "Amazon"}
+
+
+def migrate(
+    settings: Settings,
+    request: MigrationRequest,
+    sink: StatusSink,
+    *,
+    kind: Literal["openstack", "amazon"] | None = None,
+    cancel: threading.Event | None = None,
+) -> MigrationResult:
+    """Migrate one image to its destination, OpenStack or Amazon, reporting to ``sink``.
+
+    ``kind`` is what the job asked for (Atmosphere's job class); a destination of the other
+    kind is refused. Failures are reported to ``sink`` and raised.
+    """
+    try:
+        site = settings.site(request.destination)
+        if kind is not None and site.kind != kind:
+            raise ConfigError(
+                f"site {site.site_id} is an {_KIND_NAMES[site.kind]} site, but the job asks "
+                f"for a migration to {_KIND_NAMES[kind]}"
+            )
+    except MigratioError as exc:
+        sink(exc.status_line())
+        raise
+    if site.kind == "amazon":
+        return migrate_to_amazon(settings, request, sink, cancel=cancel)
+    return migrate_to_openstack(settings, request, sink, cancel=cancel)

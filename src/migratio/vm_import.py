@@ -1,0 +1,194 @@
+"""VM Import: a stream-optimized VMDK in S3 becomes an AMI, with AWS fixing the guest's drivers.
+
+The slower way (the VMDK conversion is single-threaded deflate), for guests that need it,
+chosen per site with ``UPLOAD_METHOD=vmimport``: the VMDK goes to S3 with boto3's managed
+multipart transfer, ``import_image`` starts a task, and ``describe_import_image_tasks`` is
+polled until the task completes, fails, or runs out of ``IMPORT_TIMEOUT`` (then the task
+is cancelled).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+
+from migratio.aws import aws_errors, describe, tags
+from migratio.errors import AwsError, Cancelled, NotUploadedError
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+MIB = 1024**2
+#: states of an import task that will not change any more without us
+FAILED_STATES = frozenset({"deleting", "deleted"})
+
+
+@dataclass(frozen=True)
+class ImportedImage:
+    """What a finished import task made."""
+
+    task_id: str
+    image_id: str
+    snapshot_ids: tuple[str, ...]
+
+
+def upload_to_s3(
+    s3: S3Client,
+    path: Path,
+    bucket: str,
+    key: str,
+    *,
+    concurrency: int,
+    cancel: threading.Event,
+    on_progress: Callable[[int], None] = lambda _n: None,
+) -> int:
+    """Upload ``path`` to ``s3://bucket/key`` in parallel parts; return the bytes sent."""
+    sent = 0
+    lock = threading.Lock()
+
+    def count(chunk: int) -> None:
+        nonlocal sent
+        if cancel.is_set():
+            raise Cancelled("the upload to S3 was stopped")  # s3transfer aborts the upload
+        with lock:
+            sent += chunk
+            on_progress(sent)
+
+    config = TransferConfig(
+        multipart_threshold=64 * MIB,
+        multipart_chunksize=64 * MIB,
+        max_concurrency=concurrency,
+        use_threads=True,
+    )
+    where = f"uploading {path.name} to s3://{bucket}/{key}"
+    try:
+        with aws_errors(where, NotUploadedError):
+            s3.upload_file(str(path), bucket, key, Config=config, Callback=count)
+    except S3UploadFailedError as exc:
+        cause = exc.__context__
+        message = (
+            describe(cause, where).message if isinstance(cause, Exception) else f"{where}: {exc}"
+        )
+        raise NotUploadedError(message, retryable=True) from exc
+    return sent
+
+
+def delete_object(s3: S3Client, bucket: str, key: str) -> None:
+    """Remove ``s3://bucket/key`` (nothing happens if it is not there)."""
+    with aws_errors(f"deleting s3://{bucket}/{key}"):
+        s3.delete_object(Bucket=bucket, Key=key)
+
+
+def start_import(
+    ec2: EC2Client,
+    *,
+    bucket: str,
+    key: str,
+    description: str,
+    architecture: str,
+    boot_mode: str | None,
+    role: str | None,
+    tag_values: Mapping[str, str],
+) -> str:
+    """Start an import task for the VMDK at ``s3://bucket/key``; return its id."""
+    params: dict[str, Any] = {
+        "Description": description[:255],
+        "DiskContainers": [
+            {
+                "Description": description[:255],
+                "Format": "vmdk",
+                "UserBucket": {"S3Bucket": bucket, "S3Key": key},
+            }
+        ],
+        "Architecture": architecture,
+        "TagSpecifications": [
+            {"ResourceType": "import-image-task", "Tags": tags(dict(tag_values))}
+        ],
+    }
+    if boot_mode is not None:
+        params["BootMode"] = boot_mode
+    if role is not None:
+        params["RoleName"] = role
+    with aws_errors("starting the VM Import task", NotUploadedError):
+        answer = ec2.import_image(**params)
+    return str(answer["ImportTaskId"])
+
+
+def wait_for_import(
+    ec2: EC2Client,
+    task_id: str,
+    *,
+    deadline: float,
+    poll: float,
+    cancel: threading.Event,
+    on_progress: Callable[[int, str], None] = lambda _p, _m: None,
+) -> ImportedImage:
+    """Poll the task until it completes; on failure, deadline or stop, raise (and cancel it)."""
+    try:
+        while True:
+            task = describe_task(ec2, task_id)
+            status = task.get("Status", "unknown")
+            message = task.get("StatusMessage", "")
+            if status == "completed" and task.get("ImageId"):
+                snapshots = tuple(
+                    str(detail["SnapshotId"])
+                    for detail in task.get("SnapshotDetails", [])
+                    if detail.get("SnapshotId")
+                )
+                return ImportedImage(task_id, str(task["ImageId"]), snapshots)
+            if status in FAILED_STATES or status == "completed":
+                raise NotUploadedError(
+                    f"VM Import task {task_id} failed: {message or status}{_import_hint(message)}",
+                    retryable="ServerError" in message,
+                )
+            on_progress(int(task.get("Progress") or 0), message)
+            if time.monotonic() + poll > deadline:
+                raise AwsError(
+                    f"VM Import task {task_id} was still {status} ({message}) at the deadline "
+                    "(IMPORT_TIMEOUT); it was cancelled",
+                    retryable=False,
+                )
+            if cancel.wait(poll):
+                raise Cancelled(f"stopped while waiting for VM Import task {task_id}")
+    except (AwsError, Cancelled) as exc:
+        if not (isinstance(exc, NotUploadedError) and "failed:" in exc.message):
+            cancel_task(ec2, task_id, reason=exc.message)
+        raise
+
+
+def describe_task(ec2: EC2Client, task_id: str) -> Mapping[str, Any]:
+    """The import task's description (Status, StatusMessage, Progress, ImageId …)."""
+    with aws_errors(f"reading VM Import task {task_id}"):
+        found = ec2.describe_import_image_tasks(ImportTaskIds=[task_id])["ImportImageTasks"]
+    if not found:
+        raise NotUploadedError(f"VM Import task {task_id} has disappeared", retryable=True)
+    return found[0]
+
+
+def cancel_task(ec2: EC2Client, task_id: str, *, reason: str) -> None:
+    """Cancel an import task (best effort: it may have ended meanwhile)."""
+    try:
+        with aws_errors(f"cancelling VM Import task {task_id}"):
+            ec2.cancel_import_task(ImportTaskId=task_id, CancelReason=reason[:255])
+    except AwsError as exc:
+        log.warning("%s", exc.message)
+
+
+def _import_hint(message: str) -> str:
+    lowered = message.lower()
+    if "unknown os" in lowered or "missing os files" in lowered:
+        return " (VM Import did not recognise the guest OS: use UPLOAD_METHOD=ebs for it)"
+    if "vmimport" in lowered or "role" in lowered:
+        return " (check the 'vmimport' service role and its access to S3_BUCKET)"
+    return ""

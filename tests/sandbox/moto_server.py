@@ -1,0 +1,90 @@
+"""moto in server mode on a free loopback port: EC2, EBS direct APIs, S3, IAM (and STS).
+
+moto answers every AWS service on one endpoint, telling them apart by the request's
+signature, so one URL serves as ``EC2_URL`` (and for EBS and S3). It implements the EBS
+direct APIs, S3, ``register_image``, tags and image filters; it does *not* implement VM
+Import (``import_image`` answers HTTP 500), which the tests drive with botocore's Stubber.
+
+With ``authenticate=True`` moto checks every request's access key against its own IAM
+(no user exists, so every key is refused): the "bad credentials" server.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Self
+
+from ._process import Service, child_env, spawn_logged, stop_process, tail, wait_ready
+from .ports import LOOPBACK, free_port, port_open
+
+#: any key pair works with moto (unless authenticate=True); the account is moto's default
+ACCESS_KEY = "AKIAMIGRATIOTEST0001"
+SECRET_KEY = "migratio-test-secret-key"
+ACCOUNT_ID = "123456789012"
+REGION = "eu-west-1"
+
+
+class MotoServer(Service):
+    """One ``moto_server`` process; its state lives in memory and is reset on request."""
+
+    def __init__(self, workdir: Path, *, authenticate: bool = False) -> None:
+        self.workdir = workdir
+        self.authenticate = authenticate
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT`` — the EC2_URL (and EBS/S3 endpoint) of the fake region."""
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / ("moto-auth.log" if self.authenticate else "moto.log")
+
+    def start(self) -> Self:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        moto = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+        if moto is None:
+            raise RuntimeError("moto_server is not installed (pip install 'moto[server]')")
+        env = child_env(MOTO_EC2_LOAD_DEFAULT_AMIS="false")
+        if self.authenticate:
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
+        for _attempt in range(5):
+            self.port = free_port()
+            self._proc, self._log = spawn_logged(
+                [moto, "-H", LOOPBACK, "-p", str(self.port)],
+                cwd=self.workdir,
+                env=env,
+                log_path=self.log_path,
+            )
+            problem = wait_ready(self._proc, lambda: port_open(self.port), timeout=30)
+            if not problem:
+                return self
+            self.stop()
+        raise RuntimeError(f"moto_server did not start: {problem}\n{tail(self.log_path)}")
+
+    def reset(self) -> None:
+        """Forget every snapshot, image, bucket and tag (moto's own reset endpoint)."""
+        import urllib.request
+
+        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 (loopback)
+            answer.read()
+
+    def stop(self) -> None:
+        stop_process(self._proc)
+        self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def site_conf(self, *, region: str = REGION, **extra: str) -> str:
+        """The text of a ``config/<amazon site>.conf`` pointing at this server."""
+        lines = [f"export AWS_REGION={region}", f"export EC2_URL={self.url}"]
+        lines += [f"export {key}={value}" for key, value in extra.items()]
+        return "\n".join(lines) + "\n"
