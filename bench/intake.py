@@ -37,8 +37,8 @@ from tests.sandbox.site import Sandbox  # noqa: E402
 
 from migratio.config import load_settings  # noqa: E402
 from migratio.keys import OPENSTACK_MIGRATOR, Keys, migration_queue  # noqa: E402
-from migratio.request import MigrationRequest  # noqa: E402
 from migratio.openstack_migration import migrate_to_openstack  # noqa: E402
+from migratio.request import MigrationRequest  # noqa: E402
 from migratio.service import Service  # noqa: E402
 
 MiB = 1024 * 1024

@@ -20,8 +20,8 @@ from migratio.errors import (
     RemoteError,
     UnknownSiteError,
 )
-from migratio.request import MigrationRequest, Outcome
 from migratio.openstack_migration import migrate_to_openstack
+from migratio.request import MigrationRequest, Outcome
 
 HOSTILE_NAME = 'x"; touch /tmp/pwned; "'
 MiB = 1024 * 1024

@@ -184,7 +184,9 @@ class AmazonMigration:
                 self.status(f"AMI {ami_id} for this image is pending; waiting for it")
                 state = self.wait_for_image(ami_id)
             if state == "available":
-                self.tag([ami_id, *_snapshots_of(ami)], image)  # a crash may have left it untagged
+                if not any(tag.get("Key") == "source_uuid" for tag in ami.get("Tags", [])):
+                    # found by name: a crash between registering and tagging left it bare
+                    self.tag([ami_id, *_snapshots_of(ami)], image)
                 return ami_id
             if state in BROKEN_STATES:
                 log.info("removing AMI %s (%s) left by an earlier attempt", ami_id, state)

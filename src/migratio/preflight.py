@@ -8,9 +8,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+import boto3
+
 from migratio import processes
-from migratio.config import OpenStackSite, Settings
-from migratio.errors import MigratioError
+from migratio.aws import AwsClients, aws_errors
+from migratio.config import AmazonSite, OpenStackSite, Settings
+from migratio.errors import AwsError, MigratioError
 from migratio.glance_api import GlanceApi
 from migratio.ssh import SshClient
 
@@ -60,10 +63,10 @@ def run_checks(settings: Settings, site_ids: Sequence[str] = ()) -> Iterator[Che
         except MigratioError as exc:
             yield Check(Level.FAIL, f"site {site_id}", exc.message)
             continue
-        if not isinstance(site, OpenStackSite):
-            yield Check(Level.WARN, f"site {site_id}", "Amazon sites are not checked yet")
-            continue
-        yield from _check_openstack(site)
+        if isinstance(site, AmazonSite):
+            yield from _check_amazon(site, AwsClients(site, settings.aws))
+        else:
+            yield from _check_openstack(site)
 
 
 def _check_openstack(site: OpenStackSite) -> Iterator[Check]:
@@ -105,6 +108,51 @@ def _check_openstack(site: OpenStackSite) -> Iterator[Check]:
             lambda argv=argv, creds=creds, what=what: _first_line(
                 ssh.run(argv, what=what, timeout=120, creds=creds)
             ),
+        )
+
+
+def _check_amazon(site: AmazonSite, aws: AwsClients) -> Iterator[Check]:
+    name = f"site {site.site_id}"
+
+    def identity() -> str:
+        with aws_errors("checking the AWS credentials"):
+            who = aws.sts.get_caller_identity()
+        return f"account {who.get('Account')} ({who.get('Arn')})"
+
+    def region() -> str:
+        with aws_errors(f"asking EC2 about region {site.region}"):
+            found = aws.ec2.describe_regions(RegionNames=[site.region], AllRegions=True)
+        if not found.get("Regions"):
+            raise AwsError(f"EC2 at {aws.endpoint('ec2')} does not know region {site.region}")
+        with aws_errors(f"listing this account's AMIs in {site.region}"):
+            aws.ec2.describe_images(Owners=["self"], MaxResults=5)
+        return f"{site.region} at {aws.endpoint('ec2')}"
+
+    def bucket() -> str:
+        assert site.s3_bucket is not None
+        with aws_errors(f"checking S3 bucket {site.s3_bucket}"):
+            aws.s3.head_bucket(Bucket=site.s3_bucket)
+            where = aws.s3.get_bucket_location(Bucket=site.s3_bucket).get("LocationConstraint")
+        where = where or "us-east-1"  # S3 reports the oldest region as no constraint
+        if where != site.region:
+            raise AwsError(
+                f"bucket {site.s3_bucket} is in {where}, but VM Import needs it in {site.region}"
+            )
+        return f"s3://{site.s3_bucket} in {where}"
+
+    login = _attempt(f"{name} AWS credentials", identity)
+    yield login
+    if login.level is Level.FAIL:
+        return
+    yield _attempt(f"{name} EC2 region", region)
+    if site.upload_method == "vmimport":
+        yield _attempt(f"{name} S3 bucket for VM Import", bucket)
+    known = boto3.Session().get_available_regions("ec2")
+    if site.ec2_url is None and site.region not in known:
+        yield Check(
+            Level.WARN,
+            f"{name} region",
+            f"this boto3 does not know {site.region}; upgrade boto3 if calls fail",
         )
 
 

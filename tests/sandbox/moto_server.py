@@ -14,8 +14,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
-from typing import IO, Self
+from typing import IO, Any, Self
+
+import boto3
 
 from ._process import Service, child_env, spawn_logged, stop_process, tail, wait_ready
 from .ports import LOOPBACK, free_port, port_open
@@ -70,11 +73,16 @@ class MotoServer(Service):
 
     def reset(self) -> None:
         """Forget every snapshot, image, bucket and tag (moto's own reset endpoint)."""
-        import urllib.request
-
-        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")  # noqa: S310
         with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 (loopback)
             answer.read()
+
+    def client(self, service: str, region: str = REGION) -> Any:
+        """A boto3 client of this server, for the tests' own look at what arrived."""
+        session = boto3.Session(
+            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=region
+        )
+        return session.client(service, endpoint_url=self.url)  # type: ignore[call-overload]
 
     def stop(self) -> None:
         stop_process(self._proc)
@@ -84,7 +92,12 @@ class MotoServer(Service):
             self._log = None
 
     def site_conf(self, *, region: str = REGION, **extra: str) -> str:
-        """The text of a ``config/<amazon site>.conf`` pointing at this server."""
-        lines = [f"export AWS_REGION={region}", f"export EC2_URL={self.url}"]
+        """The text of a ``config/<amazon site>.conf`` pointing at this server, with keys."""
+        lines = [
+            f"export AWS_REGION={region}",
+            f"export EC2_URL={self.url}",
+            f"export AWS_ACCESS_KEY={ACCESS_KEY}",
+            f"export AWS_SECRET_KEY={SECRET_KEY}",
+        ]
         lines += [f"export {key}={value}" for key, value in extra.items()]
         return "\n".join(lines) + "\n"
