@@ -19,6 +19,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from tests.sandbox import sidekiq
 from tests.sandbox.images import make_qcow2, sha256_file
+from tests.sandbox.moto_server import MotoServer
 from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
 from tests.support import settings_for
@@ -271,32 +272,45 @@ def test_redis_restart_is_waited_out(
 
 
 def test_a_job_end_to_end_through_the_service(
-    settings: Settings,
+    redis_server: RedisServer,
     redis: Redis,
     atmosphere: sidekiq.FeedbackServer,
     clean_sandbox: Sandbox,
+    moto: MotoServer,
     tmp_path: Path,
 ) -> None:
     sb = clean_sandbox
+    settings = settings_for(
+        sb, tmp_path, yaml=f"redis_url: {redis_server.url}\n", **{"aws-eu": moto.site_conf()}
+    )
     image = make_qcow2(tmp_path / "t.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
     image_id = sb.source.upload_image(image, name="template", disk_format="qcow2")
     jid = push(settings, [image_id, "site-b"])
-    push(settings, [IMAGE, "site-b"], job_class=AMAZON_MIGRATOR)
+    push(settings, [image_id, "aws-eu"], job_class=AMAZON_MIGRATOR)
+    push(settings, [IMAGE, "site-b"], job_class=AMAZON_MIGRATOR)  # the wrong kind of site
     service = Service(settings, redis)
-    service.run_once()
-    service.run_once()
+    for _ in range(3):
+        service.run_once()
     run_worker_burst(settings)
     [copy] = sb.destination.find_by_property("source_uuid", image_id)
     arrived = tmp_path / "arrived"
     sb.destination.download_to(str(copy["id"]), arrived)
     assert sha256_file(arrived) == sha256_file(image)
-    received = atmosphere.wait_for(4)
-    mine = [line[3] for line in received if line[0] == image_id]
+    [ami] = moto.client("ec2").describe_images(
+        Owners=["self"], Filters=[{"Name": "tag:source_uuid", "Values": [image_id]}]
+    )["Images"]
+    received = atmosphere.wait_for(9)
+    mine = [line[3] for line in received if line[0] == image_id and line[2] == "site-b"]
     assert mine[0].startswith("Migration started")
     assert mine[-1].startswith("Registered")
     assert any(line.startswith("Transfered") for line in mine)
-    amazon = [line[3] for line in received if line[0] == IMAGE]
-    assert amazon == ["Error: migrations to Amazon sites are not supported by this version yet"]
+    to_aws = [line[3] for line in received if line[0] == image_id and line[2] == "aws-eu"]
+    assert to_aws[0].startswith("Migration started")
+    assert to_aws[-1] == f"Registered image {ami['ImageId']} in eu-west-1"
+    wrong = [line[3] for line in received if line[0] == IMAGE]
+    assert wrong == [
+        "Error: site site-b is an OpenStack site, but the job asks for a migration to Amazon"
+    ]
     # every log line of the job says which job and which image
     tagged = f"[job migratio-{jid} image {image_id}]"
     job_lines = [
