@@ -286,7 +286,7 @@ def test_a_job_end_to_end_through_the_service(
     image = make_qcow2(tmp_path / "t.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
     image_id = sb.source.upload_image(image, name="template", disk_format="qcow2")
     jid = push(settings, [image_id, "site-b"])
-    push(settings, [image_id, "aws-eu"], job_class=AMAZON_MIGRATOR)
+    aws_jid = push(settings, [image_id, "aws-eu"], job_class=AMAZON_MIGRATOR)
     push(settings, [IMAGE, "site-b"], job_class=AMAZON_MIGRATOR)  # the wrong kind of site
     service = Service(settings, redis)
     for _ in range(3):
@@ -312,7 +312,7 @@ def test_a_job_end_to_end_through_the_service(
         "Error: site site-b is an OpenStack site, but the job asks for a migration to Amazon"
     ]
     # every log line of the job says which job and which image
-    tagged = f"[job migratio-{jid} image {image_id}]"
+    tags = (f"[job migratio-{jid} image {image_id}]", f"[job migratio-{aws_jid} image {image_id}]")
     job_lines = [
         x
         for x in (settings.log_dir / "worker.log").read_text().splitlines()
@@ -320,9 +320,11 @@ def test_a_job_end_to_end_through_the_service(
     ]
     assert job_lines
     assert all(
-        tagged in x
+        any(tag in x for tag in tags)
         for x in job_lines
-        if " migratio.openstack_migration:" in x or " migratio.jobs:" in x
+        if " migratio.openstack_migration:" in x
+        or " migratio.amazon_migration:" in x
+        or " migratio.jobs:" in x
     )
 
 
