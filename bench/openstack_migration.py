@@ -19,51 +19,19 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._measure import peak_rss_of, verdict  # noqa: E402
 from tests.sandbox.images import make_qcow2  # noqa: E402
 from tests.sandbox.site import Sandbox  # noqa: E402
 
 GiB = 1024**3
 MB = 1e6
 _SENT = re.compile(r"Transfered .*\((\d+\.\d) (MiB|GiB) sent\)")
-
-
-def peak_rss_of(argv: list[str]) -> tuple[float, int, str]:
-    """Run ``argv``; return wall seconds, its peak RSS in bytes (VmHWM), and its stdout."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    peak = 0
-
-    def watch() -> None:
-        nonlocal peak
-        status = Path(f"/proc/{proc.pid}/status")
-        while proc.poll() is None:
-            try:
-                for line in status.read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        peak = max(peak, int(line.split()[1]) * 1024)
-            except OSError:
-                break
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    out, _ = proc.communicate()
-    elapsed = time.perf_counter() - started
-    watcher.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{argv[0]} failed:\n{out}")
-    return elapsed, peak, out
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def timed(argv: list[str]) -> float:
@@ -113,9 +81,10 @@ def main() -> int:
 
             migratio = str(ROOT / ".venv" / "bin" / "migratio")
             for site in args.sites:
-                runs[site] = peak_rss_of(
+                wall, peak, lines = peak_rss_of(
                     [migratio, "migrate", "--config", str(sb.config_path), image_id, site]
                 )
+                runs[site] = (wall, peak, "\n".join(text for _, text in lines))
                 [copy] = sb.destination.find_by_property("source_uuid", image_id)
                 assert copy["status"] == "active" and copy["size"] == size
                 sb.destination.delete_all()
