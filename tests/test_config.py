@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from migratio.config import AmazonSite, OpenStackSite, load_settings
+from migratio.config import AmazonSite, OpenStackSite, load_settings, load_site
 from migratio.errors import ConfigError, UnknownSiteError
 from migratio.shellvars import parse_shell_vars
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ORIGINAL_CREDS = """\
 export OS_TENANT_NAME=openstack_tenant
@@ -159,3 +161,31 @@ def test_token_and_endpoint_without_keystone(tmp_path: Path) -> None:
     assert settings.source.uses_token
     assert settings.source.token == "secret-token"
     assert "secret-token" not in repr(settings)  # secrets never reach a log line
+
+
+def test_amazon_site_files(tmp_path: Path) -> None:
+    example = load_site("aws", ROOT / "config" / "amazon-site.conf.example")
+    assert isinstance(example, AmazonSite)
+    assert (example.region, example.upload_method, example.upload_concurrency) == (
+        "eu-west-1",
+        "ebs",
+        8,
+    )
+    # Amazon's own EC2 endpoint: EBS and S3 keep boto3's endpoints for the region
+    assert (example.ebs_url, example.s3_url) == (None, None)
+    private = tmp_path / "private.conf"
+    private.write_text(
+        "AWS_REGION=eu-west-1\nEC2_URL=http://127.0.0.1:5000/\nUPLOAD_METHOD=vmimport\n"
+        "S3_BUCKET=images-eu\nIMPORT_TIMEOUT=60\n"
+    )
+    site = load_site("private", private)
+    assert isinstance(site, AmazonSite)
+    assert site.ec2_url == site.ebs_url == site.s3_url == "http://127.0.0.1:5000"
+    assert (site.upload_method, site.s3_bucket, site.import_timeout) == (
+        "vmimport",
+        "images-eu",
+        60,
+    )
+    private.write_text("AWS_REGION=eu-west-1\nUPLOAD_CONCURRENCY=1000\n")
+    with pytest.raises(ConfigError, match="UPLOAD_CONCURRENCY must be between 1 and 64"):
+        load_site("private", private)
