@@ -339,22 +339,16 @@ def test_site_file_mistakes_are_named(tmp_path: Path, clean_sandbox: Sandbox) ->
 # --- VM Import: real conversion and S3 upload, stubbed import calls -----------------------
 
 
-@pytest.fixture
-def vmimport(
-    clean_sandbox: Sandbox, moto: MotoServer, tmp_path: Path
+def vmimport_site(
+    sandbox: Sandbox, moto: MotoServer, tmp_path: Path, **extra: str
 ) -> tuple[Settings, AwsClients, Stubber, str]:
     """An UPLOAD_METHOD=vmimport site, its clients with EC2 stubbed, and a source image id."""
     moto.client("s3").create_bucket(
         Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
     )
-    image_id, _ = upload_source(clean_sandbox, tmp_path)
+    image_id, _ = upload_source(sandbox, tmp_path)
     settings = amazon_settings(
-        clean_sandbox,
-        tmp_path,
-        moto,
-        UPLOAD_METHOD="vmimport",
-        S3_BUCKET=BUCKET,
-        POLL_INTERVAL="0.01",
+        sandbox, tmp_path, moto, UPLOAD_METHOD="vmimport", S3_BUCKET=BUCKET, **extra
     )
     site = settings.site(SITE)
     assert isinstance(site, AmazonSite)
@@ -365,6 +359,13 @@ def vmimport(
     stub.add_response("describe_images", {"Images": []})
     stub.add_response("describe_snapshots", {"Snapshots": []})
     return settings, clients, stub, image_id
+
+
+@pytest.fixture
+def vmimport(
+    clean_sandbox: Sandbox, moto: MotoServer, tmp_path: Path
+) -> tuple[Settings, AwsClients, Stubber, str]:
+    return vmimport_site(clean_sandbox, moto, tmp_path, POLL_INTERVAL="0.01")
 
 
 def s3_keys(moto: MotoServer) -> list[str]:
@@ -487,21 +488,9 @@ def test_vm_import_failed_task(
 def test_vm_import_deadline_cancels_the_task(
     clean_sandbox: Sandbox, moto: MotoServer, tmp_path: Path
 ) -> None:
-    moto.client("s3").create_bucket(
-        Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+    settings, clients, stub, image_id = vmimport_site(
+        clean_sandbox, moto, tmp_path, IMPORT_TIMEOUT="0.2", POLL_INTERVAL="60"
     )
-    image_id, _ = upload_source(clean_sandbox, tmp_path)
-    settings = amazon_settings(
-        clean_sandbox, tmp_path, moto, UPLOAD_METHOD="vmimport", S3_BUCKET=BUCKET,
-        IMPORT_TIMEOUT="0.2", POLL_INTERVAL="60",
-    )  # fmt: skip
-    site = settings.site(SITE)
-    assert isinstance(site, AmazonSite)
-    clients = AwsClients(site, settings.aws)
-    stub = Stubber(clients.ec2)
-    stub.add_response("describe_images", {"Images": []})
-    stub.add_response("describe_images", {"Images": []})
-    stub.add_response("describe_snapshots", {"Snapshots": []})
     stub.add_response("import_image", {"ImportTaskId": "import-ami-2"})
     stub.add_response(
         "describe_import_image_tasks",

@@ -282,19 +282,27 @@ class AmazonMigration:
             for snapshot_id in self.made_snapshots:
                 quietly(self.delete_snapshot, snapshot_id)
 
+    def convert(self, image: ImageRecord, local: Path, target_format: str) -> Path:
+        """``local`` as ``target_format``: a new file in the work dir (``local`` if already raw).
+
+        A VMDK is always written anew: VM Import wants the stream-optimized kind.
+        """
+        if image.disk_format == target_format == "raw":
+            return local
+        target = self.workdir / f"{image.id}.{target_format}"
+        qemu_img.convert(
+            local,
+            str(image.disk_format),
+            target,
+            target_format,
+            timeout=self.settings.command_timeout,
+            cancel=self.cancel,
+        )
+        return target
+
     # 4, EBS direct APIs
     def by_ebs_snapshot(self, image: ImageRecord, local: Path) -> tuple[str, int]:
-        raw = local
-        if image.disk_format != "raw":
-            raw = self.workdir / f"{image.id}.raw"
-            qemu_img.convert(
-                local,
-                str(image.disk_format),
-                raw,
-                "raw",
-                timeout=self.settings.command_timeout,
-                cancel=self.cancel,
-            )
+        raw = self.convert(image, local, "raw")
         virtual, data = raw.stat().st_size, allocated_bytes(raw)
         self.status(
             f"{status.IMAGE_CONVERTED}: {image.disk_format} to raw, {human_bytes(virtual)} "
@@ -330,15 +338,7 @@ class AmazonMigration:
     # 4, VM Import
     def by_vm_import(self, image: ImageRecord, local: Path) -> tuple[str, int]:
         assert self.site.s3_bucket is not None
-        vmdk = self.workdir / f"{image.id}.vmdk"
-        qemu_img.convert(
-            local,
-            str(image.disk_format),
-            vmdk,
-            "vmdk",
-            timeout=self.settings.command_timeout,
-            cancel=self.cancel,
-        )
+        vmdk = self.convert(image, local, "vmdk")
         size = vmdk.stat().st_size
         self.status(
             f"{status.IMAGE_CONVERTED}: {image.disk_format} to stream-optimized VMDK "
