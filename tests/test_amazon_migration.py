@@ -358,6 +358,7 @@ def vmimport_site(
     stub.add_response("describe_images", {"Images": []})
     stub.add_response("describe_images", {"Images": []})
     stub.add_response("describe_snapshots", {"Snapshots": []})
+    stub.add_response("describe_import_image_tasks", {"ImportImageTasks": []})  # none running
     return settings, clients, stub, image_id
 
 
@@ -524,6 +525,47 @@ def test_vm_import_without_the_role_says_what_to_do(
         migrate_to_amazon(settings, MigrationRequest(image_id, SITE), lines, clients=clients)
     assert lines[-1].startswith("Image was not uploaded. starting the VM Import task")
     assert "Required service role" in lines[-1]
+    assert s3_keys(moto) == []
+
+
+def test_vm_import_takes_over_the_task_of_an_interrupted_attempt(
+    vmimport: tuple[Settings, AwsClients, Stubber, str], moto: MotoServer
+) -> None:
+    settings, clients, _, image_id = vmimport
+    # an attempt killed while its task ran: the task, tagged with the image, is still active
+    stub = Stubber(clients.ec2)  # answers of its own, instead of the fixture's
+    for _ in range(2):
+        stub.add_response("describe_images", {"Images": []})
+    stub.add_response("describe_snapshots", {"Snapshots": []})
+    link = [{"Key": "source_uuid", "Value": image_id}, {"Key": "source_t", "Value": "site-a"}]
+    stub.add_response(
+        "describe_import_image_tasks",
+        {"ImportImageTasks": [
+            {"ImportTaskId": "import-ami-old", "Status": "deleted", "Tags": link},
+            {"ImportTaskId": "import-ami-other", "Status": "active",
+             "Tags": [{"Key": "source_uuid", "Value": "another"}]},
+            {"ImportTaskId": "import-ami-3", "Status": "active", "Tags": link},
+        ]},
+    )  # fmt: skip
+    stub.add_response(
+        "describe_import_image_tasks",
+        {"ImportImageTasks": [{"ImportTaskId": "import-ami-3", "Status": "completed",
+                               "ImageId": "ami-0333",
+                               "SnapshotDetails": [{"SnapshotId": "snap-3"}]}]},
+        {"ImportTaskIds": ["import-ami-3"]},
+    )  # fmt: skip
+    stub.add_response("create_tags", {}, {"Resources": ["ami-0333", "snap-3"], "Tags": ANY})
+    key = f"migratio/site-a/{image_id}.vmdk"
+    moto.client("s3").put_object(Bucket=BUCKET, Key=key, Body=b"left by the killed attempt")
+    lines = Lines()
+    with stub:
+        result = migrate_to_amazon(
+            settings, MigrationRequest(image_id, SITE), lines, clients=clients
+        )
+    stub.assert_no_pending_responses()  # no second import_image
+    assert result.destination_image_id == "ami-0333"
+    assert "Importing: taking over VM Import task import-ami-3 of an earlier attempt" in lines
+    assert lines[-1] == "Registered image ami-0333 in eu-west-1"
     assert s3_keys(moto) == []
 
 

@@ -45,7 +45,14 @@ from migratio.raw_blocks import allocated_bytes
 from migratio.request import MigrationRequest, MigrationResult, Outcome
 from migratio.source_site import SourceSite
 from migratio.status import Progress, StatusSink, human_bytes
-from migratio.vm_import import delete_object, start_import, upload_to_s3, wait_for_import
+from migratio.vm_import import (
+    ImportedImage,
+    delete_object,
+    start_import,
+    tasks_tagged,
+    upload_to_s3,
+    wait_for_import,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2.type_defs import ImageTypeDef
@@ -336,15 +343,55 @@ class AmazonMigration:
         return self.made_image, uploaded.bytes_sent
 
     # 4, VM Import
+    def earlier_import(self, image: ImageRecord) -> str | None:
+        """An import task of an interrupted attempt that is still running, or that made an AMI
+        which is still there: its id, to wait for it (or take its AMI) instead of a second one."""
+        link = {"source_uuid": image.id, "source_t": self.me}
+        for task in reversed(tasks_tagged(self.aws.ec2, link)):
+            task_id, state, made = task["ImportTaskId"], task.get("Status"), task.get("ImageId")
+            if state == "active":
+                return str(task_id)
+            if state == "completed" and made:
+                with aws_errors(f"reading {made}"):
+                    amis = self.aws.ec2.describe_images(ImageIds=[made])["Images"]
+                if amis and amis[0].get("State") in {"available", "pending"}:
+                    return str(task_id)
+        return None
+
+    def wait_for_import(self, task_id: str) -> ImportedImage:
+        last = [-1]
+
+        def report(percent: int, message: str) -> None:
+            if percent != last[0]:
+                last[0] = percent
+                self.status(f"Importing: {percent}% ({message or 'active'})")
+
+        return wait_for_import(
+            self.aws.ec2,
+            task_id,
+            deadline=time.monotonic() + self.site.import_timeout,
+            poll=self.site.poll_interval,
+            cancel=self.cancel,
+            on_progress=report,
+        )
+
     def by_vm_import(self, image: ImageRecord, local: Path) -> tuple[str, int]:
         assert self.site.s3_bucket is not None
+        bucket, key = self.site.s3_bucket, f"{self.site.s3_prefix}{self.me}/{image.id}.vmdk"
+        earlier = self.earlier_import(image)
+        if earlier is not None:
+            self.status(f"Importing: taking over VM Import task {earlier} of an earlier attempt")
+            try:
+                imported = self.wait_for_import(earlier)
+            finally:
+                quietly(delete_object, self.aws.s3, bucket, key)
+            return self.imported(imported, image), 0
         vmdk = self.convert(image, local, "vmdk")
         size = vmdk.stat().st_size
         self.status(
             f"{status.IMAGE_CONVERTED}: {image.disk_format} to stream-optimized VMDK "
             f"({human_bytes(size)})"
         )
-        bucket, key = self.site.s3_bucket, f"{self.site.s3_prefix}{self.me}/{image.id}.vmdk"
         try:
             sent = upload_to_s3(
                 self.aws.s3,
@@ -367,28 +414,18 @@ class AmazonMigration:
                 tag_values=self.tag_values(image),
             )
             self.status(f"Importing: VM Import task {task_id} started")
-            last = [-1]
-
-            def report(percent: int, message: str) -> None:
-                if percent != last[0]:
-                    last[0] = percent
-                    self.status(f"Importing: {percent}% ({message or 'active'})")
-
-            imported = wait_for_import(
-                self.aws.ec2,
-                task_id,
-                deadline=time.monotonic() + self.site.import_timeout,
-                poll=self.site.poll_interval,
-                cancel=self.cancel,
-                on_progress=report,
-            )
+            imported = self.wait_for_import(task_id)
         finally:
             quietly(delete_object, self.aws.s3, bucket, key)
+        return self.imported(imported, image), sent
+
+    def imported(self, imported: ImportedImage, image: ImageRecord) -> str:
+        """Tag what a finished import task made; return the AMI's id."""
         self.made_image = imported.image_id
         self.made_snapshots.extend(imported.snapshot_ids)
-        self.status(f"{status.IMAGE_IMPORTED}: task {task_id} made {imported.image_id}")
+        self.status(f"{status.IMAGE_IMPORTED}: task {imported.task_id} made {imported.image_id}")
         self.tag([imported.image_id, *imported.snapshot_ids], image)
-        return imported.image_id, sent
+        return imported.image_id
 
 
 def _snapshots_of(ami: Mapping[str, Any]) -> list[str]:

@@ -176,6 +176,18 @@ def describe_task(ec2: EC2Client, task_id: str) -> Mapping[str, Any]:
     return found[0]
 
 
+def tasks_tagged(ec2: EC2Client, tag_values: Mapping[str, str]) -> list[Mapping[str, Any]]:
+    """Import tasks (AWS keeps them a week) carrying all of ``tag_values``, newest last."""
+    found: list[Mapping[str, Any]] = []
+    with aws_errors("looking for VM Import tasks of an earlier attempt"):
+        for page in ec2.get_paginator("describe_import_image_tasks").paginate():
+            for task in page.get("ImportImageTasks", []):
+                tagged = {tag.get("Key"): tag.get("Value") for tag in task.get("Tags", [])}
+                if all(tagged.get(key) == value for key, value in tag_values.items()):
+                    found.append(task)
+    return found
+
+
 def cancel_task(ec2: EC2Client, task_id: str, *, reason: str) -> None:
     """Cancel an import task (best effort: it may have ended meanwhile)."""
     try:
