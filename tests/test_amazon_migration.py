@@ -31,6 +31,7 @@ from migratio.errors import AwsError, Cancelled, ConfigError, ImageRefusedError,
 from migratio.images import ImageRecord
 from migratio.raw_blocks import BLOCK_SIZE, allocated_bytes, nonzero_blocks
 from migratio.request import MigrationRequest, Outcome
+from migratio.waiting import wait_until
 
 MiB = 1024 * 1024
 SITE = "aws-eu"
@@ -116,6 +117,53 @@ def test_blocks_skip_holes_and_zeros_and_pad_the_tail(tmp_path: Path) -> None:
     assert blocks[2].data == bytes(40) + tail + bytes(BLOCK_SIZE - 90)
     assert all(len(b.data) == BLOCK_SIZE for b in blocks)
     assert allocated_bytes(path) < size // 2  # the holes are known, not read
+
+
+def test_waits_end_at_their_deadline_or_on_a_stop() -> None:
+    now = [0.0]
+    answers = iter([None, None, "done"])
+    assert (
+        wait_until(
+            lambda: next(answers),
+            timeout=10,
+            interval=0.001,
+            cancel=threading.Event(),
+            expired=lambda: AwsError("late"),
+            what="x",
+            clock=lambda: now[0],
+        )
+        == "done"
+    )
+    polls = []
+
+    def never() -> None:
+        polls.append(now[0])
+        now[0] += 4  # each look costs four (fake) seconds
+
+    with pytest.raises(AwsError, match="late"):
+        wait_until(never, timeout=10, interval=0.001, cancel=threading.Event(),
+                   expired=lambda: AwsError("late"), what="x", clock=lambda: now[0])  # fmt: skip
+    assert len(polls) == 3  # at 0, 4 and 8 (+ the deadline passed during the third)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled, match="stopped while waiting for snapshot snap-1"):
+        wait_until(lambda: None, timeout=10, interval=5, cancel=stop,
+                   expired=lambda: AwsError("late"), what="snapshot snap-1")  # fmt: skip
+
+
+def test_endpoints_of_amazon_and_of_a_private_cloud() -> None:
+    amazon = AmazonSite(
+        SITE, Path("a.conf"), region="eu-west-1", ec2_url="https://ec2.eu-west-1.amazonaws.com"
+    )
+    clients = AwsClients(amazon)
+    assert clients.ec2.meta.endpoint_url == "https://ec2.eu-west-1.amazonaws.com"
+    assert clients.ebs.meta.endpoint_url == "https://ebs.eu-west-1.amazonaws.com"
+    assert clients.sts.meta.endpoint_url == "https://sts.eu-west-1.amazonaws.com"
+    private = "http://127.0.0.1:9"
+    mine = AmazonSite(SITE, Path("p.conf"), region="eu-west-1", ec2_url=private,
+                      ebs_url=private, s3_url=private)  # fmt: skip
+    both = AwsClients(mine)
+    assert {both.ec2.meta.endpoint_url, both.sts.meta.endpoint_url} == {private}
 
 
 # --- EBS direct APIs, end to end ----------------------------------------------------------
@@ -306,7 +354,7 @@ def test_bad_credentials(clean_sandbox: Sandbox, tmp_path: Path) -> None:
             migrate_to_amazon(settings, MigrationRequest(image_id, SITE), lines)
     assert not caught.value.retryable
     assert "AuthFailure" in lines[-1]
-    assert "check AWS_ACCESS_KEY and AWS_SECRET_KEY" in lines[-1]
+    assert "check the AWS keys (AWS_ACCESS_KEY and AWS_SECRET_KEY" in lines[-1]
     assert "migratio-test-secret-key" not in " ".join(lines)
 
 
@@ -493,11 +541,12 @@ def test_vm_import_deadline_cancels_the_task(
         clean_sandbox, moto, tmp_path, IMPORT_TIMEOUT="0.2", POLL_INTERVAL="60"
     )
     stub.add_response("import_image", {"ImportTaskId": "import-ami-2"})
-    stub.add_response(
-        "describe_import_image_tasks",
-        {"ImportImageTasks": [{"ImportTaskId": "import-ami-2", "Status": "active",
-                               "Progress": "5", "StatusMessage": "pending"}]},
-    )  # fmt: skip
+    for _ in range(2):  # a look at once, and a last one at the deadline
+        stub.add_response(
+            "describe_import_image_tasks",
+            {"ImportImageTasks": [{"ImportTaskId": "import-ami-2", "Status": "active",
+                                   "Progress": "5", "StatusMessage": "pending"}]},
+        )  # fmt: skip
     stub.add_response(
         "cancel_import_task", {}, {"ImportTaskId": "import-ami-2", "CancelReason": ANY}
     )

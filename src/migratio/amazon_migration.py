@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,6 @@ from migratio.config import AmazonSite, Settings
 from migratio.ebs_snapshot import upload_snapshot
 from migratio.errors import (
     AwsError,
-    Cancelled,
     ConfigError,
     ImageRefusedError,
     MigratioError,
@@ -41,7 +39,7 @@ from migratio.errors import (
 )
 from migratio.glance_api import GlanceApi
 from migratio.images import ImageRecord
-from migratio.raw_blocks import allocated_bytes
+from migratio.raw_blocks import BLOCK_SIZE, data_block_count
 from migratio.request import MigrationRequest, MigrationResult, Outcome
 from migratio.source_site import SourceSite
 from migratio.status import Progress, StatusSink, human_bytes
@@ -53,6 +51,7 @@ from migratio.vm_import import (
     upload_to_s3,
     wait_for_import,
 )
+from migratio.waiting import wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2.type_defs import ImageTypeDef
@@ -60,7 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Glance's ``architecture`` values (uname -m / libosinfo) → EC2's
-ARCHITECTURES = {
+GLANCE_TO_EC2_ARCHITECTURE = {
     "x86_64": "x86_64",
     "amd64": "x86_64",
     "aarch64": "arm64",
@@ -70,7 +69,7 @@ ARCHITECTURES = {
     "x86": "i386",
 }
 #: Glance's ``hw_firmware_type`` → EC2's boot mode
-BOOT_MODES = {"uefi": "uefi", "bios": "legacy-bios"}
+FIRMWARE_TO_BOOT_MODE = {"uefi": "uefi", "bios": "legacy-bios"}
 ROOT_DEVICE = "/dev/xvda"
 #: AMI states an earlier, failed attempt leaves; such an AMI is removed and made again
 BROKEN_STATES = frozenset({"failed", "error", "invalid"})
@@ -87,18 +86,18 @@ def architecture_of(image: ImageRecord, site: AmazonSite) -> str:
     if not declared:
         return site.default_architecture
     try:
-        return ARCHITECTURES[declared.lower()]
+        return GLANCE_TO_EC2_ARCHITECTURE[declared.lower()]
     except KeyError:
         raise ImageRefusedError(
             f"image {image.id} is for architecture {declared!r}, which EC2 does not run "
-            f"(it runs {', '.join(sorted(set(ARCHITECTURES.values())))})"
+            f"(it runs {', '.join(sorted(set(GLANCE_TO_EC2_ARCHITECTURE.values())))})"
         ) from None
 
 
 def boot_mode_of(image: ImageRecord, site: AmazonSite) -> str | None:
     """EC2's boot mode: from ``hw_firmware_type``, else the site default (None: EC2's own)."""
     firmware = (image.properties.get("hw_firmware_type") or "").lower()
-    return BOOT_MODES.get(firmware, site.default_boot_mode)
+    return FIRMWARE_TO_BOOT_MODE.get(firmware, site.default_boot_mode)
 
 
 def register_params(
@@ -195,6 +194,8 @@ class AmazonMigration:
                     # found by name: a crash between registering and tagging left it bare
                     self.tag([ami_id, *_snapshots_of(ami)], image)
                 return ami_id
+            if state == "deregistered":
+                continue  # gone while we waited
             if state in BROKEN_STATES:
                 log.info("removing AMI %s (%s) left by an earlier attempt", ami_id, state)
                 self.remove_image(ami_id, _snapshots_of(ami))
@@ -221,20 +222,24 @@ class AmazonMigration:
 
     def wait_for_image(self, ami_id: str) -> str:
         """Wait (up to SNAPSHOT_TIMEOUT) while the AMI is pending; return its final state."""
-        deadline = time.monotonic() + self.site.snapshot_timeout
-        while True:
+
+        def settled() -> str | None:
             with aws_errors(f"reading the state of {ami_id}"):
                 found = self.aws.ec2.describe_images(ImageIds=[ami_id])["Images"]
             state = found[0].get("State", "unknown") if found else "deregistered"
-            if state != "pending":
-                return state
-            if time.monotonic() + self.site.poll_interval > deadline:
-                raise AwsError(
-                    f"AMI {ami_id} was still pending at the deadline (SNAPSHOT_TIMEOUT)",
-                    retryable=False,
-                )
-            if self.cancel.wait(self.site.poll_interval):
-                raise Cancelled(f"stopped while waiting for AMI {ami_id}")
+            return None if state == "pending" else state
+
+        return wait_until(
+            settled,
+            timeout=self.site.snapshot_timeout,
+            interval=self.site.poll_interval,
+            cancel=self.cancel,
+            what=f"AMI {ami_id}",
+            expired=lambda: AwsError(
+                f"AMI {ami_id} was still pending after SNAPSHOT_TIMEOUT "
+                f"({self.site.snapshot_timeout:g} s)"
+            ),
+        )
 
     def tag(self, resources: Sequence[str], image: ImageRecord) -> None:
         with aws_errors(f"tagging {', '.join(resources)}"):
@@ -310,7 +315,7 @@ class AmazonMigration:
     # 4, EBS direct APIs
     def by_ebs_snapshot(self, image: ImageRecord, local: Path) -> tuple[str, int]:
         raw = self.convert(image, local, "raw")
-        virtual, data = raw.stat().st_size, allocated_bytes(raw)
+        virtual, data = raw.stat().st_size, data_block_count(raw) * BLOCK_SIZE
         self.status(
             f"{status.IMAGE_CONVERTED}: {image.disk_format} to raw, {human_bytes(virtual)} "
             f"virtual, {human_bytes(data)} of data"
@@ -322,7 +327,7 @@ class AmazonMigration:
             tag_values=self.tag_values(image),
             description=description_of(image, self.me),
             concurrency=self.site.upload_concurrency,
-            deadline=time.monotonic() + self.site.snapshot_timeout,
+            timeout=self.site.snapshot_timeout,
             poll_interval=self.site.poll_interval,
             cancel=self.cancel,
             on_started=self.made_snapshots.append,
@@ -364,12 +369,12 @@ class AmazonMigration:
         def report(percent: int, message: str) -> None:
             if percent != last[0]:
                 last[0] = percent
-                self.status(f"Importing: {percent}% ({message or 'active'})")
+                self.status(f"{status.IMPORTING}: {percent}% ({message or 'active'})")
 
         return wait_for_import(
             self.aws.ec2,
             task_id,
-            deadline=time.monotonic() + self.site.import_timeout,
+            timeout=self.site.import_timeout,
             poll=self.site.poll_interval,
             cancel=self.cancel,
             on_progress=report,
@@ -380,7 +385,9 @@ class AmazonMigration:
         bucket, key = self.site.s3_bucket, f"{self.site.s3_prefix}{self.me}/{image.id}.vmdk"
         earlier = self.earlier_import(image)
         if earlier is not None:
-            self.status(f"Importing: taking over VM Import task {earlier} of an earlier attempt")
+            self.status(
+                f"{status.IMPORTING}: taking over VM Import task {earlier} of an earlier attempt"
+            )
             try:
                 imported = self.wait_for_import(earlier)
             finally:
@@ -413,7 +420,7 @@ class AmazonMigration:
                 role=self.site.vmimport_role,
                 tag_values=self.tag_values(image),
             )
-            self.status(f"Importing: VM Import task {task_id} started")
+            self.status(f"{status.IMPORTING}: VM Import task {task_id} started")
             imported = self.wait_for_import(task_id)
         finally:
             quietly(delete_object, self.aws.s3, bucket, key)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -32,7 +33,7 @@ from botocore.exceptions import (
 from botocore.parsers import ResponseParserError
 
 from migratio import __version__
-from migratio.config import AmazonSite, AwsCredentials
+from migratio.config import AmazonSite, AwsCredentials, is_aws_host
 from migratio.errors import AwsError
 
 if TYPE_CHECKING:
@@ -137,7 +138,10 @@ class AwsClients:
 
     @cached_property
     def sts(self) -> STSClient:
-        client: STSClient = self._client("sts", self.site.ec2_url)
+        # STS has its own host at Amazon; a private endpoint (or moto) serves it at EC2_URL
+        url = self.site.ec2_url
+        own = url if url and not is_aws_host(urlsplit(url).hostname or "") else None
+        client: STSClient = self._client("sts", own)
         return client
 
     def endpoint(self, service: str) -> str:
@@ -166,7 +170,8 @@ def describe(exc: Exception, what: str) -> AwsError:
         body = str(exc).split("\n", 1)[-1].strip()[:200]
         return AwsError(
             f"{what}: the endpoint did not answer like AWS (an HTML error page?): {body} "
-            "(check EC2_URL and that AWS_REGION is a region it serves)",
+            "(check the site's EC2_URL, EBS_URL or S3_URL, and that AWS_REGION is a region "
+            "it serves)",
             retryable=False,
         )
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
@@ -187,8 +192,8 @@ def _hint(code: str, message: str) -> str:
     lowered = message.lower()
     if code in _CREDENTIAL_CODES:
         return (
-            "check AWS_ACCESS_KEY and AWS_SECRET_KEY, and that their user may call this "
-            "operation in this region"
+            "check the AWS keys (AWS_ACCESS_KEY and AWS_SECRET_KEY, or boto3's credentials), "
+            "and that they may call this operation on this resource in this region"
         )
     if "vmimport" in lowered or ("role" in lowered and "import" in lowered):
         return (
@@ -216,3 +221,8 @@ def aws_errors(what: str, error: type[AwsError] = AwsError) -> Iterator[None]:
 def tags(pairs: dict[str, str]) -> list[dict[str, str]]:
     """``{"k": "v"}`` → ``[{"Key": "k", "Value": "v"}]``, values cut to AWS's 256 characters."""
     return [{"Key": key, "Value": value[:256]} for key, value in pairs.items()]
+
+
+def known_regions() -> list[str]:
+    """The EC2 regions this boto3 knows (a newer region needs a newer boto3)."""
+    return boto3.Session().get_available_regions("ec2")

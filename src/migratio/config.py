@@ -37,6 +37,7 @@ DISK_FORMATS = frozenset({"raw", "qcow2", "vmdk", "vdi", "vhd", "vhdx", "iso", "
 #: instance architectures EC2 registers, and the boot modes it knows
 ARCHITECTURES = ("x86_64", "arm64", "i386")
 BOOT_MODES = ("legacy-bios", "uefi", "uefi-preferred")
+ROOT_VOLUME_TYPES = ("gp3", "gp2", "io1", "io2", "standard")
 
 _AWS_REGION = re.compile(r"[a-z]{2,5}(-[a-z]+)+-[0-9]{1,2}")
 _S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -358,34 +359,16 @@ def _amazon_site(site_id: str, path: Path, values: Mapping[str, str]) -> AmazonS
                 f"{path}: EC2_URL {ec2_url} is the endpoint of {named.group(1)}, "
                 f"but AWS_REGION is {region}"
             )
-        if not _is_aws_host(host):
+        if not is_aws_host(host):
             # a private endpoint (or moto) serves every service at one address
             urls["EBS_URL"] = urls["EBS_URL"] or ec2_url
             urls["S3_URL"] = urls["S3_URL"] or ec2_url
-    method = values.get("UPLOAD_METHOD", "ebs").lower()
-    if method not in {"ebs", "vmimport"}:
-        raise ConfigError(f"{path}: UPLOAD_METHOD must be 'ebs' or 'vmimport', not {method!r}")
-    bucket = values.get("S3_BUCKET") or None
-    if method == "vmimport" and not bucket:
-        raise ConfigError(f"{path}: UPLOAD_METHOD=vmimport needs S3_BUCKET (a bucket in {region})")
-    if bucket is not None and not _S3_BUCKET.fullmatch(bucket):
-        raise ConfigError(f"{path}: S3_BUCKET {bucket!r} is not a valid bucket name")
-    architecture = values.get("DEFAULT_ARCHITECTURE", "x86_64")
-    if architecture not in ARCHITECTURES:
-        raise ConfigError(
-            f"{path}: DEFAULT_ARCHITECTURE must be one of {', '.join(ARCHITECTURES)}, "
-            f"not {architecture!r}"
-        )
-    boot_mode = values.get("DEFAULT_BOOT_MODE") or None
-    if boot_mode is not None and boot_mode not in BOOT_MODES:
-        raise ConfigError(
-            f"{path}: DEFAULT_BOOT_MODE must be one of {', '.join(BOOT_MODES)}, not {boot_mode!r}"
-        )
-    credentials = None
-    if values.get("AWS_ACCESS_KEY") or values.get("AWS_SECRET_KEY"):
-        if not (values.get("AWS_ACCESS_KEY") and values.get("AWS_SECRET_KEY")):
-            raise ConfigError(f"{path}: set both AWS_ACCESS_KEY and AWS_SECRET_KEY, or neither")
-        credentials = AwsCredentials(values["AWS_ACCESS_KEY"], values["AWS_SECRET_KEY"])
+
+    def choice(key: str, default: str | None, allowed: tuple[str, ...]) -> str | None:
+        value = values.get(key) or default
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{path}: {key} must be one of {', '.join(allowed)}, not {value!r}")
+        return value
 
     def number(key: str, default: float, low: float, high: float) -> float:
         text = values.get(key) or str(default)
@@ -397,6 +380,18 @@ def _amazon_site(site_id: str, path: Path, values: Mapping[str, str]) -> AmazonS
             raise ConfigError(f"{path}: {key} must be between {low:g} and {high:g}, not {text}")
         return value
 
+    method = choice("UPLOAD_METHOD", "ebs", ("ebs", "vmimport"))
+    bucket = values.get("S3_BUCKET") or None
+    if method == "vmimport" and not bucket:
+        raise ConfigError(f"{path}: UPLOAD_METHOD=vmimport needs S3_BUCKET (a bucket in {region})")
+    if bucket is not None and not _S3_BUCKET.fullmatch(bucket):
+        raise ConfigError(f"{path}: S3_BUCKET {bucket!r} is not a valid bucket name")
+    concurrency = number("UPLOAD_CONCURRENCY", 8, 1, 64)
+    if not concurrency.is_integer():
+        raise ConfigError(f"{path}: UPLOAD_CONCURRENCY must be a whole number, not {concurrency}")
+    prefix = values.get("S3_PREFIX", "migratio/").lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
     return AmazonSite(
         site_id,
         path,
@@ -404,19 +399,28 @@ def _amazon_site(site_id: str, path: Path, values: Mapping[str, str]) -> AmazonS
         ec2_url=ec2_url,
         ebs_url=urls["EBS_URL"],
         s3_url=urls["S3_URL"],
-        credentials=credentials,
+        credentials=_aws_keys(path, values),
         upload_method="vmimport" if method == "vmimport" else "ebs",
         s3_bucket=bucket,
-        s3_prefix=values.get("S3_PREFIX", "migratio/"),
+        s3_prefix=prefix,
         vmimport_role=values.get("VMIMPORT_ROLE") or None,
-        upload_concurrency=int(number("UPLOAD_CONCURRENCY", 8, 1, 64)),
-        default_architecture=architecture,
-        default_boot_mode=boot_mode,
-        volume_type=values.get("VOLUME_TYPE") or "gp3",
+        upload_concurrency=int(concurrency),
+        default_architecture=choice("DEFAULT_ARCHITECTURE", "x86_64", ARCHITECTURES) or "x86_64",
+        default_boot_mode=choice("DEFAULT_BOOT_MODE", None, BOOT_MODES),
+        volume_type=choice("VOLUME_TYPE", "gp3", ROOT_VOLUME_TYPES) or "gp3",
         snapshot_timeout=number("SNAPSHOT_TIMEOUT", 3600, 0.1, 7 * 86400),
         import_timeout=number("IMPORT_TIMEOUT", 4 * 3600, 0.1, 7 * 86400),
         poll_interval=number("POLL_INTERVAL", 15, 0.01, 3600),
     )
+
+
+def _aws_keys(path: Path, values: Mapping[str, str]) -> AwsCredentials | None:
+    access, secret = values.get("AWS_ACCESS_KEY"), values.get("AWS_SECRET_KEY")
+    if not access and not secret:
+        return None
+    if not (access and secret):
+        raise ConfigError(f"{path}: set both AWS_ACCESS_KEY and AWS_SECRET_KEY, or neither")
+    return AwsCredentials(access, secret)
 
 
 def _endpoint(path: Path, key: str, value: str | None) -> str | None:
@@ -428,7 +432,7 @@ def _endpoint(path: Path, key: str, value: str | None) -> str | None:
     return value.rstrip("/")
 
 
-def _is_aws_host(host: str) -> bool:
+def is_aws_host(host: str) -> bool:
     """True for Amazon's own endpoints, whose other services have their own host names."""
     return host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws"))
 

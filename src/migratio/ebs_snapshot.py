@@ -2,7 +2,7 @@
 
 ``start_snapshot`` of the disk's size in GiB, then every block that holds data goes up with
 ``put_snapshot_block`` — 512 KiB each, with its SHA-256, several at once — and
-``complete_snapshot`` with the count and the linear aggregate of the block checksums, so
+``complete_snapshot`` with the count and the LINEAR aggregate of the block checksums, so
 that EBS itself checks that it has exactly what was sent. Holes and all-zero blocks are
 never sent: a snapshot reads them as zeros.
 """
@@ -13,16 +13,17 @@ import base64
 import hashlib
 import logging
 import threading
-import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from migratio.aws import aws_errors, tags
-from migratio.errors import AwsError, Cancelled, NotUploadedError
+from migratio.errors import Cancelled, NotUploadedError
 from migratio.raw_blocks import BLOCK_SIZE, Block, nonzero_blocks
+from migratio.waiting import wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_ebs import EBSClient
@@ -55,16 +56,12 @@ def block_checksum(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def aggregate_checksum(digests: Mapping[int, bytes]) -> str:
-    """The LINEAR aggregate EBS checks at completion: SHA-256 of the block digests by index."""
-    whole = hashlib.sha256()
-    for index in sorted(digests):
-        whole.update(digests[index])
-    return base64.b64encode(whole.digest()).decode()
-
-
 class SnapshotWriter:
-    """Puts blocks of one open snapshot, ``concurrency`` at a time."""
+    """Puts blocks of one open snapshot, ``concurrency`` at a time, in index order.
+
+    ``aggregate`` is the LINEAR checksum EBS checks at completion: the SHA-256 of the block
+    digests in index order, folded in as blocks complete (memory does not grow with the disk).
+    """
 
     def __init__(
         self,
@@ -73,18 +70,26 @@ class SnapshotWriter:
         *,
         concurrency: int,
         cancel: threading.Event,
-        on_block: Callable[[int], None] = lambda _n: None,
+        on_progress: Callable[[int], None] = lambda _n: None,
     ) -> None:
         self.ebs = ebs
         self.snapshot_id = snapshot_id
         self.concurrency = concurrency
         self.cancel = cancel
-        self.on_block = on_block
-        self.digests: dict[int, bytes] = {}
-        self.bytes_sent = 0
+        self.on_progress = on_progress
+        self.whole = hashlib.sha256()
+        self.blocks = 0
 
-    def put(self, block: Block) -> None:
-        """Send one block with its checksum (runs on a pool thread)."""
+    @property
+    def aggregate(self) -> str:
+        return base64.b64encode(self.whole.digest()).decode()
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.blocks * BLOCK_SIZE
+
+    def put(self, block: Block) -> bytes:
+        """Send one block with its checksum (runs on a pool thread); return the digest."""
         digest = block_checksum(block.data)
         with aws_errors(f"uploading block {block.index} of {self.snapshot_id}", NotUploadedError):
             answer = self.ebs.put_snapshot_block(
@@ -102,35 +107,31 @@ class SnapshotWriter:
                 "not the one sent",
                 retryable=True,
             )
-        self.digests[block.index] = digest
+        return digest
 
     def write_all(self, blocks: Iterable[Block]) -> int:
-        """Send every block; at most twice ``concurrency`` are read ahead. Return how many."""
-        pending: set[Future[None]] = set()
-        sent = 0
+        """Send every block, at most twice ``concurrency`` read ahead; return how many."""
+        pending: deque[tuple[Block, Future[bytes]]] = deque()
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="ebs-put") as pool:
             try:
                 for block in blocks:
                     if self.cancel.is_set():
                         raise Cancelled("the upload to EBS was stopped")
-                    while len(pending) >= 2 * self.concurrency:
-                        sent += self._collect(pending, FIRST_COMPLETED)
-                    pending.add(pool.submit(self.put, block))
-                sent += self._collect(pending, None)
+                    if len(pending) >= 2 * self.concurrency:
+                        self._finish(*pending.popleft())
+                    pending.append((block, pool.submit(self.put, block)))
+                while pending:
+                    self._finish(*pending.popleft())
             except BaseException:
-                for future in pending:
+                for _, future in pending:
                     future.cancel()
                 raise
-        return sent
+        return self.blocks
 
-    def _collect(self, pending: set[Future[None]], until: str | None) -> int:
-        done, _ = wait(pending, timeout=None, return_when=until or "ALL_COMPLETED")
-        for future in done:
-            pending.discard(future)
-            future.result()  # raises the block's error
-            self.bytes_sent += BLOCK_SIZE
-            self.on_block(self.bytes_sent)
-        return len(done)
+    def _finish(self, block: Block, future: Future[bytes]) -> None:
+        self.whole.update(future.result())  # raises the block's error
+        self.blocks += 1
+        self.on_progress(block.scanned * BLOCK_SIZE)
 
 
 def upload_snapshot(
@@ -141,7 +142,7 @@ def upload_snapshot(
     tag_values: Mapping[str, str],
     description: str,
     concurrency: int,
-    deadline: float,
+    timeout: float,
     poll_interval: float,
     cancel: threading.Event,
     on_started: Callable[[str], None] = lambda _id: None,
@@ -150,7 +151,7 @@ def upload_snapshot(
     """Upload the raw disk ``raw`` into a new, completed snapshot; return it.
 
     ``on_started`` gets the snapshot id as soon as it exists (so a failure can delete it).
-    ``deadline`` (``time.monotonic()``) bounds the wait for the snapshot to complete.
+    ``timeout`` bounds the wait for the snapshot to complete once every block is sent.
     """
     size_gib = volume_size_gib(raw.stat().st_size)
     with aws_errors("starting an EBS snapshot", NotUploadedError):
@@ -165,41 +166,47 @@ def upload_snapshot(
     if started.get("BlockSize") not in (None, BLOCK_SIZE):
         log.debug("EBS reports block size %s; sending %d", started.get("BlockSize"), BLOCK_SIZE)
     writer = SnapshotWriter(
-        ebs, snapshot_id, concurrency=concurrency, cancel=cancel, on_block=on_progress
+        ebs, snapshot_id, concurrency=concurrency, cancel=cancel, on_progress=on_progress
     )
-    count = writer.write_all(nonzero_blocks(raw))
+    count = writer.write_all(nonzero_blocks(raw, cancel=cancel))
     with aws_errors(f"completing snapshot {snapshot_id}", NotUploadedError):
         ebs.complete_snapshot(
             SnapshotId=snapshot_id,
             ChangedBlocksCount=count,
-            Checksum=aggregate_checksum(writer.digests),
+            Checksum=writer.aggregate,
             ChecksumAlgorithm="SHA256",
             ChecksumAggregationMethod="LINEAR",
         )
-    wait_for_snapshot(ec2, snapshot_id, deadline=deadline, poll=poll_interval, cancel=cancel)
+    wait_for_snapshot(ec2, snapshot_id, timeout=timeout, poll=poll_interval, cancel=cancel)
     return UploadedSnapshot(snapshot_id, count, writer.bytes_sent, size_gib)
 
 
 def wait_for_snapshot(
-    ec2: EC2Client, snapshot_id: str, *, deadline: float, poll: float, cancel: threading.Event
+    ec2: EC2Client, snapshot_id: str, *, timeout: float, poll: float, cancel: threading.Event
 ) -> None:
     """Wait until EC2 reports ``snapshot_id`` completed; raise if it errs or takes too long."""
-    while True:
+    state = "unknown"
+
+    def completed() -> bool | None:
+        nonlocal state
         with aws_errors(f"reading the state of {snapshot_id}"):
             found = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
         state = found[0].get("State", "unknown") if found else "missing"
-        if state == "completed":
-            return
         if state in {"error", "missing", "recoverable"}:
             message = found[0].get("StateMessage", "") if found else ""
             raise NotUploadedError(
                 f"snapshot {snapshot_id} is {state}" + (f": {message}" if message else ""),
                 retryable=True,
             )
-        if time.monotonic() + poll > deadline:
-            raise AwsError(
-                f"snapshot {snapshot_id} was still {state} at the deadline (SNAPSHOT_TIMEOUT)",
-                retryable=False,
-            )
-        if cancel.wait(poll):
-            raise Cancelled(f"stopped while waiting for snapshot {snapshot_id}")
+        return True if state == "completed" else None
+
+    wait_until(
+        completed,
+        timeout=timeout,
+        interval=poll,
+        cancel=cancel,
+        what=f"snapshot {snapshot_id}",
+        expired=lambda: NotUploadedError(
+            f"snapshot {snapshot_id} was still {state} after SNAPSHOT_TIMEOUT ({timeout:g} s)"
+        ),
+    )

@@ -8,10 +8,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-import boto3
-
 from migratio import processes
-from migratio.aws import AwsClients, aws_errors
+from migratio.aws import AwsClients, aws_errors, known_regions
 from migratio.config import AmazonSite, OpenStackSite, Settings
 from migratio.errors import AwsError, MigratioError
 from migratio.glance_api import GlanceApi
@@ -64,7 +62,7 @@ def run_checks(settings: Settings, site_ids: Sequence[str] = ()) -> Iterator[Che
             yield Check(Level.FAIL, f"site {site_id}", exc.message)
             continue
         if isinstance(site, AmazonSite):
-            yield from _check_amazon(site, AwsClients(site, settings.aws))
+            yield from _check_amazon(site, AwsClients(site, settings.aws), settings.name)
         else:
             yield from _check_openstack(site)
 
@@ -111,7 +109,7 @@ def _check_openstack(site: OpenStackSite) -> Iterator[Check]:
         )
 
 
-def _check_amazon(site: AmazonSite, aws: AwsClients) -> Iterator[Check]:
+def _check_amazon(site: AmazonSite, aws: AwsClients, settings_name: str) -> Iterator[Check]:
     name = f"site {site.site_id}"
 
     def identity() -> str:
@@ -138,7 +136,11 @@ def _check_amazon(site: AmazonSite, aws: AwsClients) -> Iterator[Check]:
             raise AwsError(
                 f"bucket {site.s3_bucket} is in {where}, but VM Import needs it in {site.region}"
             )
-        return f"s3://{site.s3_bucket} in {where}"
+        probe = f"{site.s3_prefix}{settings_name}/.migratio-check"
+        with aws_errors(f"writing and deleting s3://{site.s3_bucket}/{probe}"):
+            aws.s3.put_object(Bucket=site.s3_bucket, Key=probe, Body=b"")
+            aws.s3.delete_object(Bucket=site.s3_bucket, Key=probe)
+        return f"s3://{site.s3_bucket} in {where}, writable"
 
     login = _attempt(f"{name} AWS credentials", identity)
     yield login
@@ -147,8 +149,7 @@ def _check_amazon(site: AmazonSite, aws: AwsClients) -> Iterator[Check]:
     yield _attempt(f"{name} EC2 region", region)
     if site.upload_method == "vmimport":
         yield _attempt(f"{name} S3 bucket for VM Import", bucket)
-    known = boto3.Session().get_available_regions("ec2")
-    if site.ec2_url is None and site.region not in known:
+    if site.ec2_url is None and site.region not in known_regions():
         yield Check(
             Level.WARN,
             f"{name} region",

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from migratio.errors import Cancelled
 
 #: the EBS direct APIs' block size
 BLOCK_SIZE = 512 * 1024
@@ -19,10 +22,12 @@ BLOCK_SIZE = 512 * 1024
 
 @dataclass(frozen=True)
 class Block:
-    """Block ``index`` (offset ``index * size``) and its bytes."""
+    """Block ``index`` (offset ``index * size``) and its bytes; ``scanned`` blocks of data
+    ranges (this one included, zero blocks too) have been read so far."""
 
     index: int
     data: bytes
+    scanned: int
 
 
 def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
@@ -44,15 +49,33 @@ def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def allocated_bytes(path: Path) -> int:
-    """How many bytes of ``path`` lie in data ranges (what a scan will read)."""
+    """How many bytes of ``path`` lie in data ranges."""
     with path.open("rb") as stream:
         size = os.fstat(stream.fileno()).st_size
         return sum(end - start for start, end in data_ranges(stream.fileno(), size))
 
 
-def nonzero_blocks(path: Path, block_size: int = BLOCK_SIZE) -> Iterator[Block]:
-    """Every block of ``path`` that holds a non-zero byte, in order; holes are not read."""
+def data_block_count(path: Path, block_size: int = BLOCK_SIZE) -> int:
+    """How many blocks :func:`nonzero_blocks` will read (those touching a data range)."""
+    count, next_index = 0, 0
+    with path.open("rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        for start, end in data_ranges(stream.fileno(), size):
+            first, last = max(start // block_size, next_index), (end - 1) // block_size
+            count += max(0, last - first + 1)
+            next_index = max(next_index, last + 1)
+    return count
+
+
+def nonzero_blocks(
+    path: Path, block_size: int = BLOCK_SIZE, *, cancel: threading.Event | None = None
+) -> Iterator[Block]:
+    """Every block of ``path`` that holds a non-zero byte, in order; holes are not read.
+
+    With ``cancel``, a long run of zeros is not read to its end once it is set.
+    """
     zero = bytes(block_size)
+    scanned = 0
     with path.open("rb", buffering=0) as stream:
         fd = stream.fileno()
         size = os.fstat(fd).st_size
@@ -61,9 +84,12 @@ def nonzero_blocks(path: Path, block_size: int = BLOCK_SIZE) -> Iterator[Block]:
             first = max(start // block_size, next_index)
             last = (end - 1) // block_size
             for index in range(first, last + 1):
+                scanned += 1
+                if cancel is not None and scanned % 256 == 0 and cancel.is_set():
+                    raise Cancelled("stopped while reading the disk")
                 data = os.pread(fd, block_size, index * block_size)
                 if len(data) < block_size:
                     data += bytes(block_size - len(data))
                 if data != zero:
-                    yield Block(index, data)
-            next_index = last + 1
+                    yield Block(index, data, scanned)
+            next_index = max(next_index, last + 1)

@@ -20,6 +20,8 @@ IMAGE_CONVERTED = "Image converted"
 IMAGE_TRANSFERED = "Image transfered"
 IMAGE_IMPORTED = "Image imported"
 REGISTERED_IMAGE = "Registered image"
+#: progress of a VM Import task (migratio's own; the original had none)
+IMPORTING = "Importing"
 # failures
 IMAGE_NOT_EXIST = "Requested image not exist."
 ALREADY_UPLOADED = "Requested image was uploaded."

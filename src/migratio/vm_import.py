@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from boto3.s3.transfer import TransferConfig
 
 from migratio.aws import aws_errors, describe, tags
 from migratio.errors import AwsError, Cancelled, NotUploadedError
+from migratio.waiting import wait_until
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
@@ -77,10 +77,10 @@ def upload_to_s3(
             s3.upload_file(str(path), bucket, key, Config=config, Callback=count)
     except S3UploadFailedError as exc:
         cause = exc.__context__
-        message = (
-            describe(cause, where).message if isinstance(cause, Exception) else f"{where}: {exc}"
-        )
-        raise NotUploadedError(message, retryable=True) from exc
+        if isinstance(cause, Exception):
+            described = describe(cause, where)
+            raise NotUploadedError(described.message, retryable=described.retryable) from exc
+        raise NotUploadedError(f"{where}: {exc}", retryable=True) from exc
     return sent
 
 
@@ -125,45 +125,60 @@ def start_import(
     return str(answer["ImportTaskId"])
 
 
+class ImportFailedError(NotUploadedError):
+    """The VM Import service ended the task without an image."""
+
+
 def wait_for_import(
     ec2: EC2Client,
     task_id: str,
     *,
-    deadline: float,
+    timeout: float,
     poll: float,
     cancel: threading.Event,
     on_progress: Callable[[int, str], None] = lambda _p, _m: None,
 ) -> ImportedImage:
-    """Poll the task until it completes; on failure, deadline or stop, raise (and cancel it)."""
+    """Poll the task until it completes. When it fails, raise; when the deadline passes, the
+    job stops or anything else goes wrong here, cancel the task too."""
+    last = {"Status": "unknown", "StatusMessage": ""}
+
+    def finished() -> ImportedImage | None:
+        task = describe_task(ec2, task_id)
+        last.update(
+            Status=task.get("Status", "unknown"), StatusMessage=task.get("StatusMessage", "")
+        )
+        status, message = last["Status"], last["StatusMessage"]
+        if status == "completed" and task.get("ImageId"):
+            snapshots = tuple(
+                str(detail["SnapshotId"])
+                for detail in task.get("SnapshotDetails", [])
+                if detail.get("SnapshotId")
+            )
+            return ImportedImage(task_id, str(task["ImageId"]), snapshots)
+        if status in FAILED_STATES or status == "completed":
+            raise ImportFailedError(
+                f"VM Import task {task_id} failed: {message or status}{_import_hint(message)}",
+                retryable="ServerError" in message,
+            )
+        on_progress(int(task.get("Progress") or 0), message)
+        return None
+
     try:
-        while True:
-            task = describe_task(ec2, task_id)
-            status = task.get("Status", "unknown")
-            message = task.get("StatusMessage", "")
-            if status == "completed" and task.get("ImageId"):
-                snapshots = tuple(
-                    str(detail["SnapshotId"])
-                    for detail in task.get("SnapshotDetails", [])
-                    if detail.get("SnapshotId")
-                )
-                return ImportedImage(task_id, str(task["ImageId"]), snapshots)
-            if status in FAILED_STATES or status == "completed":
-                raise NotUploadedError(
-                    f"VM Import task {task_id} failed: {message or status}{_import_hint(message)}",
-                    retryable="ServerError" in message,
-                )
-            on_progress(int(task.get("Progress") or 0), message)
-            if time.monotonic() + poll > deadline:
-                raise AwsError(
-                    f"VM Import task {task_id} was still {status} ({message}) at the deadline "
-                    "(IMPORT_TIMEOUT); it was cancelled",
-                    retryable=False,
-                )
-            if cancel.wait(poll):
-                raise Cancelled(f"stopped while waiting for VM Import task {task_id}")
-    except (AwsError, Cancelled) as exc:
-        if not (isinstance(exc, NotUploadedError) and "failed:" in exc.message):
-            cancel_task(ec2, task_id, reason=exc.message)
+        return wait_until(
+            finished,
+            timeout=timeout,
+            interval=poll,
+            cancel=cancel,
+            what=f"VM Import task {task_id}",
+            expired=lambda: NotUploadedError(
+                f"VM Import task {task_id} was still {last['Status']} ({last['StatusMessage']}) "
+                f"after IMPORT_TIMEOUT ({timeout:g} s); it was cancelled"
+            ),
+        )
+    except ImportFailedError:
+        raise
+    except BaseException as exc:  # a deadline, a stop, RQ's job timeout: do not leave it running
+        cancel_task(ec2, task_id, reason=str(exc) or type(exc).__name__)
         raise
 
 
