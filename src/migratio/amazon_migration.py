@@ -345,6 +345,9 @@ class AmazonMigration:
         with aws_errors(f"registering an AMI from {uploaded.snapshot_id}"):
             self.made_image = self.aws.ec2.register_image(**params)["ImageId"]
         self.tag([self.made_image, uploaded.snapshot_id], image)
+        state = self.wait_for_image(self.made_image)
+        if state != "available":
+            raise AwsError(f"AMI {self.made_image} became {state}, not available", retryable=True)
         return self.made_image, uploaded.bytes_sent
 
     # 4, VM Import
