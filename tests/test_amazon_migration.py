@@ -160,7 +160,7 @@ def test_endpoints_of_amazon_and_of_a_private_cloud() -> None:
     assert clients.ebs.meta.endpoint_url == "https://ebs.eu-west-1.amazonaws.com"
     assert clients.sts.meta.endpoint_url == "https://sts.eu-west-1.amazonaws.com"
     private = "http://127.0.0.1:9"
-    mine = AmazonSite(SITE, Path("p.conf"), region="eu-west-1", ec2_url=private,
+    mine = AmazonSite(SITE, Path("p.conf"), region="eu-west-1", ec2_url=private, sts_url=private,
                       ebs_url=private, s3_url=private)  # fmt: skip
     both = AwsClients(mine)
     assert {both.ec2.meta.endpoint_url, both.sts.meta.endpoint_url} == {private}

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from migratio import qemu_img, status
-from migratio.aws import AwsClients, aws_errors, tags
+from migratio.aws import AwsClients, aws_errors, tag_dict, tag_filters, tags
 from migratio.config import AmazonSite, Settings
 from migratio.ebs_snapshot import upload_snapshot
 from migratio.errors import (
@@ -157,13 +157,12 @@ class AmazonMigration:
     def progress(self, label: str, total: int) -> Progress:
         return Progress(self.status, label, total, interval=self.settings.progress_interval)
 
+    def link(self, image_id: str) -> dict[str, str]:
+        """The tags that say a resource is this site's copy of the image (what we look for)."""
+        return {"source_uuid": image_id, "source_t": self.me}
+
     def tag_values(self, image: ImageRecord) -> dict[str, str]:
-        return {
-            "Name": image.name or image.id,
-            "source_uuid": image.id,
-            "source_cs": self.me,
-            "source_t": self.me,
-        }
+        return {"Name": image.name or image.id, **self.link(image.id), "source_cs": self.me}
 
     # 2
     def our_images(self, image_id: str) -> list[ImageTypeDef]:
@@ -172,10 +171,7 @@ class AmazonMigration:
         found: dict[str, ImageTypeDef] = {}
         with aws_errors(f"looking for AMIs of image {image_id} in {self.site.region}"):
             for filters in (
-                [
-                    {"Name": "tag:source_uuid", "Values": [image_id]},
-                    {"Name": "tag:source_t", "Values": [self.me]},
-                ],
+                tag_filters(self.link(image_id)),
                 [{"Name": "name", "Values": [ami_name(image_id, self.me)]}],
             ):
                 for ami in ec2.describe_images(Owners=["self"], Filters=filters)["Images"]:  # type: ignore[arg-type]
@@ -190,7 +186,7 @@ class AmazonMigration:
                 self.status(f"AMI {ami_id} for this image is pending; waiting for it")
                 state = self.wait_for_image(ami_id)
             if state == "available":
-                if not any(tag.get("Key") == "source_uuid" for tag in ami.get("Tags", [])):
+                if "source_uuid" not in tag_dict(ami):
                     # found by name: a crash between registering and tagging left it bare
                     self.tag([ami_id, *_snapshots_of(ami)], image)
                 return ami_id
@@ -211,10 +207,7 @@ class AmazonMigration:
         with aws_errors("looking for unfinished snapshots"):
             leftovers = self.aws.ec2.describe_snapshots(
                 OwnerIds=["self"],
-                Filters=[
-                    {"Name": "tag:source_uuid", "Values": [image.id]},
-                    {"Name": "tag:source_t", "Values": [self.me]},
-                ],
+                Filters=tag_filters(self.link(image.id)),  # type: ignore[arg-type]
             )["Snapshots"]
         for snapshot in leftovers:
             log.info("deleting snapshot %s left by an earlier attempt", snapshot["SnapshotId"])
@@ -354,8 +347,7 @@ class AmazonMigration:
     def earlier_import(self, image: ImageRecord) -> str | None:
         """An import task of an interrupted attempt that is still running, or that made an AMI
         which is still there: its id, to wait for it (or take its AMI) instead of a second one."""
-        link = {"source_uuid": image.id, "source_t": self.me}
-        for task in reversed(tasks_tagged(self.aws.ec2, link)):
+        for task in reversed(tasks_tagged(self.aws.ec2, self.link(image.id))):
             task_id, state, made = task["ImportTaskId"], task.get("Status"), task.get("ImageId")
             if state == "active":
                 return str(task_id)

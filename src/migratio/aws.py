@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -33,7 +32,7 @@ from botocore.exceptions import (
 from botocore.parsers import ResponseParserError
 
 from migratio import __version__
-from migratio.config import AmazonSite, AwsCredentials, is_aws_host
+from migratio.config import AmazonSite, AwsCredentials
 from migratio.errors import AwsError
 
 if TYPE_CHECKING:
@@ -138,16 +137,8 @@ class AwsClients:
 
     @cached_property
     def sts(self) -> STSClient:
-        # STS has its own host at Amazon; a private endpoint (or moto) serves it at EC2_URL
-        url = self.site.ec2_url
-        own = url if url and not is_aws_host(urlsplit(url).hostname or "") else None
-        client: STSClient = self._client("sts", own)
+        client: STSClient = self._client("sts", self.site.sts_url)
         return client
-
-    def endpoint(self, service: str) -> str:
-        """Where ``service`` calls go (for messages)."""
-        client = {"ec2": self.ec2, "ebs": self.ebs, "s3": self.s3}.get(service, self.ec2)
-        return str(client.meta.endpoint_url)
 
 
 def error_code(exc: ClientError) -> str:
@@ -218,9 +209,19 @@ def aws_errors(what: str, error: type[AwsError] = AwsError) -> Iterator[None]:
         raise error(described.message, retryable=described.retryable) from exc
 
 
-def tags(pairs: dict[str, str]) -> list[dict[str, str]]:
+def tags(pairs: Mapping[str, str]) -> list[dict[str, str]]:
     """``{"k": "v"}`` → ``[{"Key": "k", "Value": "v"}]``, values cut to AWS's 256 characters."""
     return [{"Key": key, "Value": value[:256]} for key, value in pairs.items()]
+
+
+def tag_dict(resource: Mapping[str, Any]) -> dict[str, str]:
+    """A resource's ``Tags`` list as ``{"k": "v"}``."""
+    return {str(tag.get("Key")): str(tag.get("Value")) for tag in resource.get("Tags", [])}
+
+
+def tag_filters(pairs: Mapping[str, str]) -> list[dict[str, Any]]:
+    """``Filters`` of a describe call for resources carrying every tag of ``pairs``."""
+    return [{"Name": f"tag:{key}", "Values": [value]} for key, value in pairs.items()]
 
 
 def known_regions() -> list[str]:

@@ -16,9 +16,7 @@ from migratio.config import Settings, default_config_path, load_settings
 from migratio.errors import ConfigError, MigratioError
 from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.logs import setup_logging
-from migratio.migration import migrate
 from migratio.operations import operator_status, retry_failed
-from migratio.preflight import Level, run_checks
 from migratio.request import MigrationRequest, Outcome
 from migratio.service import (
     Service,
@@ -161,6 +159,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         sink(exc.status_line())
         return EXIT_FAILED
     try:
+        # imported here: glanceclient and boto3 take ~0.7 s that the service and the
+        # operator commands should not pay
+        from migratio.migration import migrate  # noqa: PLC0415
+
         result = migrate(settings, request, sink, cancel=cancel)
     except MigratioError as exc:
         log.debug("migration failed", exc_info=True)
@@ -178,6 +180,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     """``migratio check [SITE...]``."""
     settings = _settings(args, log_level=logging.ERROR)
     print(f"ok       configuration: {settings.config_path} (site {settings.name})", flush=True)
+    from migratio.preflight import Level, run_checks  # noqa: PLC0415 (as in cmd_migrate)
+
     worst = Level.OK
     for check in run_checks(settings, args.sites):
         print(check, flush=True)

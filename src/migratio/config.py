@@ -185,6 +185,7 @@ class AmazonSite:
     ec2_url: str | None = None
     ebs_url: str | None = None
     s3_url: str | None = None
+    sts_url: str | None = None
     #: the site's own keys, overriding the credentials file's (None: that file, else boto3's chain)
     credentials: AwsCredentials | None = None
     upload_method: Literal["ebs", "vmimport"] = "ebs"
@@ -359,10 +360,11 @@ def _amazon_site(site_id: str, path: Path, values: Mapping[str, str]) -> AmazonS
                 f"{path}: EC2_URL {ec2_url} is the endpoint of {named.group(1)}, "
                 f"but AWS_REGION is {region}"
             )
-        if not is_aws_host(host):
+        if not _is_aws_host(host):
             # a private endpoint (or moto) serves every service at one address
             urls["EBS_URL"] = urls["EBS_URL"] or ec2_url
             urls["S3_URL"] = urls["S3_URL"] or ec2_url
+            urls["STS_URL"] = ec2_url
 
     def choice(key: str, default: str | None, allowed: tuple[str, ...]) -> str | None:
         value = values.get(key) or default
@@ -399,6 +401,7 @@ def _amazon_site(site_id: str, path: Path, values: Mapping[str, str]) -> AmazonS
         ec2_url=ec2_url,
         ebs_url=urls["EBS_URL"],
         s3_url=urls["S3_URL"],
+        sts_url=urls.get("STS_URL"),
         credentials=_aws_keys(path, values),
         upload_method="vmimport" if method == "vmimport" else "ebs",
         s3_bucket=bucket,
@@ -432,7 +435,7 @@ def _endpoint(path: Path, key: str, value: str | None) -> str | None:
     return value.rstrip("/")
 
 
-def is_aws_host(host: str) -> bool:
+def _is_aws_host(host: str) -> bool:
     """True for Amazon's own endpoints, whose other services have their own host names."""
     return host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws"))
 

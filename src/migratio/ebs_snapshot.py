@@ -42,18 +42,16 @@ class UploadedSnapshot:
 
     snapshot_id: str
     blocks: int
-    bytes_sent: int
     volume_size_gib: int
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.blocks * BLOCK_SIZE
 
 
 def volume_size_gib(size: int) -> int:
     """The snapshot size (whole GiB, at least 1) for a disk of ``size`` bytes."""
     return max(1, -(-size // GIB))
-
-
-def block_checksum(data: bytes) -> bytes:
-    """SHA-256 of one block (raw digest)."""
-    return hashlib.sha256(data).digest()
 
 
 class SnapshotWriter:
@@ -84,13 +82,9 @@ class SnapshotWriter:
     def aggregate(self) -> str:
         return base64.b64encode(self.whole.digest()).decode()
 
-    @property
-    def bytes_sent(self) -> int:
-        return self.blocks * BLOCK_SIZE
-
     def put(self, block: Block) -> bytes:
         """Send one block with its checksum (runs on a pool thread); return the digest."""
-        digest = block_checksum(block.data)
+        digest = hashlib.sha256(block.data).digest()
         with aws_errors(f"uploading block {block.index} of {self.snapshot_id}", NotUploadedError):
             answer = self.ebs.put_snapshot_block(
                 SnapshotId=self.snapshot_id,
@@ -157,7 +151,7 @@ def upload_snapshot(
     with aws_errors("starting an EBS snapshot", NotUploadedError):
         started = ebs.start_snapshot(
             VolumeSize=size_gib,
-            Tags=tags(dict(tag_values)),  # type: ignore[arg-type]
+            Tags=tags(tag_values),  # type: ignore[arg-type]
             Description=description[:255],
             Timeout=OPEN_MINUTES,
         )
@@ -178,7 +172,7 @@ def upload_snapshot(
             ChecksumAggregationMethod="LINEAR",
         )
     wait_for_snapshot(ec2, snapshot_id, timeout=timeout, poll=poll_interval, cancel=cancel)
-    return UploadedSnapshot(snapshot_id, count, writer.bytes_sent, size_gib)
+    return UploadedSnapshot(snapshot_id, count, size_gib)
 
 
 def wait_for_snapshot(

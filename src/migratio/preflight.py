@@ -118,13 +118,14 @@ def _check_amazon(site: AmazonSite, aws: AwsClients, settings_name: str) -> Iter
         return f"account {who.get('Account')} ({who.get('Arn')})"
 
     def region() -> str:
+        where = aws.ec2.meta.endpoint_url
         with aws_errors(f"asking EC2 about region {site.region}"):
             found = aws.ec2.describe_regions(RegionNames=[site.region], AllRegions=True)
         if not found.get("Regions"):
-            raise AwsError(f"EC2 at {aws.endpoint('ec2')} does not know region {site.region}")
+            raise AwsError(f"EC2 at {where} does not know region {site.region}")
         with aws_errors(f"listing this account's AMIs in {site.region}"):
             aws.ec2.describe_images(Owners=["self"], MaxResults=5)
-        return f"{site.region} at {aws.endpoint('ec2')}"
+        return f"{site.region} at {where}"
 
     def bucket() -> str:
         assert site.s3_bucket is not None

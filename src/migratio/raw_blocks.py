@@ -55,16 +55,20 @@ def allocated_bytes(path: Path) -> int:
         return sum(end - start for start, end in data_ranges(stream.fileno(), size))
 
 
+def data_block_indexes(fd: int, size: int, block_size: int = BLOCK_SIZE) -> Iterator[int]:
+    """The index of every block that touches a data range, each once, in order."""
+    next_index = 0  # data ranges can share a block
+    for start, end in data_ranges(fd, size):
+        first, last = max(start // block_size, next_index), (end - 1) // block_size
+        yield from range(first, last + 1)
+        next_index = max(next_index, last + 1)
+
+
 def data_block_count(path: Path, block_size: int = BLOCK_SIZE) -> int:
     """How many blocks :func:`nonzero_blocks` will read (those touching a data range)."""
-    count, next_index = 0, 0
     with path.open("rb") as stream:
         size = os.fstat(stream.fileno()).st_size
-        for start, end in data_ranges(stream.fileno(), size):
-            first, last = max(start // block_size, next_index), (end - 1) // block_size
-            count += max(0, last - first + 1)
-            next_index = max(next_index, last + 1)
-    return count
+        return sum(1 for _ in data_block_indexes(stream.fileno(), size, block_size))
 
 
 def nonzero_blocks(
@@ -75,21 +79,14 @@ def nonzero_blocks(
     With ``cancel``, a long run of zeros is not read to its end once it is set.
     """
     zero = bytes(block_size)
-    scanned = 0
     with path.open("rb", buffering=0) as stream:
         fd = stream.fileno()
         size = os.fstat(fd).st_size
-        next_index = 0  # data ranges can share a block: read each block once
-        for start, end in data_ranges(fd, size):
-            first = max(start // block_size, next_index)
-            last = (end - 1) // block_size
-            for index in range(first, last + 1):
-                scanned += 1
-                if cancel is not None and scanned % 256 == 0 and cancel.is_set():
-                    raise Cancelled("stopped while reading the disk")
-                data = os.pread(fd, block_size, index * block_size)
-                if len(data) < block_size:
-                    data += bytes(block_size - len(data))
-                if data != zero:
-                    yield Block(index, data, scanned)
-            next_index = max(next_index, last + 1)
+        for scanned, index in enumerate(data_block_indexes(fd, size, block_size), start=1):
+            if cancel is not None and scanned % 256 == 0 and cancel.is_set():
+                raise Cancelled("stopped while reading the disk")
+            data = os.pread(fd, block_size, index * block_size)
+            if len(data) < block_size:
+                data += bytes(block_size - len(data))
+            if data != zero:
+                yield Block(index, data, scanned)

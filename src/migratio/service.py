@@ -10,6 +10,7 @@ SIGTERM is a warm stop (workers finish their current job), the second a cold one
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -58,6 +59,8 @@ def rq_queue(settings: Settings, redis: Redis) -> Queue:
 
 def run_worker(settings: Settings, *, burst: bool = False) -> bool:
     """Run one RQ worker for this site (``migratio worker``) until it is told to stop."""
+    # loaded once here, not in every forked work-horse: the migrations' libraries take ~0.7 s
+    importlib.import_module("migratio.jobs")
     redis = connect(settings)
     worker = Worker(
         [rq_queue(settings, redis)],

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 
-from migratio.aws import aws_errors, describe, tags
+from migratio.aws import aws_errors, describe, tag_dict, tags
 from migratio.errors import AwsError, Cancelled, NotUploadedError
 from migratio.waiting import wait_until
 
@@ -112,9 +112,7 @@ def start_import(
             }
         ],
         "Architecture": architecture,
-        "TagSpecifications": [
-            {"ResourceType": "import-image-task", "Tags": tags(dict(tag_values))}
-        ],
+        "TagSpecifications": [{"ResourceType": "import-image-task", "Tags": tags(tag_values)}],
     }
     if boot_mode is not None:
         params["BootMode"] = boot_mode
@@ -197,7 +195,7 @@ def tasks_tagged(ec2: EC2Client, tag_values: Mapping[str, str]) -> list[Mapping[
     with aws_errors("looking for VM Import tasks of an earlier attempt"):
         for page in ec2.get_paginator("describe_import_image_tasks").paginate():
             for task in page.get("ImportImageTasks", []):
-                tagged = {tag.get("Key"): tag.get("Value") for tag in task.get("Tags", [])}
+                tagged = tag_dict(task)
                 if all(tagged.get(key) == value for key, value in tag_values.items()):
                     found.append(task)
     return found

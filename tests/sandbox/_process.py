@@ -14,6 +14,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
+from .ports import LOOPBACK, free_port
+
 _LIVE: set[subprocess.Popen[bytes]] = set()
 
 # A tiny init for one daemon: it becomes a "child subreaper", runs argv, forwards
@@ -171,3 +173,49 @@ class Service:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class PortDaemon(Service):
+    """A Service that is one child process listening on a free port of 127.0.0.1.
+
+    Subclasses implement ``_serve()``: start on ``self.port``, return '' once it answers or
+    say why not (having stopped it). ``_serve_on_a_free_port()`` tries fresh ports.
+    """
+
+    START_ATTEMPTS = 3
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """True while the daemon is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def _serve(self) -> str:
+        raise NotImplementedError
+
+    def _serve_on_a_free_port(self) -> str:
+        """'' once ``_serve()`` worked on some port, else the last attempt's error text."""
+        error = ""
+        for _ in range(self.START_ATTEMPTS):  # a port can be taken between pick and bind
+            self.port = free_port()
+            error = self._serve()
+            if not error:
+                return ""
+        return error
+
+    def stop(self) -> None:
+        """Terminate the daemon (its whole process group) and close its log."""
+        stop_process(self._proc)
+        self._proc = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None

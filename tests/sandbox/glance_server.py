@@ -8,10 +8,10 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from ._process import Service, child_env, spawn_logged, stop_process, tail, wait_ready
-from .ports import LOOPBACK, free_port
+from ._process import PortDaemon, child_env, spawn_logged, tail, wait_ready
+from .ports import LOOPBACK
 
 DEFAULT_GLANCE_VENV = Path("/opt/migratio-sandbox/glance-venv")
 TOKEN = "sandbox"  # Glance runs without Keystone: any token is accepted
@@ -35,17 +35,17 @@ class GlanceServerError(RuntimeError):
     """The Glance server did not come up."""
 
 
-class GlanceServer(Service):
+class GlanceServer(PortDaemon):
     """One Glance API server whose state lives in ``workdir/name``.
 
     ``start()`` writes the config, runs ``glance-manage db_sync`` and serves the
     API with uWSGI on a free port of 127.0.0.1; ``stop()`` terminates uWSGI.
     """
 
-    START_ATTEMPTS = 3
     READY_TIMEOUT = 60.0
 
     def __init__(self, workdir: Path, name: str) -> None:
+        super().__init__()
         self.name = name
         self.dir = Path(workdir).resolve() / name
         self.etc_dir = self.dir / "etc"
@@ -54,10 +54,6 @@ class GlanceServer(Service):
         self.uwsgi_log_path = self.dir / "uwsgi.log"
         self.db_path = self.dir / "glance.sqlite"
         self.venv = glance_venv()
-        self.port = 0
-        self.endpoint = ""
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -74,30 +70,13 @@ class GlanceServer(Service):
             self.images_dir.chmod(0o755)
             self._write_config()
             self._db_sync()
-            error = ""
-            for _ in range(self.START_ATTEMPTS):  # a port can be taken between pick and bind
-                self.port = free_port()
-                self.endpoint = f"http://{LOOPBACK}:{self.port}"
-                error = self._serve()
-                if not error:
-                    return self
-            raise GlanceServerError(error)
+            error = self._serve_on_a_free_port()
+            if error:
+                raise GlanceServerError(error)
+            return self
         except BaseException:
             self.stop()
             raise
-
-    def stop(self) -> None:
-        """Terminate uWSGI (master and workers)."""
-        stop_process(self._proc)
-        self._proc = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    @property
-    def running(self) -> bool:
-        """True while the uWSGI master is alive."""
-        return self._proc is not None and self._proc.poll() is None
 
     def _env(self) -> dict[str, str]:
         return child_env(OS_GLANCE_CONFIG_DIR=str(self.etc_dir))

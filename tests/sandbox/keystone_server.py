@@ -10,12 +10,12 @@ import secrets
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlencode
 
-from ._process import Service, child_env, spawn_logged, stop_process, tail, wait_ready
+from ._process import PortDaemon, child_env, spawn_logged, tail, wait_ready
 from .glance_server import glance_venv
-from .ports import LOOPBACK, free_port
+from .ports import LOOPBACK
 
 DEFAULT_KEYSTONE_VENV = Path("/opt/migratio-sandbox/keystone-venv")
 REGION = "RegionOne"
@@ -60,7 +60,7 @@ class KeystoneServerError(RuntimeError):
     """The Keystone server did not come up, or refused an admin request."""
 
 
-class KeystoneServer(Service):
+class KeystoneServer(PortDaemon):
     """One Keystone whose state lives in ``workdir/name``.
 
     ``start()`` writes keystone.conf, runs ``keystone-manage`` db_sync, fernet_setup,
@@ -69,10 +69,10 @@ class KeystoneServer(Service):
     the API with uWSGI on a free port of 127.0.0.1; ``stop()`` terminates uWSGI.
     """
 
-    START_ATTEMPTS = 3
     READY_TIMEOUT = 60.0
 
     def __init__(self, workdir: Path, name: str = "keystone") -> None:
+        super().__init__()
         self.name = name
         self.dir = Path(workdir).resolve() / name
         self.etc_dir = self.dir / "etc"
@@ -84,11 +84,6 @@ class KeystoneServer(Service):
         self.db_path = self.dir / "keystone.sqlite"
         self.venv = keystone_venv()
         self.admin_password = f"admin-{secrets.token_hex(8)}"
-        self.port = 0
-        self.endpoint = ""
-        self.auth_url = ""
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
         self._session: Any = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -115,33 +110,23 @@ class KeystoneServer(Service):
                 ]
             for step in steps:
                 step.result()
-            error = ""
-            for _ in range(self.START_ATTEMPTS):  # a port can be taken between pick and bind
-                self.port = free_port()
-                self.endpoint = f"http://{LOOPBACK}:{self.port}"
-                self.auth_url = f"{self.endpoint}/v3"
-                self._bootstrap()  # again per port: the catalog's identity URLs name it
-                error = self._serve()
-                if not error:
-                    return self
-            raise KeystoneServerError(error)
+            error = self._serve_on_a_free_port()
+            if error:
+                raise KeystoneServerError(error)
+            return self
         except BaseException:
             self.stop()
             raise
 
+    @property
+    def auth_url(self) -> str:
+        """The identity v3 URL."""
+        return f"{self.endpoint}/v3"
+
     def stop(self) -> None:
         """Terminate uWSGI (master and workers)."""
-        stop_process(self._proc)
-        self._proc = None
+        super().stop()
         self._session = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    @property
-    def running(self) -> bool:
-        """True while the uWSGI master is alive."""
-        return self._proc is not None and self._proc.poll() is None
 
     def _env(self) -> dict[str, str]:
         return child_env(OS_KEYSTONE_CONFIG_DIR=str(self.etc_dir))
@@ -208,7 +193,9 @@ enabled = false
         )  # fmt: skip
 
     def _serve(self) -> str:
-        """Start uWSGI and wait for the API; return '' when ready, else an error text."""
+        """Bootstrap for this port (the catalog's identity URLs name it), start uWSGI and
+        wait for the API; return '' when ready, else an error text."""
+        self._bootstrap()
         argv = [
             str(self.venv / "bin" / "uwsgi"),
             "--http-socket", f"{LOOPBACK}:{self.port}",

@@ -12,16 +12,15 @@ With ``authenticate=True`` moto checks every request's access key against its ow
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import Any, Self
 
 import boto3
 
-from ._process import Service, child_env, spawn_logged, stop_process, tail, wait_ready
-from .ports import LOOPBACK, free_port, port_open
+from ._process import PortDaemon, child_env, spawn_logged, tail, wait_ready
+from .ports import LOOPBACK, port_open
 
 #: any key pair works with moto (unless authenticate=True); the account is moto's default
 ACCESS_KEY = "AKIAMIGRATIOTEST0001"
@@ -30,20 +29,20 @@ ACCOUNT_ID = "123456789012"
 REGION = "eu-west-1"
 
 
-class MotoServer(Service):
+class MotoServer(PortDaemon):
     """One ``moto_server`` process; its state lives in memory and is reset on request."""
 
+    START_ATTEMPTS = 5
+
     def __init__(self, workdir: Path, *, authenticate: bool = False) -> None:
+        super().__init__()
         self.workdir = workdir
         self.authenticate = authenticate
-        self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
         """``http://127.0.0.1:PORT`` — the EC2_URL (and EBS/S3 endpoint) of the fake region."""
-        return f"http://{LOOPBACK}:{self.port}"
+        return self.endpoint
 
     @property
     def log_path(self) -> Path:
@@ -51,25 +50,28 @@ class MotoServer(Service):
 
     def start(self) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        problem = self._serve_on_a_free_port()
+        if problem:
+            raise RuntimeError(f"moto_server did not start: {problem}\n{tail(self.log_path)}")
+        return self
+
+    def _serve(self) -> str:
         moto = shutil.which("moto_server", path=str(Path(sys.executable).parent))
         if moto is None:
             raise RuntimeError("moto_server is not installed (pip install 'moto[server]')")
         env = child_env(MOTO_EC2_LOAD_DEFAULT_AMIS="false")
         if self.authenticate:
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
-        for _attempt in range(5):
-            self.port = free_port()
-            self._proc, self._log = spawn_logged(
-                [moto, "-H", LOOPBACK, "-p", str(self.port)],
-                cwd=self.workdir,
-                env=env,
-                log_path=self.log_path,
-            )
-            problem = wait_ready(self._proc, lambda: port_open(self.port), timeout=30)
-            if not problem:
-                return self
+        self._proc, self._log_file = spawn_logged(
+            [moto, "-H", LOOPBACK, "-p", str(self.port)],
+            cwd=self.workdir,
+            env=env,
+            log_path=self.log_path,
+        )
+        problem = wait_ready(self._proc, lambda: port_open(self.port), timeout=30)
+        if problem:
             self.stop()
-        raise RuntimeError(f"moto_server did not start: {problem}\n{tail(self.log_path)}")
+        return problem
 
     def reset(self) -> None:
         """Forget every snapshot, image, bucket and tag (moto's own reset endpoint)."""
@@ -83,13 +85,6 @@ class MotoServer(Service):
             aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=region
         )
         return session.client(service, endpoint_url=self.url)  # type: ignore[call-overload]
-
-    def stop(self) -> None:
-        stop_process(self._proc)
-        self._proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     def site_conf(self, *, region: str = REGION, **extra: str) -> str:
         """The text of a ``config/<amazon site>.conf`` pointing at this server, with keys."""

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import IO
 
-from ._process import Service, reaped, spawn, stop_process, tail
-from .ports import LOOPBACK, free_port, port_open
+from ._process import PortDaemon, reaped, spawn, stop_process, tail
+from .ports import LOOPBACK, port_open
 
 SANDBOX_USER = "migratio-sandbox"
 SSHD = "/usr/sbin/sshd"
@@ -35,18 +35,17 @@ class SshServerError(RuntimeError):
     """sshd did not come up, or the sandbox user could not be prepared."""
 
 
-class SshServer(Service):
+class SshServer(PortDaemon):
     """sshd on a free port of 127.0.0.1 that lets ``.user`` in with ``.client_key`` only."""
 
-    START_ATTEMPTS = 3
     LOCK_TIMEOUT = 900.0
 
     def __init__(self, workdir: Path) -> None:
+        super().__init__()
         self.dir = Path(workdir).resolve()
         self.is_root = os.geteuid() == 0
         self.user = SANDBOX_USER if self.is_root else pwd.getpwuid(os.geteuid()).pw_name
         self.home = Path()
-        self.port = 0
         self.host_key = self.dir / "host_key"
         self.host_key_pub = self.dir / "host_key.pub"
         self.client_key = self.dir / "client_key"
@@ -56,7 +55,6 @@ class SshServer(Service):
         self.log_path = self.dir / "sshd.log"
         self.pid_path = self.dir / "sshd.pid"
         self.authorized_keys = Path()
-        self._proc: subprocess.Popen[bytes] | None = None
         self._lock: IO[str] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -70,30 +68,21 @@ class SshServer(Service):
         try:
             self._prepare_user()
             self._prepare_keys()
-            error = ""
-            for _ in range(self.START_ATTEMPTS):  # the port may be taken between pick and bind
-                self.port = free_port()
-                error = self._serve()
-                if not error:
-                    self._write_known_hosts(self.known_hosts, self.host_key_pub)
-                    return self
-            raise SshServerError(error)
+            error = self._serve_on_a_free_port()
+            if error:
+                raise SshServerError(error)
+            self._write_known_hosts(self.known_hosts, self.host_key_pub)
+            return self
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
         """Terminate sshd (and any session it still runs) and release the user lock."""
-        stop_process(self._proc)
-        self._proc = None
+        super().stop()
         if self._lock is not None:
             self._lock.close()  # releases the flock
             self._lock = None
-
-    @property
-    def running(self) -> bool:
-        """True while sshd is alive."""
-        return self._proc is not None and self._proc.poll() is None
 
     def _take_lock(self) -> None:
         lock_path = Path(f"/tmp/migratio-sandbox-{self.user}.lock")
