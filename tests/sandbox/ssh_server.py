@@ -1,7 +1,8 @@
 """A real OpenSSH server on 127.0.0.1 with its own host key and one allowed user.
 
 As root the remote user is the system user ``migratio-sandbox`` (created when
-missing); otherwise it is the current user.  sshd's own files (config, host key,
+missing; ``$MIGRATIO_SANDBOX_USER`` names another, so that two checkouts can test side by
+side); otherwise it is the current user.  sshd's own files (config, host key,
 pid, log) live in ``workdir``; the authorized keys file lives in the user's home
 so that sshd can read it with the user's rights.
 
@@ -27,7 +28,7 @@ from typing import IO
 from ._process import PortDaemon, reaped, spawn, stop_process, tail
 from .ports import LOOPBACK, port_open
 
-SANDBOX_USER = "migratio-sandbox"
+SANDBOX_USER = os.environ.get("MIGRATIO_SANDBOX_USER", "migratio-sandbox")
 SSHD = "/usr/sbin/sshd"
 
 
