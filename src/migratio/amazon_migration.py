@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -149,13 +149,21 @@ class AmazonMigration:
     #: what this attempt made, removed again if it fails
     made_snapshots: list[str] = field(default_factory=list)
     made_image: str | None = None
+    #: raises when this attempt may no longer touch the site (see migratio.lease)
+    fence: Callable[[], None] = lambda: None
 
     @property
     def me(self) -> str:
         return self.settings.name
 
-    def progress(self, label: str, total: int) -> Progress:
-        return Progress(self.status, label, total, interval=self.settings.progress_interval)
+    def progress(self, label: str, total: int) -> Callable[[int], None]:
+        report = Progress(self.status, label, total, interval=self.settings.progress_interval)
+
+        def fenced(done: int) -> None:
+            self.fence()
+            report(done)
+
+        return fenced
 
     def link(self, image_id: str) -> dict[str, str]:
         """The tags that say a resource is this site's copy of the image (what we look for)."""
@@ -193,6 +201,7 @@ class AmazonMigration:
             if state == "deregistered":
                 continue  # gone while we waited
             if state in BROKEN_STATES:
+                self.fence()
                 log.info("removing AMI %s (%s) left by an earlier attempt", ami_id, state)
                 self.remove_image(ami_id, _snapshots_of(ami))
                 continue
@@ -203,7 +212,11 @@ class AmazonMigration:
         return None
 
     def remove_leftover_snapshots(self, image: ImageRecord) -> None:
-        """Delete snapshots of ours for the image that no AMI uses (an interrupted upload's)."""
+        """Delete snapshots of ours for the image that no AMI uses (an interrupted upload's).
+
+        Only while this attempt holds the pair's lease: every such snapshot is a dead attempt's.
+        """
+        self.fence()
         with aws_errors("looking for unfinished snapshots"):
             leftovers = self.aws.ec2.describe_snapshots(
                 OwnerIds=["self"],
@@ -335,6 +348,7 @@ class AmazonMigration:
         params = register_params(
             image, self.site, self.me, uploaded.snapshot_id, uploaded.volume_size_gib
         )
+        self.fence()
         with aws_errors(f"registering an AMI from {uploaded.snapshot_id}"):
             self.made_image = self.aws.ec2.register_image(**params)["ImageId"]
         self.tag([self.made_image, uploaded.snapshot_id], image)
@@ -405,6 +419,7 @@ class AmazonMigration:
                 on_progress=self.progress("Uploading", size),
             )
             self.status(f"{status.IMAGE_TRANSFERED}: {human_bytes(sent)} to s3://{bucket}/{key}")
+            self.fence()
             task_id = start_import(
                 self.aws.ec2,
                 bucket=bucket,
@@ -445,6 +460,7 @@ def migrate_to_amazon(
     *,
     cancel: threading.Event | None = None,
     clients: AwsClients | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> MigrationResult:
     """Migrate one image to an Amazon site, reporting each step to ``sink``.
 
@@ -465,6 +481,8 @@ def migrate_to_amazon(
             workdir=settings.staging_dir / f"{request.image_id}-{site.site_id}",
             cancel=cancel or threading.Event(),
         )
+        if fence is not None:
+            migration.fence = fence
         return migration.run()
     except MigratioError as exc:
         sink(exc.status_line())

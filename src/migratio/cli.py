@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
+from redis.exceptions import RedisError
+
 from migratio import __version__
 from migratio.config import Settings, default_config_path, load_settings
-from migratio.errors import ConfigError, MigratioError
+from migratio.errors import Cancelled, ConfigError, MigratioError
 from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
+from migratio.lease import Lease
 from migratio.logs import setup_logging
 from migratio.operations import operator_status, retry_failed
 from migratio.request import MigrationRequest, Outcome
@@ -26,7 +31,7 @@ from migratio.service import (
     worker_command,
 )
 from migratio.sidekiq import payload, push
-from migratio.status import FanOut, LogSink
+from migratio.status import FanOut, LogSink, StatusSink
 
 log = logging.getLogger("migratio")
 
@@ -163,7 +168,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         # operator commands should not pay
         from migratio.migration import migrate  # noqa: PLC0415
 
-        result = migrate(settings, request, sink, cancel=cancel)
+        with leased(settings, request, cancel, sink) as fence:
+            result = migrate(settings, request, sink, cancel=cancel, fence=fence)
     except MigratioError as exc:
         log.debug("migration failed", exc_info=True)
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILED
@@ -174,6 +180,48 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if result.outcome is Outcome.ALREADY_THERE:
         log.info("image %s was already at %s", args.image_uuid, args.dest_site)
     return EXIT_OK
+
+
+@contextmanager
+def leased(
+    settings: Settings, request: MigrationRequest, cancel: threading.Event, sink: StatusSink
+) -> Iterator[Callable[[], None]]:
+    """The pair's lease for a migration in the foreground (waits while a job holds it).
+
+    Yields the fence for :func:`migratio.migration.migrate`. Errors are reported to ``sink``.
+    """
+    try:
+        settings.site(request.destination)
+        lease = Lease(
+            connect(settings),
+            Keys(settings.namespace),
+            settings.name,
+            request.image_id,
+            request.destination,
+            job_id=f"cli-{os.getpid()}",
+        )
+        waiting = False
+        while not lease.acquire():
+            if not waiting:
+                waiting = True
+                sink(
+                    f"Waiting: another migration of image {request.image_id} to "
+                    f"{request.destination} is running ({lease.holder()})"
+                )
+            if cancel.wait(2):
+                raise Cancelled("stopped while waiting for another migration of the image")
+    except RedisError as exc:
+        error = MigratioError(
+            f"cannot take the lease on image {request.image_id} to {request.destination} "
+            f"(one migration at a time): Redis at {settings.redis_url}: {exc}"
+        )
+        sink(error.status_line())
+        raise error from exc
+    except MigratioError as exc:
+        sink(exc.status_line())
+        raise
+    with lease.held(cancel) as held:
+        yield held.fence
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -142,6 +142,14 @@ class RemoteGlance:
         if done.returncode != 0 and "No image with" not in done.stderr + done.stdout:
             raise RemoteError(f"glance image-delete {image_id} failed: {done.tail()}")
 
+    def remove_parts(self, remote_dir: str, image_id: str) -> None:
+        """Remove the staging files of ``image_id`` there (any attempt's, any format)."""
+        self.ssh.run(
+            ["find", remote_dir, "-maxdepth", "1", "-name", f"{image_id}-*.part", "-delete"],
+            what="remove remote staging files",
+            creds=False,
+        )
+
     def remove_file(self, remote_path: str) -> None:
         """Remove a staging file there."""
         self.ssh.run(["rm", "-f", "--", remote_path], what="remove remote file", creds=False)

@@ -1,22 +1,32 @@
-"""The functions RQ workers run: a thin call into the migrations."""
+"""The functions RQ workers run: a thin call into the migrations, under the pair's lease."""
 
 from __future__ import annotations
 
 import logging
+import threading
+from datetime import timedelta
 from functools import cache
 
-from rq import get_current_job
+from redis.exceptions import RedisError
+from rq import Queue, Retry, get_current_job
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
 
 from migratio.config import Settings, load_settings
 from migratio.errors import MigratioError
 from migratio.feedback import AtmosphereSink
 from migratio.keys import Keys
+from migratio.lease import Lease
 from migratio.logs import job_context
 from migratio.migration import migrate
 from migratio.request import MigrationRequest
 from migratio.status import FanOut, LogSink
 
 log = logging.getLogger(__name__)
+
+#: seconds a job whose pair is busy waits before it looks again (it leaves its worker meanwhile)
+BUSY_DELAY = 10
 
 
 @cache
@@ -26,13 +36,19 @@ def worker_settings() -> Settings:
 
 
 class JobMetaSink:
-    """Keeps a job's latest status line in its RQ metadata, for ``migratio status``."""
+    """Keeps a job's latest status line in its RQ metadata, for ``migratio status``.
+
+    Only a convenience: a Redis error here is logged, never raised into the migration.
+    """
 
     def __call__(self, text: str) -> None:
         job = get_current_job()
         if job is not None:
             job.meta["status"] = text
-            job.save_meta()  # type: ignore[no-untyped-call]
+            try:
+                job.save_meta()  # type: ignore[no-untyped-call]
+            except RedisError as exc:
+                log.warning("cannot keep the status line in the job's record: %s", exc)
 
 
 def _no_more_retries() -> None:
@@ -43,30 +59,89 @@ def _no_more_retries() -> None:
         job.save()
 
 
+def wait_for_pair(job: Job, holder: str | None, delay: int = BUSY_DELAY) -> Job:
+    """Run ``job`` again in ``delay`` seconds as a new job (the pair's lease is taken).
+
+    The new job keeps the kind, arguments, timeouts and retries left; its id is the first
+    job's id with ``~wN`` (the N-th wait), so ``migratio status`` shows what it waits for.
+    """
+    waits = int(job.meta.get("waits", 0)) + 1
+    first = str(job.meta.get("first_job", job.id))
+    queue = Queue(job.origin, connection=job.connection, serializer=JSONSerializer)
+    retry = None
+    if job.retries_left:
+        retry = Retry(max=job.retries_left, interval=list(job.retry_intervals or [0]))
+    return queue.enqueue_in(
+        timedelta(seconds=delay),
+        "migratio.jobs.run_migration",
+        kwargs=job.kwargs,
+        job_id=f"{first}~w{waits}",
+        description=job.description,
+        job_timeout=job.timeout,
+        result_ttl=job.result_ttl,
+        failure_ttl=job.failure_ttl,
+        retry=retry,
+        meta={**job.meta, "waits": waits, "first_job": first, "waiting_for": holder},
+    )
+
+
 def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> str:
-    """Run one of Atmosphere's migration jobs; status lines go to Atmosphere and the log."""
+    """Run one of Atmosphere's migration jobs; status lines go to Atmosphere and the log.
+
+    The migration runs under its pair's lease; while another attempt holds it, the job is
+    put back to wait (without a worker) and says so once.
+    """
     settings = worker_settings()
     job = get_current_job()
     assert job is not None, "run_migration runs inside an RQ worker"
     job_context.set(f" [job {job.id} image {image_id}]")
-    atmosphere = AtmosphereSink(
-        job.connection, Keys(settings.namespace), image_id, settings.name, destination
-    )
+    keys = Keys(settings.namespace)
+    atmosphere = AtmosphereSink(job.connection, keys, image_id, settings.name, destination)
     sink = FanOut(atmosphere, LogSink(log), JobMetaSink())
     log.info("job %s (jid %s): %s migration of %s to %s", job.id, jid, kind, image_id, destination)
     try:
         try:
             request = MigrationRequest(image_id, destination)
+            settings.site(destination)
         except MigratioError as exc:
             sink(exc.status_line())
             raise
-        result = migrate(
-            settings, request, sink, kind="amazon" if kind == "amazon" else "openstack"
-        )
+        lease = Lease(job.connection, keys, settings.name, image_id, destination, job_id=job.id)
+        if not lease.acquire():
+            holder = lease.holder()
+            wait_for_pair(job, holder)
+            log.info("%s to %s is being migrated (%s); waiting", image_id, destination, holder)
+            if not job.meta.get("waits"):
+                atmosphere(
+                    f"Waiting: another migration of image {image_id} to {destination} is running"
+                )
+            return "waiting"
+        cancel = threading.Event()
+        with lease.held(cancel) as held:
+            result = migrate(
+                settings,
+                request,
+                sink,
+                kind="amazon" if kind == "amazon" else "openstack",
+                cancel=cancel,
+                fence=held.fence,
+            )
     except MigratioError as exc:
         if not exc.retryable:
             _no_more_retries()
         log.error("job %s failed: %s", job.id, exc.message)
+        raise
+    except JobTimeoutException:
+        atmosphere(
+            f"Error: the migration ran longer than job_timeout ({settings.job_timeout:g} s); "
+            "raise job_timeout in the configuration for images this large"
+        )
+        log.error("job %s ran longer than job_timeout (%g s)", job.id, settings.job_timeout)
+        _no_more_retries()
+        raise
+    except RedisError as exc:
+        atmosphere(f"Error: lost contact with Redis ({exc}); the job will be tried again")
+        log.exception("job %s: Redis failed", job.id)
         raise
     except Exception:
         atmosphere("Error: internal error in migratio; the traceback is in its log")

@@ -51,6 +51,14 @@ class Keys:
         """migratio's dead-letter list: payloads it could not understand, with the reason."""
         return self.key(f"migratio:dead:{site_id}")
 
+    def lease(self, site_id: str, image_id: str, destination: str) -> str:
+        """The lease that lets one attempt at a time migrate ``image_id`` to ``destination``."""
+        return self.key(f"migratio:lease:{site_id}:{image_id}:{destination}")
+
+    def lease_history(self, site_id: str) -> str:
+        """A stream of every lease taken, renewed, released or lost (for operators and tests)."""
+        return self.key(f"migratio:leases:{site_id}")
+
     def rq_queue_name(self, site_id: str) -> str:
         """The RQ queue that migratio's workers take this site's migrations from."""
         prefix = "" if self.namespace is None else f"{self.namespace}-"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,13 +69,21 @@ class Migration:
     destination: Destination
     workdir: Path
     cancel: threading.Event
+    #: raises when this attempt may no longer touch the destination (see migratio.lease)
+    fence: Callable[[], None] = lambda: None
 
     @property
     def me(self) -> str:
         return self.settings.name
 
-    def progress(self, label: str, total: int) -> Progress:
-        return Progress(self.status, label, total, interval=self.settings.progress_interval)
+    def progress(self, label: str, total: int) -> Callable[[int], None]:
+        report = Progress(self.status, label, total, interval=self.settings.progress_interval)
+
+        def fenced(done: int) -> None:
+            self.fence()
+            report(done)
+
+        return fenced
 
     # 2
     def existing_copy(self, image: ImageRecord, target_format: str) -> ImageRecord | None:
@@ -178,6 +186,9 @@ class Migration:
             if staging is not None:
                 staging.result()
         if existing is not None:
+            if isinstance(self.destination, RemoteGlance):
+                # a worker killed just after its transfer left the file; the copy is in Glance
+                quietly(self.destination.remove_parts, self.remote_dir, image.id)
             self.status(
                 f"{status.ALREADY_UPLOADED} {self.site.site_id} has it as image {existing.id}"
             )
@@ -208,6 +219,7 @@ class Migration:
     ) -> tuple[str, int]:
         api = self.destination
         assert isinstance(api, GlanceApi)
+        self.fence()
         copy = api.create(fields)
         try:
             with payload.open("rb") as stream:
@@ -238,6 +250,7 @@ class Migration:
         target_format = str(fields["disk_format"])
         algo, digest = digests.cheapest()
         remote_path = f"{self.remote_dir}/{image.id}-{digest[:12]}.{target_format}.part"
+        self.fence()
         follower = cli.start_follow_create(
             fields, remote_path, digests.size, algo, digest, FOLLOW_IDLE
         )
@@ -276,19 +289,27 @@ class Migration:
             if copy is None:
                 raise RemoteError(f"glance image-create at {self.site.site_id} printed no image")
             self.verify(copy.id, digests, copy)
-        except BaseException:
+        except BaseException as exc:
             if copy is not None:
                 quietly(cli.delete, copy.id)
             else:
                 quietly(lambda: self.delete_leftovers(cli.find(source_uuid=image.id)))
+            if not (isinstance(exc, MigratioError) and exc.retryable):
+                # nothing will resume this transfer: the staged file goes now, not at the sweep
+                quietly(cli.remove_parts, self.remote_dir, image.id)
             raise
         self.status(f"{status.REGISTERED} as image {copy.id} at {self.site.site_id}")
         return copy.id, sent
 
     def delete_leftovers(self, copies: list[ImageRecord]) -> None:
-        """Delete unfinished copies that an interrupted attempt of ours left behind."""
+        """Delete unfinished copies that an interrupted attempt of ours left behind.
+
+        Only while this attempt holds the pair's lease (the fence): then no other attempt of
+        the pair is running, and every unfinished copy of ours is a dead attempt's.
+        """
         for copy in copies:
             if copy.status in LEFTOVER_STATES and copy.properties.get("source_cs") == self.me:
+                self.fence()
                 log.info("deleting %s copy %s left by an interrupted attempt", copy.status, copy.id)
                 self.destination.delete(copy.id)
 
@@ -307,6 +328,7 @@ def migrate_to_openstack(
     sink: StatusSink,
     *,
     cancel: threading.Event | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> MigrationResult:
     """Migrate one image to an OpenStack site, reporting each step to ``sink``.
 
@@ -326,6 +348,8 @@ def migrate_to_openstack(
             workdir=settings.staging_dir / f"{request.image_id}-{site.site_id}",
             cancel=cancel or threading.Event(),
         )
+        if fence is not None:
+            migration.fence = fence
         return migration.run()
     except MigratioError as exc:
         sink(exc.status_line())

@@ -4,7 +4,8 @@ The loop is ``while not stopping: run_once()``; :meth:`Service.run_once` is what
 It takes Atmosphere's jobs (see :mod:`migratio.intake`), keeps the RQ worker processes alive,
 and re-queues jobs whose worker died. Redis being down is an outage to wait out with capped
 exponential backoff, logged once, never a crash. Signal handlers only count requests: the first
-SIGTERM is a warm stop (workers finish their current job), the second a cold one.
+SIGTERM is a warm stop (workers finish their current job), every later one a cold one (see
+:mod:`migratio.worker`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rq import Queue, Worker
-from rq.registry import StartedJobRegistry
+from rq import Queue
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
@@ -33,6 +33,7 @@ from migratio import processes
 from migratio.config import Settings
 from migratio.intake import Intake
 from migratio.keys import Keys
+from migratio.worker import MigratioWorker, requeue_abandoned
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,9 @@ def run_worker(settings: Settings, *, burst: bool = False) -> bool:
     # loaded once here, not in every forked work-horse: the migrations' libraries take ~0.7 s
     importlib.import_module("migratio.jobs")
     redis = connect(settings)
-    worker = Worker(
+    worker = MigratioWorker(
         [rq_queue(settings, redis)],
+        settings=settings,
         connection=redis,
         serializer=JSONSerializer,
         job_monitoring_interval=JOB_MONITORING_INTERVAL,
@@ -147,7 +149,7 @@ class Service:
         RQ's own cycle for this is 10 minutes, and a scheduler lock held by a killed worker
         would block retries for longer; here it is every CLEANUP_INTERVAL seconds.
         """
-        StartedJobRegistry(queue=self.queue).cleanup()
+        requeue_abandoned(self.settings, self.queue)
         self.scheduler.acquire_locks()  # type: ignore[no-untyped-call]
         if self.scheduler.acquired_locks:
             self.scheduler.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
@@ -176,16 +178,20 @@ class Service:
             self.workers[index] = processes.Daemon(self.worker_argv, what=f"worker {index}")
 
     def shutdown(self) -> None:
-        """Stop the workers: warm (finish the current job), cold on a second request."""
+        """Stop the workers: warm (finish the current job), cold on any later request.
+
+        Every request is passed on as it comes; a worker takes each one after the first as
+        a cold stop (kills its work-horse, puts the job back on the queue).
+        """
         forwarded = 0
         while any(w is not None and w.poll() is None for w in self.workers):
-            while forwarded < min(self.stop_requests, 2):
+            while forwarded < self.stop_requests:
                 forwarded += 1
                 log.warning("%s stop: telling the workers", "warm" if forwarded == 1 else "cold")
                 for worker in self.workers:
                     if worker is not None:
                         worker.signal(signal.SIGTERM)
-            self.sleep(0.2)
+            self.sleep(0.1)
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the exit code."""

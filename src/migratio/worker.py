@@ -1,0 +1,146 @@
+"""migratio's RQ worker: stops that lose nothing, and work-horses that never outlive it.
+
+RQ's worker forks a work-horse per job into its own process group. Here:
+
+* the work-horse gets SIGKILL when its worker dies (``PR_SET_PDEATHSIG``), so a worker killed
+  on its own (the OOM killer, ``kill -9 PID``) never leaves a horse migrating on under PID 1
+  while the job is re-queued; the horse's tools get SIGTERM in turn (see
+  :mod:`migratio.processes`);
+* the first SIGTERM is a warm stop (the running migration finishes), every later one — at any
+  time, not only a second after — a cold stop: the horse and its tools are killed, the lease
+  is released and the job goes back to the front of the queue, without using up a retry;
+* a job whose horse died (killed, or its worker died: see :func:`interrupted`) is run again
+  without using up a retry, up to :data:`MAX_INTERRUPTIONS` times; then it fails with a
+  status line that says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue, Worker
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+
+from migratio.config import Settings
+from migratio.keys import Keys
+from migratio.lease import release_job
+from migratio.sidekiq import push_status
+
+log = logging.getLogger(__name__)
+
+#: times a job may lose its process (killed horse, killed worker) before it is failed
+MAX_INTERRUPTIONS = 5
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_worker() -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def interrupted(settings: Settings, redis: Redis, job: Job, *, horse_reaped: bool) -> None:
+    """Book-keep a job that lost its process, before RQ retries or fails it.
+
+    The lease is released only when the horse is known dead (``horse_reaped``: its worker
+    waited for it); otherwise it expires by itself. Up to :data:`MAX_INTERRUPTIONS` times the
+    job gets its retry back; after that Atmosphere is told why it failed.
+    """
+    try:
+        meta = job.get_meta(refresh=True)
+    except RedisError:
+        meta = job.meta
+    count = int(meta.get("interruptions", 0)) + 1
+    job.meta["interruptions"] = count
+    kwargs = job.kwargs
+    image_id, destination = str(kwargs.get("image_id")), str(kwargs.get("destination"))
+    keys = Keys(settings.namespace)
+    if horse_reaped:
+        release_job(redis, keys, settings.name, image_id, destination, job.id)
+    if count <= MAX_INTERRUPTIONS:
+        job.retries_left = (job.retries_left or 0) + 1
+        log.warning("job %s lost its process (%d time(s)); it will run again", job.id, count)
+    else:
+        job.retries_left = 0
+        push_status(
+            redis,
+            keys,
+            image_id,
+            settings.name,
+            destination,
+            f"Error: the migration's process was killed {count} times (out of memory?); "
+            "given up — see the worker log",
+        )
+    job.save_meta()  # type: ignore[no-untyped-call]
+
+
+def requeue_abandoned(settings: Settings, queue: Queue) -> None:
+    """Run again the jobs whose worker died (no heartbeat), as :func:`interrupted` says."""
+
+    def handler(job: Job, *exc_info: Any) -> bool:
+        interrupted(settings, queue.connection, job, horse_reaped=False)
+        return True
+
+    StartedJobRegistry(queue=queue).cleanup(exception_handlers=[handler])
+
+
+class MigratioWorker(Worker):
+    """An RQ worker whose horse dies with it and whose cold stop re-queues the job."""
+
+    def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings = settings
+        self.worker_pid = os.getpid()
+        self.cold = False
+
+    def main_work_horse(self, job: Job, queue: Queue) -> None:
+        _die_with_worker()
+        if os.getppid() != self.worker_pid:  # the worker died before the line above
+            os._exit(1)
+        super().main_work_horse(job, queue)
+
+    def handle_work_horse_killed(self, job: Job, retpid: Any, ret_val: Any, rusage: Any) -> None:
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)  # type: ignore[no-untyped-call]
+        interrupted(self.settings, self.connection, job, horse_reaped=True)
+
+    def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
+        """Cold stop: kill the horse, release its lease, put its job back first in line."""
+        if self.cold:
+            return
+        self.cold = True
+        log.warning("worker %s: cold stop", self.name)
+        job = self.get_current_job() if self.horse_pid else None
+        if self.horse_pid:
+            self.kill_horse()
+            self.wait_for_horse()
+        if job is not None:
+            try:
+                self.requeue(job)
+            except RedisError:
+                # the job stays STARTED without a heartbeat: the service re-queues it later
+                log.exception("cannot re-queue job %s now", job.id)
+        raise SystemExit(0)
+
+    def requeue(self, job: Job) -> None:
+        kwargs = job.kwargs
+        release_job(
+            self.connection,
+            Keys(self.settings.namespace),
+            self.settings.name,
+            str(kwargs.get("image_id")),
+            str(kwargs.get("destination")),
+            job.id,
+        )
+        queue = Queue(job.origin, connection=self.connection, serializer=self.serializer)
+        StartedJobRegistry(queue=queue).remove_executions(job)
+        queue.enqueue_job(job, at_front=True)
+        log.warning("job %s put back on the queue", job.id)
