@@ -63,7 +63,7 @@ def wait_for_pair(job: Job, holder: str | None, delay: int = BUSY_DELAY) -> Job:
     """Run ``job`` again in ``delay`` seconds as a new job (the pair's lease is taken).
 
     The new job keeps the kind, arguments, timeouts and retries left; its id is the first
-    job's id with ``~wN`` (the N-th wait), so ``migratio status`` shows what it waits for.
+    job's id with ``-wN`` (the N-th wait), so ``migratio status`` shows what it waits for.
     """
     waits = int(job.meta.get("waits", 0)) + 1
     first = str(job.meta.get("first_job", job.id))
@@ -75,7 +75,7 @@ def wait_for_pair(job: Job, holder: str | None, delay: int = BUSY_DELAY) -> Job:
         timedelta(seconds=delay),
         "migratio.jobs.run_migration",
         kwargs=job.kwargs,
-        job_id=f"{first}~w{waits}",
+        job_id=f"{first}-w{waits}",
         description=job.description,
         job_timeout=job.timeout,
         result_ttl=job.result_ttl,

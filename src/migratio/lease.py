@@ -224,6 +224,8 @@ class HeldLease:
                 self._lose("another attempt holds it" if in_time else "it expired")
                 return
             self.valid_until = asked + TTL - MARGIN
+            with suppress(RedisError):
+                self.lease.record("renewed")
 
 
 def _text(value: bytes | str) -> str:
