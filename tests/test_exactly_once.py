@@ -153,6 +153,9 @@ class Service:
         self.proc.wait(timeout=10)
 
     def stop(self) -> int:
+        deadline = time.monotonic() + 30  # up: its signal handlers are in place
+        while not self.workers() and self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.tree()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

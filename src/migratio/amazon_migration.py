@@ -274,6 +274,7 @@ class AmazonMigration:
         image = self.source.find(self.request.image_id)
         existing = self.existing_image(image)
         if existing is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)  # a killed attempt's
             self.status(f"{status.ALREADY_UPLOADED} {self.site.site_id} has it as {existing}")
             return MigrationResult(Outcome.ALREADY_THERE, existing)
         self.remove_leftover_snapshots(image)
@@ -443,6 +444,26 @@ class AmazonMigration:
         self.status(f"{status.IMAGE_IMPORTED}: task {imported.task_id} made {imported.image_id}")
         self.tag([imported.image_id, *imported.snapshot_ids], image)
         return imported.image_id
+
+
+def unused_snapshots(ec2: Any, source_site: str) -> list[tuple[str, str]]:
+    """(image id, snapshot id) of this site's snapshots that no AMI of the account uses, for
+    images that have no AMI of ours at all: what interrupted uploads left (for the sweep)."""
+    with aws_errors("looking for unfinished snapshots"):
+        snapshots = ec2.describe_snapshots(
+            OwnerIds=["self"], Filters=tag_filters({"source_t": source_site})
+        )["Snapshots"]
+        amis = ec2.describe_images(Owners=["self"])["Images"]
+    used = {snapshot for ami in amis for snapshot in _snapshots_of(ami)}
+    has_ami = {tag_dict(ami).get("source_uuid") for ami in amis} | {
+        str(ami.get("Name", "")).split(" ")[0] for ami in amis
+    }
+    found = []
+    for snapshot in snapshots:
+        image_id = tag_dict(snapshot).get("source_uuid")
+        if image_id and snapshot["SnapshotId"] not in used and image_id not in has_ami:
+            found.append((image_id, str(snapshot["SnapshotId"])))
+    return found
 
 
 def _snapshots_of(ami: Mapping[str, Any]) -> list[str]:

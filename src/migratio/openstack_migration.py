@@ -189,6 +189,7 @@ class Migration:
             if isinstance(self.destination, RemoteGlance):
                 # a worker killed just after its transfer left the file; the copy is in Glance
                 quietly(self.destination.remove_parts, self.remote_dir, image.id)
+            shutil.rmtree(self.workdir, ignore_errors=True)  # a killed attempt's
             self.status(
                 f"{status.ALREADY_UPLOADED} {self.site.site_id} has it as image {existing.id}"
             )

@@ -180,8 +180,9 @@ class Service:
     def shutdown(self) -> None:
         """Stop the workers: warm (finish the current job), cold on any later request.
 
-        Every request is passed on as it comes; a worker takes each one after the first as
-        a cold stop (kills its work-horse, puts the job back on the queue).
+        The first request goes on as SIGTERM, every later one as SIGUSR1, which a worker takes
+        as a cold stop (it kills its work-horse and puts the job back on the queue): two
+        SIGTERMs sent close together would reach a worker as one.
         """
         forwarded = 0
         while any(w is not None and w.poll() is None for w in self.workers):
@@ -190,7 +191,7 @@ class Service:
                 log.warning("%s stop: telling the workers", "warm" if forwarded == 1 else "cold")
                 for worker in self.workers:
                     if worker is not None:
-                        worker.signal(signal.SIGTERM)
+                        worker.signal(signal.SIGTERM if forwarded == 1 else signal.SIGUSR1)
             self.sleep(0.1)
 
     def run(self) -> int:

@@ -8,7 +8,9 @@ RQ's worker forks a work-horse per job into its own process group. Here:
   :mod:`migratio.processes`);
 * the first SIGTERM is a warm stop (the running migration finishes), every later one — at any
   time, not only a second after — a cold stop: the horse and its tools are killed, the lease
-  is released and the job goes back to the front of the queue, without using up a retry;
+  is released and the job goes back to the front of the queue, without using up a retry.
+  SIGUSR1 is a cold stop at once: the service passes a cold stop on with it, because two
+  SIGTERMs sent close together reach a process as one;
 * a job whose horse died (killed, or its worker died: see :func:`interrupted`) is run again
   without using up a retry, up to :data:`MAX_INTERRUPTIONS` times; then it fails with a
   status line that says why.
@@ -102,7 +104,16 @@ class MigratioWorker(Worker):
         self.worker_pid = os.getpid()
         self.cold = False
 
+    def _install_signal_handlers(self) -> None:
+        super()._install_signal_handlers()  # type: ignore[no-untyped-call]
+        signal.signal(signal.SIGUSR1, self.request_force_stop)
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        if not self.cold:  # a SIGTERM after a cold stop (SIGUSR1) changes nothing
+            super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
     def main_work_horse(self, job: Job, queue: Queue) -> None:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
         _die_with_worker()
         if os.getppid() != self.worker_pid:  # the worker died before the line above
             os._exit(1)
