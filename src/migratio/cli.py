@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from migratio import __version__
+from migratio import __version__, metrics
 from migratio.config import Settings, default_config_path, load_settings
 from migratio.errors import ConfigError, MigratioError, RedisFailure
 from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
@@ -143,7 +143,12 @@ def _settings(
     if log_level is not None:
         verbose = getattr(args, "verbose", False)
         level = min(log_level, logging.INFO) if verbose else log_level
-        setup_logging(settings.log_dir, stderr_level=level, filename=log_file)
+        setup_logging(
+            settings.log_dir,
+            stderr_level=level,
+            filename=log_file,
+            keep_days=settings.log_keep_days,
+        )
         args.logging = True
     return settings
 
@@ -213,6 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise  # a password, a certificate, an old Redis: waiting will not fix it
         # unreachable: the service waits it out (and says so once)
     service = Service(settings, redis, worker_argv=worker_command(settings.config_path))
+    metrics.serve(settings, service)
     return service.run()
 
 
