@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from migratio.errors import ConfigError, UnknownSiteError
+from migratio.redis_client import RedisTls, validate_tls, validate_url
 from migratio.shellvars import read_shell_vars
 
 DEFAULT_REDIS_URL = "redis://localhost:6379"
@@ -215,6 +216,7 @@ class Settings:
     name: str
     config_path: Path
     redis_url: str
+    redis_tls: RedisTls
     namespace: str
     credentials_file: Path
     sites_dir: Path
@@ -285,11 +287,18 @@ def load_settings(config_path: Path | None = None) -> Settings:
     if creds.get("AWS_ACCESS_KEY") and creds.get("AWS_SECRET_KEY"):
         aws = AwsCredentials(creds["AWS_ACCESS_KEY"], creds["AWS_SECRET_KEY"])
 
+    redis_url = validate_url(key("redis_url", DEFAULT_REDIS_URL), str(path))
+    ca, cert, tls_key = (
+        _path(raw[name], base) if raw.get(name) else None
+        for name in ("redis_ca_file", "redis_cert_file", "redis_key_file")
+    )
+    redis_tls = validate_tls(redis_url, RedisTls(ca, cert, tls_key), str(path))
     sites_dir = _path(key("sites_dir", "config"), base)
     return Settings(
         name=name,
         config_path=path,
-        redis_url=str(key("redis_url", DEFAULT_REDIS_URL)),
+        redis_url=redis_url,
+        redis_tls=redis_tls,
         namespace=namespace,
         credentials_file=credentials_file,
         sites_dir=sites_dir,

@@ -22,7 +22,7 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import RedisError
 
-from migratio import __version__
+from migratio import __version__, redis_client
 from migratio.errors import ConfigError
 from migratio.keys import Keys, migration_queue
 
@@ -242,8 +242,11 @@ def serve(settings: Settings, service: _HasOutages | None = None) -> None:
     from prometheus_client import start_http_server  # noqa: PLC0415
     from prometheus_client.registry import CollectorRegistry  # noqa: PLC0415
 
-    redis = Redis.from_url(
-        settings.redis_url, socket_timeout=SCRAPE_TIMEOUT, socket_connect_timeout=SCRAPE_TIMEOUT
+    redis = redis_client.connect(
+        settings.redis_url,
+        settings.redis_tls,
+        socket_timeout=SCRAPE_TIMEOUT,
+        socket_connect_timeout=SCRAPE_TIMEOUT,
     )
     registry = CollectorRegistry(auto_describe=False)
     registry.register(cast("Collector", MetricsCollector(settings, redis, service)))

@@ -18,7 +18,6 @@ and ``dead_letters``: payloads refused because they cannot be understood, with t
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ from rq.serializers import JSONSerializer
 from migratio.config import Settings
 from migratio.keys import Keys, migration_queue
 from migratio.metrics import queue_depths
+from migratio.redis_client import redacted
 from migratio.service import rq_queue
 from migratio.sidekiq import BadPayload, parse_job
 
@@ -176,16 +176,6 @@ def overview(settings: Settings, redis: Redis, *, shown: int = SHOWN) -> Overvie
 
 _ORDER = ("waiting", "in_flight", "queued", "running", "scheduled", "deferred", "failed",
           "finished", "canceled")  # fmt: skip
-
-
-def redacted(url: str) -> str:
-    """``url`` with any password (``user:PASSWORD@`` or ``?password=``) shown as ``***``."""
-    url = _URL_PASSWORD.sub(r"\1:***@", url)
-    return _QUERY_PASSWORD.sub(r"\1***", url)
-
-
-_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/]*):[^@]*@")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
 
 
 def _registry_ids(registry: BaseRegistry, shown: int, *, newest_first: bool) -> list[str]:

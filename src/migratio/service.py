@@ -29,7 +29,7 @@ from rq.registry import StartedJobRegistry
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
-from migratio import processes
+from migratio import processes, redis_client
 from migratio.config import Settings
 from migratio.intake import Intake
 from migratio.keys import Keys
@@ -46,10 +46,8 @@ BACKOFF_MAX = 30.0
 
 
 def connect(settings: Settings) -> Redis:
-    """A Redis client for ``redis_url`` with timeouts that outlast a blocking pop."""
-    return Redis.from_url(
-        settings.redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30
-    )
+    """A Redis client for ``redis_url`` (and its TLS files)."""
+    return redis_client.connect(settings.redis_url, settings.redis_tls)
 
 
 def rq_queue(settings: Settings, redis: Redis) -> Queue:
@@ -160,7 +158,8 @@ class Service:
             self.outage_since = self.clock()
             self.outages += 1
             log.error(
-                "Redis at %s is unreachable (%s); waiting for it", self.settings.redis_url, exc
+                "Redis is unreachable; waiting for it: %s",
+                redis_client.describe(exc, self.settings.redis_url).message,
             )
         self._back_off()
 
