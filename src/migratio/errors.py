@@ -85,6 +85,10 @@ class ImageRefusedError(MigratioError):
     status_text = status.IMAGE_NOT_EXIST
 
 
+class MetadataError(MigratioError):
+    """The image's name or properties cannot be registered exactly at the destination."""
+
+
 class ToolError(MigratioError):
     """An external program (qemu-img, rsync, ssh, glance) failed or is missing."""
 
