@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from ._process import PortDaemon, child_env, spawn_logged, tail, wait_ready
-from .ports import LOOPBACK
 
 DEFAULT_GLANCE_VENV = Path("/opt/migratio-sandbox/glance-venv")
 TOKEN = "sandbox"  # Glance runs without Keystone: any token is accepted
@@ -90,7 +89,7 @@ class GlanceServer(PortDaemon):
         (self.etc_dir / "policy.yaml").write_text('"context_is_admin": "@"\n')
         (self.etc_dir / "glance-api.conf").write_text(
             f"""[DEFAULT]
-bind_host = {LOOPBACK}
+bind_host = {self.address}
 log_file = {self.log_path}
 enabled_import_methods = []
 show_multiple_locations = false
@@ -149,8 +148,9 @@ filesystem_store_datadir = {d}/tasks
     def _serve(self) -> str:
         """Start uWSGI and wait for the API; return '' when ready, else an error text."""
         argv = [
+            *self._exec_prefix,
             str(self.venv / "bin" / "uwsgi"),
-            "--http-socket", f"{LOOPBACK}:{self.port}",
+            "--http-socket", f"{self.address}:{self.port}",
             "--wsgi-file", str(self._wsgi_file()),
             "--master", "--processes", "1", "--threads", "4", "--enable-threads",
             "--die-on-term", "--need-app", "--lazy-apps",
@@ -176,7 +176,7 @@ filesystem_store_datadir = {d}/tasks
         )
 
     def _ready(self) -> bool:
-        conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=2)
+        conn = http.client.HTTPConnection(self.address, self.port, timeout=2)
         try:
             conn.request("GET", "/v2/images?limit=1", headers={"X-Auth-Token": TOKEN})
             return conn.getresponse().status == 200
