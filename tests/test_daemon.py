@@ -105,6 +105,7 @@ def test_keys_are_exactly_what_sidekiq_uses() -> None:
     assert keys.queue(FEEDBACK_QUEUE) == "atmosphere:queue:feedback"
     assert keys.inflight("cyfronet-folsom") == "atmosphere:migratio:inflight:cyfronet-folsom"
     assert keys.dead("cyfronet-folsom") == "atmosphere:migratio:dead:cyfronet-folsom"
+    assert keys.metrics("cyfronet-folsom") == "atmosphere:migratio:metrics:cyfronet-folsom"
     assert Keys("").queues == ":queues"  # Ruby's empty namespace is a prefix of ':'
     assert Keys(None).queue("feedback") == "queue:feedback"
     assert FEEDBACK_CLASS == "Atmosphere::UpdateMigrationJobStatusWorker"

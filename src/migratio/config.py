@@ -11,6 +11,7 @@ Every error names the file, the key and the reason, and is a :class:`ConfigError
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -23,12 +24,15 @@ from urllib.parse import urlsplit
 import yaml
 
 from migratio.errors import ConfigError, UnknownSiteError
+from migratio.redis_client import RedisTls, validate_tls, validate_url
 from migratio.shellvars import read_shell_vars
 
 DEFAULT_REDIS_URL = "redis://localhost:6379"
 #: the original's config loader fell back to this when ``namespace`` was absent or null
 DEFAULT_NAMESPACE = "air"
 DEFAULT_IMAGES_DIR = "/var/lib/glance/images"
+#: as the original's logrotate example: daily, 90 kept
+DEFAULT_LOG_KEEP_DAYS = 90
 DEFAULT_CIPHERS = (
     "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-ctr"
 )
@@ -212,6 +216,7 @@ class Settings:
     name: str
     config_path: Path
     redis_url: str
+    redis_tls: RedisTls
     namespace: str
     credentials_file: Path
     sites_dir: Path
@@ -226,6 +231,11 @@ class Settings:
     source: OpenStackCredentials
     aws: AwsCredentials | None
     sites: Mapping[str, Site]
+    #: the Prometheus endpoint (None: off) and the address it listens on
+    metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
+    #: daily log files kept (0: never rotate; leave it to logrotate)
+    log_keep_days: int = DEFAULT_LOG_KEEP_DAYS
 
     def site(self, site_id: str) -> Site:
         """The destination site ``site_id``, or :class:`UnknownSiteError` saying why not."""
@@ -277,11 +287,18 @@ def load_settings(config_path: Path | None = None) -> Settings:
     if creds.get("AWS_ACCESS_KEY") and creds.get("AWS_SECRET_KEY"):
         aws = AwsCredentials(creds["AWS_ACCESS_KEY"], creds["AWS_SECRET_KEY"])
 
+    redis_url = validate_url(key("redis_url", DEFAULT_REDIS_URL), str(path))
+    ca, cert, tls_key = (
+        _path(raw[name], base) if raw.get(name) else None
+        for name in ("redis_ca_file", "redis_cert_file", "redis_key_file")
+    )
+    redis_tls = validate_tls(redis_url, RedisTls(ca, cert, tls_key), str(path))
     sites_dir = _path(key("sites_dir", "config"), base)
     return Settings(
         name=name,
         config_path=path,
-        redis_url=str(key("redis_url", DEFAULT_REDIS_URL)),
+        redis_url=redis_url,
+        redis_tls=redis_tls,
         namespace=namespace,
         credentials_file=credentials_file,
         sites_dir=sites_dir,
@@ -296,6 +313,9 @@ def load_settings(config_path: Path | None = None) -> Settings:
         source=OpenStackCredentials.from_vars(creds, str(credentials_file)),
         aws=aws,
         sites=MappingProxyType(load_sites(sites_dir)),
+        metrics_port=_port(path, "metrics_port", raw.get("metrics_port")),
+        metrics_address=_address(path, key("metrics_address", "127.0.0.1")),
+        log_keep_days=_count(path, "log_keep_days", key("log_keep_days", DEFAULT_LOG_KEEP_DAYS)),
     )
 
 
@@ -522,3 +542,27 @@ def _number(path: Path, name: str, value: Any) -> float:
     if number <= 0:
         raise ConfigError(f"{path}: '{name}' must be positive, not {value!r}")
     return number
+
+
+def _port(path: Path, name: str, value: Any) -> int | None:
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ConfigError(f"{path}: '{name}' must be a TCP port (1-65535), not {value!r}")
+    return value
+
+
+def _address(path: Path, value: Any) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise ConfigError(
+            f"{path}: 'metrics_address' must be an IP address to listen on "
+            f"(127.0.0.1, 0.0.0.0, ::), not {value!r}"
+        ) from None
+
+
+def _count(path: Path, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{path}: '{name}' must be a whole number ≥ 0, not {value!r}")
+    return value

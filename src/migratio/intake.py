@@ -19,6 +19,7 @@ from rq import Queue, Retry
 from rq.job import Job
 from rq.queue import EnqueueData
 
+from migratio import metrics
 from migratio.config import Settings
 from migratio.errors import MigratioError
 from migratio.keys import Keys, migration_queue
@@ -110,6 +111,7 @@ class Intake:
         with self.redis.pipeline(transaction=False) as pipe:
             if fresh:
                 self.queue.enqueue_many(fresh, pipeline=pipe)
+                metrics.count_taken(pipe, self.keys, self.settings.name, len(fresh))
             for raw in batch:
                 pipe.lrem(self.inflight, 1, raw)  # type: ignore[arg-type]  # redis-py takes bytes
             pipe.execute()
@@ -151,7 +153,10 @@ class Intake:
     def dead_letter(self, raw: bytes, exc: BadPayload) -> None:
         """Keep a payload that cannot run, with why; tell Atmosphere when it can be told."""
         entry = {"reason": exc.message, "at": time.time(), "raw": raw.decode("utf-8", "replace")}
-        self.redis.lpush(self.keys.dead(self.settings.name), json.dumps(entry))
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(self.keys.dead(self.settings.name), json.dumps(entry))
+            metrics.count_refused(pipe, self.keys, self.settings.name)
+            pipe.execute()
         log.error("refused a job: %s; payload kept in the dead letters: %.200r", exc.message, raw)
         if exc.image_id is not None and exc.destination is not None:
             push_status(

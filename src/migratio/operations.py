@@ -14,6 +14,7 @@ from rq.serializers import JSONSerializer
 from migratio.config import Settings
 from migratio.errors import MigratioError
 from migratio.keys import Keys, migration_queue
+from migratio.redis_client import redacted
 from migratio.service import rq_queue
 
 SHOWN = 20
@@ -23,7 +24,7 @@ def operator_status(settings: Settings, redis: Redis) -> Iterator[str]:
     """Lines describing the queues, running, failed and refused jobs."""
     keys = Keys(settings.namespace)
     queue = rq_queue(settings, redis)
-    yield f"site {settings.name}, Redis {settings.redis_url}"
+    yield f"site {settings.name}, Redis {redacted(settings.redis_url)}"
     yield f"waiting in Atmosphere's queue ({keys.queue(migration_queue(settings.name))}): " + str(
         redis.llen(keys.queue(migration_queue(settings.name)))
     )

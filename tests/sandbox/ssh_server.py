@@ -32,6 +32,17 @@ SANDBOX_USER = os.environ.get("MIGRATIO_SANDBOX_USER", "migratio-sandbox")
 SSHD = "/usr/sbin/sshd"
 
 
+def lock_holder(lock_path: Path) -> str:
+    """Who holds a sandbox lock: 'pid N (its command line)', as far as can be told."""
+    try:
+        pid = int(lock_path.read_text().split()[0])
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, IndexError):
+        return "another process"
+    command = " ".join(a.decode(errors="replace") for a in argv if a)
+    return f"pid {pid} ({command[:120]})"
+
+
 class SshServerError(RuntimeError):
     """sshd did not come up, or the sandbox user could not be prepared."""
 
@@ -93,7 +104,7 @@ class SshServer(PortDaemon):
                 os.fchmod(fd, 0o666)  # shared by root and non-root sandboxes of this user
         except PermissionError:
             fd = os.open(lock_path, os.O_RDONLY)
-        lock = os.fdopen(fd, "r")
+        lock = os.fdopen(fd, "r+" if os.access(lock_path, os.W_OK) else "r")
         deadline = time.monotonic() + self.LOCK_TIMEOUT
         waiting = False
         while True:
@@ -104,17 +115,25 @@ class SshServer(PortDaemon):
                 if not waiting:
                     waiting = True
                     print(  # a wait of minutes must not look like a hang
-                        f"[sandbox] waiting for another sandbox using user {self.user} "
-                        f"({lock_path})",
+                        f"[sandbox] waiting up to {self.LOCK_TIMEOUT:.0f} s for "
+                        f"{lock_holder(lock_path)} to finish: it holds {lock_path}, and user "
+                        f"{self.user}'s home is shared (MIGRATIO_SANDBOX_USER=another-user "
+                        "runs side by side)",
                         file=sys.stderr,
                         flush=True,
                     )
                 if time.monotonic() > deadline:
                     lock.close()
                     raise SshServerError(
-                        f"another sandbox holds {lock_path} (user {self.user} is shared)"
+                        f"{lock_holder(lock_path)} still holds {lock_path} after "
+                        f"{self.LOCK_TIMEOUT:.0f} s (user {self.user} is shared)"
                     ) from None
                 time.sleep(0.5)
+        if lock.writable():  # who holds it, for the next one's waiting message
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
         self._lock = lock
 
     def _prepare_user(self) -> None:
