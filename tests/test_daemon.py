@@ -480,7 +480,8 @@ def test_operator_commands_enqueue_status_retry(
     assert main(["status", "--config", config]) == 0
     out = capsys.readouterr().out
     assert "failed: 1" in out
-    assert f"migratio-{body['jid']}" in out and "ImageNotFoundError: image" in out
+    assert f"migratio-{body['jid']}" in out and f"image {missing} is not on site site-a" in out
+    assert "migratio.errors" not in out  # the operator's message, not the exception's class
 
     assert main(["retry", "--config", config, f"migratio-{body['jid']}"]) == 0
     assert main(["status", "--config", config]) == 0

@@ -72,7 +72,10 @@ class DailyFile(logging.handlers.WatchedFileHandler):
                     self.rotate(day)
                 except OSError:
                     self.handleError(record)
-        super().emit(record)
+        try:
+            super().emit(record)
+        except OSError:  # the log directory is gone: reopening fails outside emit's own guard
+            self.handleError(record)
 
     def rotate(self, today: datetime.date) -> Path | None:
         """Rename the file if its last line is from before ``today``; return the new name."""
