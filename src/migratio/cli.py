@@ -223,6 +223,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not is_outage(exc.__cause__):
             raise  # a password, a certificate, an old Redis: waiting will not fix it
         # unreachable: the service waits it out (and says so once)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    for site_id, error in sorted(settings.broken_sites.items()):
+        log.error("site %s: its jobs fail until the file is fixed: %s", site_id, error)
     service = Service(settings, redis, worker_argv=worker_command(settings.config_path))
     metrics.serve(settings, service)
     return service.run()

@@ -19,10 +19,27 @@ from migratio.logs import job_context, job_tag, was_logged
 log = logging.getLogger(__name__)
 
 
+class _Routine(logging.Filter):
+    """Drops RQ's lines about its routine upkeep (two a minute per worker, forever)."""
+
+    ROUTINE = (
+        "Worker %s: cleaning registries for queue: %s",
+        "Worker %s: cleaning group registries",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.ROUTINE
+
+
 class MigratioWorker(Worker):
     """An RQ worker whose log lines carry the job and image, with no duplicate tracebacks."""
 
     log_result_lifespan = False  # "result is kept for 604800 seconds" after every job
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not any(isinstance(f, _Routine) for f in self.log.filters):
+            self.log.addFilter(_Routine())
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Run ``job`` in a work-horse; the horse and this process tag their lines with it."""
