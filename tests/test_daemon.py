@@ -105,6 +105,7 @@ def test_keys_are_exactly_what_sidekiq_uses() -> None:
     assert keys.queue(FEEDBACK_QUEUE) == "atmosphere:queue:feedback"
     assert keys.inflight("cyfronet-folsom") == "atmosphere:migratio:inflight:cyfronet-folsom"
     assert keys.dead("cyfronet-folsom") == "atmosphere:migratio:dead:cyfronet-folsom"
+    assert keys.metrics("cyfronet-folsom") == "atmosphere:migratio:metrics:cyfronet-folsom"
     assert Keys("").queues == ":queues"  # Ruby's empty namespace is a prefix of ':'
     assert Keys(None).queue("feedback") == "queue:feedback"
     assert FEEDBACK_CLASS == "Atmosphere::UpdateMigrationJobStatusWorker"
@@ -479,7 +480,8 @@ def test_operator_commands_enqueue_status_retry(
     assert main(["status", "--config", config]) == 0
     out = capsys.readouterr().out
     assert "failed: 1" in out
-    assert f"migratio-{body['jid']}" in out and "ImageNotFoundError: image" in out
+    assert f"migratio-{body['jid']}" in out and f"image {missing} is not on site site-a" in out
+    assert "migratio.errors" not in out  # the operator's message, not the exception's class
 
     assert main(["retry", "--config", config, f"migratio-{body['jid']}"]) == 0
     assert main(["status", "--config", config]) == 0

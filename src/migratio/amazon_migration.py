@@ -272,6 +272,9 @@ class AmazonMigration:
             f"({self.site.region})"
         )
         image = self.source.find(self.request.image_id)
+        target_format = "vmdk" if self.site.upload_method == "vmimport" else "raw"
+        if not image.disk_format == target_format == "raw":
+            qemu_img.check_convertible(image.disk_format, target_format)
         existing = self.existing_image(image)
         if existing is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)  # a killed attempt's

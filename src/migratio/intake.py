@@ -19,8 +19,9 @@ from rq import Queue, Retry
 from rq.job import Job
 from rq.queue import EnqueueData
 
+from migratio import metrics
 from migratio.config import Settings
-from migratio.errors import MigratioError
+from migratio.errors import SiteConfigError, UnknownSiteError
 from migratio.keys import Keys, migration_queue
 from migratio.sidekiq import BadPayload, MigrationJob, parse_job, push_status
 
@@ -110,6 +111,7 @@ class Intake:
         with self.redis.pipeline(transaction=False) as pipe:
             if fresh:
                 self.queue.enqueue_many(fresh, pipeline=pipe)
+                metrics.count_taken(pipe, self.keys, self.settings.name, len(fresh))
             for raw in batch:
                 pipe.lrem(self.inflight, 1, raw)  # type: ignore[arg-type]  # redis-py takes bytes
             pipe.execute()
@@ -123,10 +125,12 @@ class Intake:
             return None
         try:
             self.settings.site(job.destination)
-        except MigratioError as exc:  # no config/<destination>.conf
+        except UnknownSiteError as exc:  # no config/<destination>.conf
             refused = BadPayload(exc.message, image_id=job.image_id, destination=job.destination)
             self.dead_letter(raw, refused)
             return None
+        except SiteConfigError:
+            pass  # a broken site file: the job fails with its error and is retried until fixed
         return job
 
     def enqueue_data(self, job: MigrationJob, job_id: str) -> EnqueueData:
@@ -151,7 +155,10 @@ class Intake:
     def dead_letter(self, raw: bytes, exc: BadPayload) -> None:
         """Keep a payload that cannot run, with why; tell Atmosphere when it can be told."""
         entry = {"reason": exc.message, "at": time.time(), "raw": raw.decode("utf-8", "replace")}
-        self.redis.lpush(self.keys.dead(self.settings.name), json.dumps(entry))
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(self.keys.dead(self.settings.name), json.dumps(entry))
+            metrics.count_refused(pipe, self.keys, self.settings.name)
+            pipe.execute()
         log.error("refused a job: %s; payload kept in the dead letters: %.200r", exc.message, raw)
         if exc.image_id is not None and exc.destination is not None:
             push_status(

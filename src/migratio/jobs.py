@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 from functools import cache
 
@@ -13,15 +14,16 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
+from migratio import metrics
 from migratio.config import Settings, load_settings
 from migratio.errors import MigratioError
 from migratio.feedback import AtmosphereSink
 from migratio.keys import Keys
 from migratio.lease import Lease
-from migratio.logs import job_context
+from migratio.logs import job_context, job_tag, mark_logged
 from migratio.migration import migrate
-from migratio.request import MigrationRequest
-from migratio.status import FanOut, LogSink
+from migratio.request import MigrationRequest, MigrationResult
+from migratio.status import FanOut, LogSink, StatusSink
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,10 @@ class JobMetaSink:
         job = get_current_job()
         if job is not None:
             job.meta["status"] = text
+            job.meta["status_at"] = time.time()
             try:
                 job.save_meta()  # type: ignore[no-untyped-call]
-            except RedisError as exc:
+            except RedisError as exc:  # only 'migratio status' misses it
                 log.warning("cannot keep the status line in the job's record: %s", exc)
 
 
@@ -57,6 +60,31 @@ def _no_more_retries() -> None:
     if job is not None and job.retries_left:
         job.retries_left = 0
         job.save()
+
+
+def _failed(job: Job, settings: Settings, message: str, reason: str, seconds: float) -> str:
+    """Record a failed run (for ``migratio status`` and the metrics); return what happens next."""
+    retry = bool(job.retries_left)
+    job.meta["error"] = message
+    job.meta["failed_at"] = time.time()
+    try:
+        job.save_meta()  # type: ignore[no-untyped-call]
+    except RedisError as exc:
+        log.warning("cannot keep the failure in the job's record: %s", exc)
+    kwargs = job.kwargs
+    metrics.count_attempt(
+        job.connection,
+        Keys(settings.namespace),
+        settings.name,
+        outcome="retried" if retry else "failed",
+        kind=str(kwargs.get("kind", "openstack")),
+        destination=str(kwargs.get("destination", "")),
+        seconds=seconds,
+        reason=reason,
+    )
+    if not retry:
+        return "not retried"
+    return f"retry in {job.get_retry_interval()} s, {job.retries_left} left"
 
 
 def wait_for_pair(job: Job, holder: str | None, delay: int = BUSY_DELAY) -> Job:
@@ -71,6 +99,7 @@ def wait_for_pair(job: Job, holder: str | None, delay: int = BUSY_DELAY) -> Job:
     retry = None
     if job.retries_left:
         retry = Retry(max=job.retries_left, interval=list(job.retry_intervals or [0]))
+    meta = {k: v for k, v in job.meta.items() if k not in {"status", "status_at", "error"}}
     return queue.enqueue_in(
         timedelta(seconds=delay),
         "migratio.jobs.run_migration",
@@ -81,8 +110,34 @@ def wait_for_pair(job: Job, holder: str | None, delay: int = BUSY_DELAY) -> Job:
         result_ttl=job.result_ttl,
         failure_ttl=job.failure_ttl,
         retry=retry,
-        meta={**job.meta, "waits": waits, "first_job": first, "waiting_for": holder},
+        meta={**meta, "waits": waits, "first_job": first, "waiting_for": holder},
     )
+
+
+def _leased(
+    job: Job, settings: Settings, request: MigrationRequest, kind: str, sink: StatusSink
+) -> MigrationResult | None:
+    """Migrate under the pair's lease; None when another attempt holds it (the job waits)."""
+    image_id, destination = request.image_id, request.destination
+    keys = Keys(settings.namespace)
+    lease = Lease(job.connection, keys, settings.name, image_id, destination, job_id=job.id)
+    if not lease.acquire():
+        holder = lease.holder()
+        wait_for_pair(job, holder)
+        log.info("%s to %s is being migrated (%s); waiting", image_id, destination, holder)
+        if not job.meta.get("waits"):
+            sink(f"Waiting: another migration of image {image_id} to {destination} is running")
+        return None
+    cancel = threading.Event()
+    with lease.held(cancel) as held:
+        return migrate(
+            settings,
+            request,
+            sink,
+            kind="amazon" if kind == "amazon" else "openstack",
+            cancel=cancel,
+            fence=held.fence,
+        )
 
 
 def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> str:
@@ -94,7 +149,8 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
     settings = worker_settings()
     job = get_current_job()
     assert job is not None, "run_migration runs inside an RQ worker"
-    job_context.set(f" [job {job.id} image {image_id}]")
+    job_context.set(job_tag(job.id, image_id))
+    started = time.monotonic()
     keys = Keys(settings.namespace)
     atmosphere = AtmosphereSink(job.connection, keys, image_id, settings.name, destination)
     sink = FanOut(atmosphere, LogSink(log), JobMetaSink())
@@ -106,47 +162,48 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
         except MigratioError as exc:
             sink(exc.status_line())
             raise
-        lease = Lease(job.connection, keys, settings.name, image_id, destination, job_id=job.id)
-        if not lease.acquire():
-            holder = lease.holder()
-            wait_for_pair(job, holder)
-            log.info("%s to %s is being migrated (%s); waiting", image_id, destination, holder)
-            if not job.meta.get("waits"):
-                atmosphere(
-                    f"Waiting: another migration of image {image_id} to {destination} is running"
-                )
+        result = _leased(job, settings, request, kind, sink)
+        if result is None:
             return "waiting"
-        cancel = threading.Event()
-        with lease.held(cancel) as held:
-            result = migrate(
-                settings,
-                request,
-                sink,
-                kind="amazon" if kind == "amazon" else "openstack",
-                cancel=cancel,
-                fence=held.fence,
-            )
     except MigratioError as exc:
         if not exc.retryable:
             _no_more_retries()
-        log.error("job %s failed: %s", job.id, exc.message)
+        then = _failed(job, settings, exc.message, type(exc).__name__, time.monotonic() - started)
+        log.error("job %s failed: %s (%s)", job.id, exc.message, then)
+        mark_logged(exc)
         raise
-    except JobTimeoutException:
-        atmosphere(
-            f"Error: the migration ran longer than job_timeout ({settings.job_timeout:g} s); "
-            "raise job_timeout in the configuration for images this large"
-        )
-        log.error("job %s ran longer than job_timeout (%g s)", job.id, settings.job_timeout)
+    except JobTimeoutException as exc:
+        # a time limit the operator set: running it again would run out of it again
         _no_more_retries()
+        message = f"the migration ran longer than job_timeout ({settings.job_timeout:.0f} s)"
+        atmosphere(f"Error: {message}")
+        then = _failed(job, settings, message, "JobTimeout", time.monotonic() - started)
+        log.error("job %s failed: %s (%s)", job.id, message, then)
+        mark_logged(exc)
         raise
-    except RedisError as exc:
-        atmosphere(f"Error: lost contact with Redis ({exc}); the job will be tried again")
-        log.exception("job %s: Redis failed", job.id)
-        raise
-    except Exception:
-        atmosphere("Error: internal error in migratio; the traceback is in its log")
-        log.exception("job %s failed with an internal error", job.id)
+    except Exception as exc:
+        if isinstance(exc, RedisError):  # Redis went away under the job (a restart): not a bug
+            message = f"lost contact with Redis ({exc}); the job will be tried again"
+            atmosphere(f"Error: {message}")
+        else:
+            atmosphere("Error: internal error in migratio; the traceback is in its log")
+            message = (
+                f"internal error ({type(exc).__name__}: {exc}); the traceback is in worker.log"
+            )
+        then = _failed(job, settings, message, type(exc).__name__, time.monotonic() - started)
+        log.exception("job %s failed: %s (%s)", job.id, message, then)
+        mark_logged(exc)
         raise
     finally:
         atmosphere.flush()
+    metrics.count_attempt(
+        job.connection,
+        keys,
+        settings.name,
+        outcome="succeeded",
+        kind=kind,
+        destination=destination,
+        seconds=time.monotonic() - started,
+        bytes_moved=result.bytes_sent,
+    )
     return result.outcome.value

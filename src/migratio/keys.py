@@ -59,6 +59,10 @@ class Keys:
         """A stream of every lease taken, renewed, released or lost (for operators and tests)."""
         return self.key(f"migratio:leases:{site_id}")
 
+    def metrics(self, site_id: str) -> str:
+        """migratio's counters for Prometheus (a hash every worker process adds to)."""
+        return self.key(f"migratio:metrics:{site_id}")
+
     def rq_queue_name(self, site_id: str) -> str:
         """The RQ queue that migratio's workers take this site's migrations from."""
         prefix = "" if self.namespace is None else f"{self.namespace}-"

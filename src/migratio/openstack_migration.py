@@ -28,6 +28,7 @@ from migratio import qemu_img, rsync, status
 from migratio.config import OpenStackSite, Settings
 from migratio.errors import (
     ConfigError,
+    MetadataError,
     MigratioError,
     RemoteError,
     VerificationError,
@@ -55,6 +56,8 @@ class Destination(Protocol):
     def get(self, image_id: str) -> ImageRecord | None: ...
     def find(self, **filters: str) -> list[ImageRecord]: ...
     def delete(self, image_id: str) -> None: ...
+    def check_fields(self, image_id: str, fields: Mapping[str, Any]) -> None: ...
+    def readback(self, text: str) -> str: ...
 
 
 @dataclass
@@ -152,10 +155,9 @@ class Migration:
         return fields
 
     # 8
-    def verify(self, image_id: str, sent: Digests, copy: ImageRecord | None = None) -> ImageRecord:
-        """Check the copy's state and hashes (read again unless given); delete it if wrong."""
-        if copy is None:
-            copy = self.destination.get(image_id)
+    def verify(self, image_id: str, sent: Digests, fields: Mapping[str, Any]) -> ImageRecord:
+        """Read the copy back: check its state, hashes, name and properties; delete it if wrong."""
+        copy = self.destination.get(image_id)
         problem = None
         if copy is None:
             problem = "it disappeared"
@@ -169,7 +171,34 @@ class Migration:
         if problem is not None or copy is None:
             self.destination.delete(image_id)
             raise VerificationError(f"the copy at {self.site.site_id} was deleted: {problem}")
+        different = self.metadata_difference(copy, fields)
+        if different is not None:
+            self.destination.delete(image_id)
+            raise MetadataError(
+                f"the copy at {self.site.site_id} was deleted: {different}", retryable=False
+            )
         return copy
+
+    def metadata_difference(self, copy: ImageRecord, fields: Mapping[str, Any]) -> str | None:
+        """How the copy's name and properties differ from ``fields`` (None: they do not).
+
+        Compared as exactly as the destination can show them (the glance CLI's table trims
+        the ends of lines; the API shows everything).
+        """
+        shown = self.destination.readback
+        core: dict[str, object] = {
+            "name": copy.name,
+            "disk_format": copy.disk_format,
+            "container_format": copy.container_format,
+            "min_disk": copy.min_disk,
+            "min_ram": copy.min_ram,
+        }
+        properties = {shown(key): value for key, value in copy.properties.items()}
+        for key, want in fields.items():
+            got = core[key] if key in core else properties.get(shown(key))
+            if got is None or shown(str(got)) != shown(str(want)):
+                return f"its {key!r} reads back as {got!r}, not {want!r} as sent"
+        return None
 
     def run(self) -> MigrationResult:
         """Run every step; raise a :class:`MigratioError` on failure."""
@@ -178,6 +207,10 @@ class Migration:
         )
         image = self.source.find(self.request.image_id)
         target_format = self.site.disk_format or str(image.disk_format)
+        if target_format != image.disk_format:
+            qemu_img.check_convertible(image.disk_format, target_format)
+        fields = self.fields(image, target_format)
+        self.destination.check_fields(image.id, fields)
         with ThreadPoolExecutor(max_workers=1) as pool:
             staging = None
             if isinstance(self.destination, RemoteGlance):
@@ -201,7 +234,6 @@ class Migration:
             payload, digests = local, image.digests
             if target_format != image.disk_format:
                 payload, digests = self.convert(image, local, target_format)
-            fields = self.fields(image, target_format)
             if self.site.register == "api":
                 assert isinstance(self.destination, GlanceApi)
                 copy_id, sent = self.stream_to_api(payload, digests, fields)
@@ -226,7 +258,7 @@ class Migration:
             with payload.open("rb") as stream:
                 api.upload(copy.id, stream, digests, self.progress("Uploading", digests.size))
             self.status(f"{status.TRANSFERED} {human_bytes(digests.size)} to {api.where}")
-            self.verify(copy.id, digests)
+            self.verify(copy.id, digests, fields)
         except BaseException:
             quietly(api.delete, copy.id)
             raise
@@ -289,7 +321,7 @@ class Migration:
                 )
             if copy is None:
                 raise RemoteError(f"glance image-create at {self.site.site_id} printed no image")
-            self.verify(copy.id, digests, copy)
+            self.verify(copy.id, digests, fields)
         except BaseException as exc:
             if copy is not None:
                 quietly(cli.delete, copy.id)

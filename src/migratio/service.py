@@ -5,7 +5,7 @@ It takes Atmosphere's jobs (see :mod:`migratio.intake`), keeps the RQ worker pro
 and re-queues jobs whose worker died. Redis being down is an outage to wait out with capped
 exponential backoff, logged once, never a crash. Signal handlers only count requests: the first
 SIGTERM is a warm stop (workers finish their current job), every later one a cold one (see
-:mod:`migratio.worker`).
+:mod:`migratio.rq_worker`).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from rq import Queue
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
-from migratio import processes
+from migratio import processes, redis_client
 from migratio.config import Settings
 from migratio.intake import Intake
 from migratio.keys import Keys
-from migratio.worker import MigratioWorker, requeue_abandoned
+from migratio.rq_worker import MigratioWorker, requeue_abandoned
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,8 @@ BACKOFF_MAX = 30.0
 
 
 def connect(settings: Settings) -> Redis:
-    """A Redis client for ``redis_url`` with timeouts that outlast a blocking pop."""
-    return Redis.from_url(
-        settings.redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30
-    )
+    """A Redis client for ``redis_url`` (and its TLS files)."""
+    return redis_client.connect(settings.redis_url, settings.redis_tls)
 
 
 def rq_queue(settings: Settings, redis: Redis) -> Queue:
@@ -105,6 +103,8 @@ class Service:
         self.retry_at = 0.0
         self.backoff = BACKOFF_START
         self.outage_since: float | None = None
+        #: Redis outages seen since start (for the metrics endpoint)
+        self.outages = 0
 
     @property
     def stopping(self) -> bool:
@@ -157,8 +157,10 @@ class Service:
     def _outage(self, exc: RedisError) -> None:
         if self.outage_since is None:
             self.outage_since = self.clock()
+            self.outages += 1
             log.error(
-                "Redis at %s is unreachable (%s); waiting for it", self.settings.redis_url, exc
+                "Redis is unreachable; waiting for it: %s",
+                redis_client.describe(exc, self.settings.redis_url).message,
             )
         self._back_off()
 

@@ -1,7 +1,11 @@
-"""migratio's RQ worker: stops that lose nothing, and work-horses that never outlive it.
+"""RQ's worker, made to log as migratio does, to stop without losing a job, and to never leave a
+work-horse behind.
+
+RQ logs every failed job with the whole exception chain. migratio's job function has already
+logged the failure by then (one line for an expected failure, a traceback for a bug), so the
+worker adds nothing for those; anything else RQ catches is logged with its traceback.
 
 RQ's worker forks a work-horse per job into its own process group. Here:
-
 * the work-horse gets SIGKILL when its worker dies (``PR_SET_PDEATHSIG``), so a worker killed
   on its own (the OOM killer, ``kill -9 PID``) never leaves a horse migrating on under PID 1
   while the job is re-queued; the horse's tools get SIGTERM in turn (see
@@ -23,7 +27,7 @@ import logging
 import os
 import signal
 import sys
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any
 
 from redis import Redis
@@ -35,9 +39,11 @@ from rq.registry import StartedJobRegistry
 from migratio.config import Settings
 from migratio.keys import Keys
 from migratio.lease import release_job
+from migratio.logs import job_context, job_tag, was_logged
 from migratio.sidekiq import push_status
 
 log = logging.getLogger(__name__)
+
 
 #: times a job may lose its process (killed horse, killed worker) before it is failed
 MAX_INTERRUPTIONS = 5
@@ -95,11 +101,28 @@ def requeue_abandoned(settings: Settings, queue: Queue) -> None:
     StartedJobRegistry(queue=queue).cleanup(exception_handlers=[handler])
 
 
+class _Routine(logging.Filter):
+    """Drops RQ's lines about its routine upkeep (two a minute per worker, forever)."""
+
+    ROUTINE = (
+        "Worker %s: cleaning registries for queue: %s",
+        "Worker %s: cleaning group registries",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.ROUTINE
+
+
 class MigratioWorker(Worker):
-    """An RQ worker whose horse dies with it and whose cold stop re-queues the job."""
+    """An RQ worker whose log lines carry the job and image, with no duplicate tracebacks,
+    whose horse dies with it, and whose cold stop re-queues the job."""
+
+    log_result_lifespan = False  # "result is kept for 604800 seconds" after every job
 
     def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if not any(isinstance(f, _Routine) for f in self.log.filters):
+            self.log.addFilter(_Routine())
         self.settings = settings
         self.worker_pid = os.getpid()
         self.cold = False
@@ -155,3 +178,36 @@ class MigratioWorker(Worker):
         StartedJobRegistry(queue=queue).remove_executions(job)
         queue.enqueue_job(job, at_front=True)
         log.warning("job %s put back on the queue", job.id)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run ``job`` in a work-horse; the horse and this process tag their lines with it."""
+        token = job_context.set(job_tag(job.id, _image_of(job)))
+        try:
+            super().execute_job(job, queue)
+        finally:
+            job_context.reset(token)
+
+    def handle_exception(
+        self,
+        job: Job,
+        *exc_info: Any,
+    ) -> None:
+        """Log a failure the job function did not log (with its traceback: it is a bug)."""
+        exc: BaseException | None = exc_info[1] if len(exc_info) > 1 else None
+        if was_logged(exc):
+            return
+        tb: TracebackType | None = exc_info[2] if len(exc_info) > 2 else None
+        log.error(
+            "job %s failed outside migratio's code: %s",
+            job.id,
+            exc,
+            exc_info=(type(exc), exc, tb) if exc is not None else None,
+        )
+
+
+def _image_of(job: Job) -> str | None:
+    try:
+        image = job.kwargs.get("image_id")
+    except Exception:  # an undecodable job: RQ reports it itself
+        return None
+    return image if isinstance(image, str) else None
