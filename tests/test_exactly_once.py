@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,10 +29,12 @@ from tests.sandbox.site import Sandbox
 from tests.support import settings_for
 
 from migratio import lease
-from migratio.config import Settings
+from migratio.config import OpenStackSite, Settings
+from migratio.glance_cli import RemoteGlance
 from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.raw_blocks import BLOCK_SIZE
 from migratio.status import ALREADY_UPLOADED
+from migratio.sweep import sweep
 
 MiB = 1024 * 1024
 
@@ -451,3 +454,108 @@ def test_stops_lose_nothing_and_leave_nothing(
     assert_nothing_waiting(redis, settings)
     lines = lines_for(atmosphere, image_id, "site-b")
     assert lines[-1].startswith(("Registered", ALREADY_UPLOADED)), lines
+
+
+# -- the lease itself, and the sweep -----------------------------------------------------------
+
+
+def test_lease_keys_are_exact() -> None:
+    keys = Keys("atmosphere")
+    image = "6f3c9a0e-1111-2222-3333-444455556666"
+    assert (
+        keys.lease("site-a", image, "site-b") == f"atmosphere:migratio:lease:site-a:{image}:site-b"
+    )
+    assert keys.lease_history("site-a") == "atmosphere:migratio:leases:site-a"
+    assert keys.sweep("site-a") == "atmosphere:migratio:sweep:site-a"
+
+
+def test_one_holder_renewed_fenced_and_released(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lease, "RENEW_EVERY", 0.05)
+    keys, image = Keys("atmosphere"), "6f3c9a0e-1111-2222-3333-444455556666"
+    first = lease.Lease(redis, keys, "site-a", image, "site-b", job_id="job-1")
+    second = lease.Lease(redis, keys, "site-a", image, "site-b", job_id="job-2")
+    assert first.acquire()
+    assert not second.acquire()
+    assert (first.holder() or "").startswith("job-1 ")
+    cancel = threading.Event()
+    with first.held(cancel) as held:
+        redis.pexpire(first.key, 200)
+        time.sleep(0.5)  # renewed meanwhile: it did not expire
+        assert not second.acquire()
+        held.fence()
+        redis.set(first.key, "someone else")  # taken over (as after an expiry)
+        deadline = time.monotonic() + 5
+        while not cancel.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cancel.is_set()  # the attempt's transfers are told to stop
+        with pytest.raises(lease.LeaseLost, match="lost its lease"):
+            held.fence()
+    assert redis.get(first.key) == b"someone else"  # a lost lease is not released
+    redis.delete(first.key)
+    # Redis lost the key (a restart without it) while the holder was in time: taken again
+    with first.held(threading.Event()) as held:
+        assert first.acquire() is True
+        redis.delete(first.key)
+        time.sleep(0.3)
+        assert (first.holder() or "").startswith("job-1 ")
+        held.fence()
+    assert first.holder() is None
+    # a worker whose horse died releases the horse's lease by job id
+    assert second.acquire()
+    assert lease.release_job(redis, keys, "site-a", image, "site-b", "job-1") is False
+    assert lease.release_job(redis, keys, "site-a", image, "site-b", "job-2") is True
+    events = [f[b"event"] for _, f in redis.xrange(keys.lease_history("site-a"))]
+    assert events[0] == b"acquired" and b"lost" in events and b"retaken" in events
+    assert events[-1] == b"released for a dead process"
+
+
+def test_the_sweep_removes_only_what_free_pairs_left(
+    clean_sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis: Redis,
+    moto: MotoServer,
+) -> None:
+    sb = clean_sandbox
+    settings = site_settings(sb, tmp_path, redis_server.url, **{"aws-eu": moto.site_conf()})
+    keys = Keys(settings.namespace)
+    dead, busy, queued, snapped = (f"6f3c9a0e-1111-2222-3333-44445555666{i}" for i in range(4))
+    for image_id in (dead, busy):
+        workdir = settings.staging_dir / f"{image_id}-site-b"
+        workdir.mkdir(parents=True)
+        (workdir / "x.qcow2").write_bytes(b"x" * 1000)
+    site = settings.sites["site-b"]
+    assert isinstance(site, OpenStackSite)
+    remote = RemoteGlance(site)
+    remote.make_dir(".migratio-staging")
+    for image_id in (dead, busy):
+        remote.ssh.run(["truncate", "-s", "1M", f".migratio-staging/{image_id}-abc.raw.part"],
+                       what="make a part", creds=False)  # fmt: skip
+    made = sb.destination.client().images.create(
+        name="half", disk_format="raw", container_format="bare",
+        source_uuid=queued, source_cs="site-a", source_t="site-a",
+    )  # fmt: skip
+    ec2 = moto.client("ec2")
+    volume = ec2.create_volume(Size=1, AvailabilityZone="eu-west-1a")["VolumeId"]
+    snapshot = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
+    link = {"source_uuid": snapped, "source_t": "site-a"}
+    ec2.create_tags(Resources=[snapshot], Tags=[{"Key": k, "Value": v} for k, v in link.items()])
+    holder = lease.Lease(redis, keys, "site-a", busy, "site-b", job_id="running")
+    assert holder.acquire()
+
+    report = sweep(settings, redis, min_age=0)
+
+    assert sorted(p.name for p in settings.staging_dir.iterdir()) == [f"{busy}-site-b"]
+    assert sorted(p.name for p in sb.remote_staging.iterdir()) == [f"{busy}-abc.raw.part"]
+    assert sb.destination.find_by_property("source_uuid", queued) == []
+    assert snapshot not in [s["SnapshotId"] for s in ec2.describe_snapshots()["Snapshots"]]
+    assert len(report.removed) == 4, report.removed
+    assert report.busy == [f"{busy} to site-b", f"{busy} to site-b"]
+    assert made["id"] not in [i["id"] for i in sb.destination.images()]
+    assert holder.holder() is not None  # the busy pair's lease is untouched
+    # a second sweep finds nothing more
+    assert sweep(settings, redis, min_age=0).removed == []
+    # files younger than the retry window are left for the retry
+    assert sweep(settings, redis).busy == []

@@ -114,6 +114,16 @@ def wait_for_pair(job: Job, holder: str | None, delay: int = BUSY_DELAY) -> Job:
     )
 
 
+def run_sweep() -> str:
+    """The periodic sweep of leftovers (see :mod:`migratio.sweep`); returns what it did."""
+    from migratio.sweep import sweep  # noqa: PLC0415 (only this job needs it)
+
+    job = get_current_job()
+    assert job is not None, "run_sweep runs inside an RQ worker"
+    report = sweep(worker_settings(), job.connection)
+    return f"removed {len(report.removed)}, busy {len(report.busy)}"
+
+
 def _leased(
     job: Job, settings: Settings, request: MigrationRequest, kind: str, sink: StatusSink
 ) -> MigrationResult | None:

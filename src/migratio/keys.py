@@ -63,6 +63,10 @@ class Keys:
         """migratio's counters for Prometheus (a hash every worker process adds to)."""
         return self.key(f"migratio:metrics:{site_id}")
 
+    def sweep(self, site_id: str) -> str:
+        """Set while the last sweep of leftovers is recent (its expiry times the next one)."""
+        return self.key(f"migratio:sweep:{site_id}")
+
     def rq_queue_name(self, site_id: str) -> str:
         """The RQ queue that migratio's workers take this site's migrations from."""
         prefix = "" if self.namespace is None else f"{self.namespace}-"

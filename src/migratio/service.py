@@ -29,7 +29,7 @@ from rq import Queue
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
-from migratio import processes, redis_client
+from migratio import processes, redis_client, sweep
 from migratio.config import Settings
 from migratio.intake import Intake
 from migratio.keys import Keys
@@ -103,6 +103,8 @@ class Service:
         self.retry_at = 0.0
         self.backoff = BACKOFF_START
         self.outage_since: float | None = None
+        #: the sweep's timer was started by this service (the first sweep waits one interval)
+        self.sweep_timer_set = False
         #: Redis outages seen since start (for the metrics endpoint)
         self.outages = 0
 
@@ -144,15 +146,28 @@ class Service:
         self.supervise()
 
     def maintain(self) -> None:
-        """Re-queue jobs whose worker died; start retries that are due.
+        """Re-queue jobs whose worker died; start retries that are due; queue the sweep.
 
         RQ's own cycle for this is 10 minutes, and a scheduler lock held by a killed worker
-        would block retries for longer; here it is every CLEANUP_INTERVAL seconds.
+        would block retries for longer; here it is every CLEANUP_INTERVAL seconds. The sweep
+        of leftovers (:mod:`migratio.sweep`) is queued every sweep.INTERVAL seconds (the
+        first one that long after start), by whichever service of the site gets there first.
         """
         requeue_abandoned(self.settings, self.queue)
         self.scheduler.acquire_locks()  # type: ignore[no-untyped-call]
         if self.scheduler.acquired_locks:
             self.scheduler.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
+        keys = Keys(self.settings.namespace)
+        due = self.redis.set(keys.sweep(self.settings.name), "1", nx=True, ex=sweep.INTERVAL)
+        if due and self.sweep_timer_set:
+            self.queue.enqueue(
+                "migratio.jobs.run_sweep",
+                job_id=f"migratio-sweep-{int(time.time())}",
+                description="sweep of what dead attempts left behind",
+                result_ttl=sweep.INTERVAL * 6,
+                failure_ttl=sweep.INTERVAL * 6,
+            )
+        self.sweep_timer_set = True
 
     def _outage(self, exc: RedisError) -> None:
         if self.outage_since is None:

@@ -85,7 +85,6 @@ class Sweeper:
             return
         now = time.time()
         for entry in sorted(staging.iterdir()):
-            image_id, _, site = entry.name.partition("-")
             image_id, site = entry.name[:_UUID_LENGTH], entry.name[_UUID_LENGTH + 1 :]
             if not site or now - entry.stat().st_mtime < self.min_age:
                 continue
