@@ -428,9 +428,10 @@ def test_stops_lose_nothing_and_leave_nothing(
             service.kill_group()
         else:
             service.proc.send_signal(signal.SIGTERM)
-            for delay in STOPS[stop]:
+            for n, delay in enumerate(STOPS[stop]):
                 time.sleep(delay)
-                assert alive(horse), "the migration ended before the cold stop: make it longer"
+                if n == 0:
+                    assert alive(horse), "the migration ended before the cold stop: make it longer"
                 service.proc.send_signal(signal.SIGTERM)
             started = time.monotonic()
             assert service.proc.wait(timeout=300) == 0
@@ -559,3 +560,33 @@ def test_the_sweep_removes_only_what_free_pairs_left(
     assert sweep(settings, redis, min_age=0).removed == []
     # files younger than the retry window are left for the retry
     assert sweep(settings, redis).busy == []
+
+
+def test_migrate_by_hand_waits_for_the_running_attempt(
+    clean_sandbox: Sandbox, tmp_path: Path, redis_server: RedisServer, redis: Redis
+) -> None:
+    sb = clean_sandbox
+    settings = site_settings(sb, tmp_path, redis_server.url)
+    image = make_qcow2(tmp_path / "t.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+    image_id = sb.source.upload_image(image, name="by-hand", disk_format="qcow2")
+    running = lease.Lease(
+        redis, Keys(settings.namespace), "site-a", image_id, "site-b", job_id="migratio-job"
+    )
+    assert running.acquire()
+    argv = [sys.executable, "-m", "migratio", "migrate", "--config", str(settings.config_path)]
+    proc = subprocess.Popen([*argv, image_id, "site-b"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith(f"Waiting: another migration of image {image_id} to site-b")
+        assert "migratio-job" in first
+        time.sleep(1)
+        assert sb.destination.find_by_property("source_uuid", image_id) == []
+        running.release()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert out.splitlines()[-1].startswith("Registered")
+    assert_one_copy(sb, image_id, image, tmp_path)

@@ -23,7 +23,7 @@ from migratio.lease import Lease
 from migratio.logs import setup_logging
 from migratio.operations import retry_failed
 from migratio.overview import overview
-from migratio.redis_client import check_version, is_outage, redis_errors, version
+from migratio.redis_client import check_version, describe, is_outage, redis_errors, version
 from migratio.request import MigrationRequest, Outcome
 from migratio.service import (
     Service,
@@ -209,10 +209,15 @@ def leased(
 ) -> Iterator[Callable[[], None]]:
     """The pair's lease for a migration in the foreground (waits while a job holds it).
 
-    Yields the fence for :func:`migratio.migration.migrate`. Errors are reported to ``sink``.
+    Yields the fence for :func:`migratio.migration.migrate`. Without Redis it says so and
+    runs unfenced (a first try by hand need not have Redis yet). Errors go to ``sink``.
     """
     try:
         settings.site(request.destination)
+    except MigratioError as exc:
+        sink(exc.status_line())
+        raise
+    try:
         lease = Lease(
             connect(settings),
             Keys(settings.namespace),
@@ -230,17 +235,21 @@ def leased(
                     f"{request.destination} is running ({lease.holder()})"
                 )
             if cancel.wait(2):
-                raise Cancelled("stopped while waiting for another migration of the image")
-    except RedisError as exc:
-        error = MigratioError(
-            f"cannot take the lease on image {request.image_id} to {request.destination} "
-            f"(one migration at a time): Redis at {settings.redis_url}: {exc}"
+                error = Cancelled("stopped while waiting for another migration of the image")
+                sink(error.status_line())
+                raise error
+    except (RedisError, RedisFailure) as exc:
+        problem = (
+            exc.message
+            if isinstance(exc, RedisFailure)
+            else describe(exc, settings.redis_url).message
         )
-        sink(error.status_line())
-        raise error from exc
-    except MigratioError as exc:
-        sink(exc.status_line())
-        raise
+        sink(
+            f"Warning: {problem}; migrating without the lease that keeps this image to "
+            f"{request.destination} to one migration at a time"
+        )
+        yield lambda: None
+        return
     with lease.held(cancel) as held:
         yield held.fence
 
