@@ -27,10 +27,12 @@ MiB = 1024 * 1024
 IMAGE = "6f3c9a0e-1111-2222-3333-444455556666"
 #: a password with what URLs and shells find awkward; it must never appear in any output
 PASSWORD = "s3cr#t/p@ss:w0rd"
+#: the ACL the README gives: the namespace's keys and RQ's, nothing else
+ACL = "~atmosphere:* ~rq:* &* +@all"
 USERS = {
-    "migratio": (PASSWORD, "~* &* +@all"),
+    "migratio": (PASSWORD, ACL),
     # an ACL that forgot BLMOVE
-    "noblmove": (PASSWORD, "~* &* +@all -blmove"),
+    "noblmove": (PASSWORD, f"{ACL} -blmove"),
 }
 
 
