@@ -227,6 +227,7 @@ def test_a_job_end_to_end_over_tls_with_an_acl_user(
     sb = clean_sandbox
     assert tls_redis.tls is not None
     settings = settings_for(sb, tmp_path, yaml=tls_yaml(tls_redis))
+    assert PASSWORD not in repr(settings) and quote(PASSWORD, safe="") not in repr(settings)
     redis: Redis = tls_redis.client()
     redis.flushall()
     image = make_qcow2(tmp_path / "t.qcow2", virtual_size=32 * MiB, data_bytes=4 * MiB)
