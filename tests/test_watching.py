@@ -6,6 +6,7 @@ import datetime
 import gzip
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -33,7 +34,7 @@ from migratio import metrics
 from migratio.cli import main
 from migratio.config import Settings
 from migratio.errors import ConfigError
-from migratio.keys import OPENSTACK_MIGRATOR, Keys, migration_queue
+from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.logs import DailyFile
 from migratio.service import Service
 
@@ -178,12 +179,22 @@ def test_a_failed_job_has_one_error_line_and_a_bug_has_its_traceback(
     settings = settings_for(clean_sandbox, tmp_path, yaml=f"redis_url: {redis_server.url}\n")
     missing = "6f3c9a0e-1111-2222-3333-999999999999"
     first = push(settings, missing, "site-b")  # no such image: fails for good
+    wrong = "6f3c9a0e-1111-2222-3333-777777777777"  # an Amazon job for an OpenStack site
+    [amazon] = sidekiq.push(
+        settings.redis_url, settings.namespace, migration_queue("site-a"), AMAZON_MIGRATOR,
+        [wrong, "site-b"],
+    )  # fmt: skip
     Service(settings, redis).run_once()
     worker_burst(settings)
     log = settings.log_dir / "worker.log"
-    [error] = error_lines(log)
+    errors = error_lines(log)
+    assert len(errors) == 2  # one line per failed job
+    [error] = [x for x in errors if f"migratio-{first}" in x]
     assert f"[job migratio-{first} image {missing}]" in error
     assert f"image {missing} is not on site site-a (not retried)" in error
+    [error] = [x for x in errors if f"migratio-{amazon}" in x]
+    assert f"[job migratio-{amazon} image {wrong}]" in error
+    assert "site site-b is an OpenStack site, but the job asks for a migration to Amazon" in error
     assert "Traceback" not in log.read_text()
     assert "cleaning registries" not in log.read_text()  # RQ's routine upkeep: not an event
 
@@ -199,7 +210,7 @@ def test_a_failed_job_has_one_error_line_and_a_bug_has_its_traceback(
     data = status_json(settings, capsys)
     counts = data["counts"]
     assert isinstance(counts, dict)
-    assert (counts["failed"], counts["scheduled"]) == (1, 1)  # a bug may pass: it is retried
+    assert (counts["failed"], counts["scheduled"]) == (2, 1)  # a bug may pass: it is retried
     jobs = data["jobs"]
     assert isinstance(jobs, list)
     reasons = {job["id"]: job["error"] for job in jobs}
@@ -247,7 +258,9 @@ def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 
 @pytest.mark.slow
-def test_metrics_endpoint_during_a_real_migration(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+def test_metrics_endpoint_during_a_real_migration(
+    clean_sandbox: Sandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     sb = clean_sandbox
     port = free_port()
     with RedisServer(tmp_path / "redis") as server:
@@ -267,18 +280,35 @@ def test_metrics_endpoint_during_a_real_migration(clean_sandbox: Sandbox, tmp_pa
             assert sample(before, "migratio_info", site="site-a") == 1
             push(settings, image_id, "site-b")
             seen_running = False
+            running: list[dict[str, object]] = []
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline:
                 now = scrape(port)
-                seen_running |= sample(now, "migratio_jobs", state="running") == 1
+                if sample(now, "migratio_jobs", state="running") == 1:
+                    seen_running = True
+                    if not running:  # what 'status' says of a running job, once it said one
+                        jobs = status_json(settings, capsys)["jobs"]
+                        assert isinstance(jobs, list)
+                        running = [j for j in jobs if j["state"] == "running" and j["status"]]
                 if sample(now, "migratio_jobs_succeeded_total", destination="site-b") == 1:
                     break
                 time.sleep(0.1)
             else:
                 raise AssertionError("the migration did not succeed in time")
             assert seen_running, "no scrape saw the job running"
+            assert running, "'status' never showed the running job's status line"
+            [job] = running
+            assert job["image_id"] == image_id and job["destination"] == "site-b"
+            assert isinstance(job["age_seconds"], float) and 0 <= job["age_seconds"] < 120
+            assert job["started_at"] is not None
+            assert str(job["status"]).startswith(("Migration started", "Downloading", "Transfer"))
+            assert isinstance(job["status_at"], float)
             assert sample(now, "migratio_jobs_taken_total") == 1
-            assert sample(now, "migratio_jobs", state="running") == 0
+            deadline = time.monotonic() + 10  # RQ files the job as finished just after
+            while sample(now, "migratio_jobs", state="running") != 0:
+                assert time.monotonic() < deadline, "the job still shows as running"
+                time.sleep(0.1)
+                now = scrape(port)
             assert sample(now, "migratio_bytes_moved_total", destination="site-b") > 100 * MiB
             count = sample(now, "migratio_migration_duration_seconds_count", outcome="succeeded")
             assert count == 1
@@ -328,6 +358,18 @@ def test_metrics_collector_reads_counters_from_every_process(
     assert buckets["+Inf"] == 3
     assert sample(families, "migratio_migration_duration_seconds_sum", kind="openstack") == 50050
     assert redis.hget(keys.metrics("site-a"), "jobs_succeeded|destination=site-b") == b"3"
+
+    # the intake counts what it takes and what it refuses
+    push(settings, "6f3c9a0e-1111-2222-3333-444455556666", "site-b")
+    redis.lpush(keys.queue(migration_queue("site-a")), b"not json")
+    service = Service(settings, redis)
+    service.run_once()
+    service.run_once()
+    families = collect(settings, redis)
+    assert sample(families, "migratio_jobs_taken_total") == 1
+    assert sample(families, "migratio_jobs_refused_total") == 1
+    assert sample(families, "migratio_jobs", state="queued") == 1
+    assert sample(families, "migratio_jobs", state="dead_letters") == 1
 
 
 @pytest.mark.parametrize(
@@ -425,3 +467,64 @@ def test_log_rotation_off_leaves_it_to_logrotate(tmp_path: Path) -> None:
     handler.emit(record("c", day(0)))
     assert path.read_text() == "c\n"
     handler.close()
+
+
+def _write_lines(path: str, start: object, count: int) -> None:
+    """One process's handler writing ``count`` lines as soon as ``start`` is set."""
+    handler = DailyFile(Path(path), keep=5)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    start.wait()  # type: ignore[attr-defined]
+    for i in range(count):
+        handler.emit(record(f"{os.getpid()} {i}", time.time()))
+    handler.close()
+
+
+def test_log_rotation_by_many_processes_at_once_loses_no_line(tmp_path: Path) -> None:
+    path = tmp_path / "worker.log"
+    path.write_text("yesterday's line\n")
+    os.utime(path, (day(1), day(1)))
+    context = multiprocessing.get_context("fork")  # as RQ forks its work-horses
+    start = context.Event()
+    procs = [context.Process(target=_write_lines, args=(str(path), start, 500)) for _ in range(6)]
+    for proc in procs:
+        proc.start()
+    start.set()
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    yesterday = datetime.date.fromtimestamp(day(1)).isoformat()
+    assert (tmp_path / f"worker.log.{yesterday}").read_text() == "yesterday's line\n"
+    lines = path.read_text().splitlines()
+    assert len(lines) == len(set(lines)) == 6 * 500  # every line, once, in today's file
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "worker.log",
+        f"worker.log.{yesterday}",
+    ]
+
+
+@pytest.mark.slow
+def test_a_job_over_its_time_limit_has_one_error_line(
+    clean_sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis: Redis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sb = clean_sandbox
+    settings = settings_for(
+        sb, tmp_path, yaml=f"redis_url: {redis_server.url}\njob_timeout: 1\nretry_delays: []\n"
+    )
+    image = make_qcow2(tmp_path / "t.qcow2", virtual_size=512 * MiB, data_bytes=192 * MiB)
+    image_id = sb.source.upload_image(image, name="template", disk_format="qcow2")
+    jid = push(settings, image_id, "site-b")
+    Service(settings, redis).run_once()
+    worker_burst(settings)
+    log = settings.log_dir / "worker.log"
+    [error] = error_lines(log)
+    assert f"[job migratio-{jid} image {image_id}]" in error
+    assert "the job took longer than job_timeout (1 s) (not retried)" in error
+    assert "Traceback" not in log.read_text()
+    [job] = status_json(settings, capsys)["jobs"]  # type: ignore[misc]
+    assert job["state"] == "failed"
+    assert job["error"] == "the job took longer than job_timeout (1 s)"
+    assert not sb.destination.find_by_property("source_uuid", image_id)

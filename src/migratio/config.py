@@ -168,6 +168,10 @@ class OpenStackSite:
     remote_creds: str = "~/.creds"
     remote_glance: str = "glance"
     remote_python: str = "python3"
+    #: rsync compression: auto (decided per image, see migratio.compression), zstd, lz4, none
+    compress: Literal["auto", "zstd", "lz4", "none"] = "auto"
+    #: the cap, in bytes per second, of what goes over the link to this site (None: no cap)
+    bwlimit: int | None = None
     kind: Literal["openstack"] = "openstack"
 
 
@@ -382,7 +386,7 @@ SITE_KEYS = frozenset(
         # OpenStack over SSH
         "EXTERNAL_USER", "EXTERNAL_HOST", "SSH_PORT", "SSH_KEY", "SSH_KNOWN_HOSTS",
         "SSH_CIPHERS", "SSH_CONNECT_TIMEOUT", "REMOTE_STAGING_DIR", "REMOTE_CREDS",
-        "REMOTE_GLANCE", "REMOTE_PYTHON", "DISK_FORMAT", "REGISTER",
+        "REMOTE_GLANCE", "REMOTE_PYTHON", "DISK_FORMAT", "REGISTER", "COMPRESS", "BWLIMIT",
         # OpenStack through its API (an openrc's keys)
         "OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD", "OS_PROJECT_NAME", "OS_TENANT_NAME",
         "OS_PROJECT_ID", "OS_TENANT_ID", "OS_USER_DOMAIN_NAME", "OS_PROJECT_DOMAIN_NAME",
@@ -433,6 +437,12 @@ def _site_from_values(site_id: str, path: Path, values: Mapping[str, str]) -> Si
         raise ConfigError(
             f"{path}: DISK_FORMAT {disk_format!r} is not one of {', '.join(sorted(DISK_FORMATS))}"
         )
+    compress = values.get("COMPRESS", "auto").lower() or "auto"
+    if compress not in {"auto", "zstd", "lz4", "none"}:
+        raise ConfigError(
+            f"{path}: COMPRESS must be auto, zstd, lz4 or none, not {values['COMPRESS']!r}"
+        )
+    bwlimit = parse_rate(values["BWLIMIT"], f"{path}: BWLIMIT") if values.get("BWLIMIT") else None
     ssh = _ssh_target(values, path) if register == "ssh" else None
     api = OpenStackCredentials.from_vars(values, str(path)) if register == "api" else None
     return OpenStackSite(
@@ -446,7 +456,34 @@ def _site_from_values(site_id: str, path: Path, values: Mapping[str, str]) -> Si
         remote_creds=values.get("REMOTE_CREDS") or "~/.creds",
         remote_glance=values.get("REMOTE_GLANCE") or "glance",
         remote_python=values.get("REMOTE_PYTHON") or "python3",
+        compress=compress,  # type: ignore[arg-type]  # checked above
+        bwlimit=bwlimit,
     )
+
+
+_RATE = re.compile(r"(\d+(?:\.\d+)?)\s*(k|m|g|kbit|mbit|gbit)?(?:/s)?", re.IGNORECASE)
+_RATE_UNITS = {
+    None: 1024, "k": 1024, "m": 1024**2, "g": 1024**3,
+    "kbit": 1000 / 8, "mbit": 1000**2 / 8, "gbit": 1000**3 / 8,
+}  # fmt: skip
+
+
+def parse_rate(text: str, what: str) -> int:
+    """Bytes per second from rsync's ``--bwlimit`` syntax, or from Mbit/s.
+
+    A bare number is KiB/s as rsync reads it; ``K``/``M``/``G`` are KiB/MiB/GiB per second;
+    ``kbit``/``Mbit``/``Gbit`` are the network's units (powers of 1000, bits).
+    """
+    match = _RATE.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(
+            f"{what} {text!r} is not a rate like 51200 (KiB/s, as rsync reads it), 50M or 400Mbit"
+        )
+    unit = match.group(2).lower() if match.group(2) else None
+    rate = int(float(match.group(1)) * _RATE_UNITS[unit])
+    if rate < 1024:
+        raise ConfigError(f"{what} {text!r} is below 1 KiB/s, the least rsync can limit to")
+    return rate
 
 
 def _amazon_site(site_id: str, path: Path, values: Mapping[str, str]) -> AmazonSite:

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from migratio import qemu_img, rsync, status
+from migratio import compression, qemu_img, rsync, status
+from migratio.bandwidth import ThrottledReader
+from migratio.compression import LinkHistory
 from migratio.config import OpenStackSite, Settings
 from migratio.errors import (
     ConfigError,
@@ -243,7 +245,12 @@ class Migration:
         copy = api.create(fields)
         try:
             with payload.open("rb") as stream:
-                api.upload(copy.id, stream, digests, self.progress("Uploading", digests.size))
+                reader = (
+                    stream
+                    if self.site.bwlimit is None
+                    else ThrottledReader(stream, self.site.bwlimit)
+                )
+                api.upload(copy.id, reader, digests, self.progress("Uploading", digests.size))
             self.status(f"{status.TRANSFERED} {human_bytes(digests.size)} to {api.where}")
             self.verify(copy.id, digests, fields)
         except BaseException:
@@ -251,6 +258,31 @@ class Migration:
             raise
         self.status(f"{status.REGISTERED} as image {copy.id} at {self.site.site_id}")
         return copy.id, digests.size
+
+    def push(self, payload: Path, remote_path: str, *, sparse: bool) -> rsync.RsyncResult:
+        """rsync ``payload`` there, compressed as the site's ``COMPRESS`` says (or ``auto``)."""
+        assert self.site.ssh is not None
+        history = LinkHistory(self.settings.staging_dir)
+        choice = compression.choose(self.site.compress, payload, history.rate(self.site.site_id))
+        log.info("compression %s (%s)", choice.algorithm, choice.reason)
+        result = rsync.push(
+            payload,
+            self.site.ssh,
+            remote_path,
+            sparse=sparse,
+            timeout=self.settings.command_timeout,
+            cancel=self.cancel,
+            on_progress=self.progress("Transferring", payload.stat().st_size),
+            compress=choice.algorithm,
+            bwlimit=self.site.bwlimit,
+        )
+        history.record(
+            self.site.site_id,
+            result.bytes_sent,
+            result.seconds,
+            capped=self.site.bwlimit is not None,
+        )
+        return result
 
     @property
     def remote_dir(self) -> str:
@@ -276,18 +308,11 @@ class Migration:
         copy: ImageRecord | None = None
         try:
             try:
-                sent = rsync.push(
-                    payload,
-                    self.site.ssh,
-                    remote_path,
-                    sparse=target_format == "raw",
-                    timeout=self.settings.command_timeout,
-                    cancel=self.cancel,
-                    on_progress=self.progress("Transferring", digests.size),
-                ).bytes_sent
+                pushed = self.push(payload, remote_path, sparse=target_format == "raw")
+                sent = pushed.bytes_sent
                 self.status(
                     f"{status.TRANSFERED} {human_bytes(digests.size)} to {self.site.ssh.host} "
-                    f"({human_bytes(sent)} sent)"
+                    f"({human_bytes(sent)} sent, compression {pushed.compress})"
                 )
                 _tell(follower.popen.stdin, b"done\n")
                 upload = follower.communicate(
