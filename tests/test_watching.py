@@ -359,6 +359,18 @@ def test_metrics_collector_reads_counters_from_every_process(
     assert sample(families, "migratio_migration_duration_seconds_sum", kind="openstack") == 50050
     assert redis.hget(keys.metrics("site-a"), "jobs_succeeded|destination=site-b") == b"3"
 
+    # the intake counts what it takes and what it refuses
+    push(settings, "6f3c9a0e-1111-2222-3333-444455556666", "site-b")
+    redis.lpush(keys.queue(migration_queue("site-a")), b"not json")
+    service = Service(settings, redis)
+    service.run_once()
+    service.run_once()
+    families = collect(settings, redis)
+    assert sample(families, "migratio_jobs_taken_total") == 1
+    assert sample(families, "migratio_jobs_refused_total") == 1
+    assert sample(families, "migratio_jobs", state="queued") == 1
+    assert sample(families, "migratio_jobs", state="dead_letters") == 1
+
 
 @pytest.mark.parametrize(
     ("yaml", "reason"),

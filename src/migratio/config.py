@@ -222,7 +222,7 @@ class Settings:
 
     name: str
     config_path: Path
-    redis_url: str
+    redis_url: str = field(repr=False)  # it may hold a password
     redis_tls: RedisTls
     namespace: str
     credentials_file: Path
