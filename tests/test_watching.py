@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gzip
 import json
@@ -531,7 +532,20 @@ def test_a_job_over_its_time_limit_has_one_error_line(
 
 
 def children(pid: int) -> list[int]:
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for child in children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 @pytest.mark.slow
@@ -552,6 +566,7 @@ def test_a_killed_work_horse_gives_one_line_and_a_reason(
         [sys.executable, "-m", "migratio", "worker", "--burst", "--config",
          str(settings.config_path)]
     )  # fmt: skip
+    below: list[int] = []
     try:
         deadline = time.monotonic() + 60
         while not children(worker.pid):  # the work-horse RQ forks for the job
@@ -559,11 +574,15 @@ def test_a_killed_work_horse_gives_one_line_and_a_reason(
             time.sleep(0.05)
         time.sleep(1)  # into the migration
         [horse] = children(worker.pid)
+        below = descendants(horse)  # its rsync and ssh, if any: tidied up below
         os.kill(horse, signal.SIGKILL)  # as the OOM killer does
         assert worker.wait(timeout=60) == 0  # the worker itself carries on
     finally:
         if worker.poll() is None:
             worker.kill()
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     log = settings.log_dir / "worker.log"
     [error] = error_lines(log)
     assert f"[job migratio-{jid} image {image_id}]" in error
