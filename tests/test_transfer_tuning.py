@@ -16,10 +16,12 @@ from migratio import rsync
 from migratio.bandwidth import ThrottledReader
 from migratio.compression import LinkHistory, choose
 from migratio.config import ConfigError, OpenStackSite, load_site
+from migratio.errors import Cancelled
 from migratio.glance_api import GlanceApi
 from migratio.hashing import Digests, file_digests
 from migratio.openstack_migration import migrate_to_openstack
 from migratio.request import MigrationRequest, Outcome
+from migratio.streams import stream_count
 
 MiB = 1 << 20
 
@@ -215,3 +217,60 @@ def test_bwlimit_caps_the_api_upload(clean_sandbox: Sandbox, tmp_path: Path) -> 
 
     assert sb.destination.image(copy.id)["status"] == "active"
     assert 0.9 * CAP <= meter.rate() <= 1.1 * CAP, meter.rate() / CAP
+
+
+def test_stream_count_follows_the_round_trip() -> None:
+    big = 4 << 30
+    assert stream_count(None, 0.0002, big) == 1  # a LAN: one stream is as fast as the cipher
+    assert stream_count(None, None, big) == 1  # not measurable: as before
+    assert stream_count(None, 0.020, big) == 3
+    assert stream_count(None, 0.040, big) == 5
+    assert stream_count(None, 0.500, big) == 8
+    assert stream_count(4, 0.0001, big) == 4  # STREAMS=4 forces it...
+    assert stream_count(4, 0.040, 20 * MiB) == 2  # ...but no range under 8 MiB
+
+
+def test_several_streams_deliver_the_image_and_resume(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "random.qcow2", virtual_size=512 * MiB, data_bytes=200 * MiB)
+    image_id = sb.source.upload_image(image, name="streams", disk_format="qcow2")
+    settings = settings_for(sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=3", "BWLIMIT=60M")})
+    staging = sb.ssh.home / ".migratio-staging"
+    cancel = threading.Event()
+
+    def cancel_midway() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not cancel.is_set():
+            pieces = list(staging.glob(f"{image_id}-*.part.*")) if staging.exists() else []
+            if len(pieces) == 3 and sum(p.stat().st_size for p in pieces) > 60 * MiB:
+                cancel.set()
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=cancel_midway)
+    watcher.start()
+    with pytest.raises(Cancelled):
+        migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines(), cancel=cancel)
+    watcher.join()
+    pieces = sorted(staging.glob(f"{image_id}-*.part.*"))
+    assert [p.name[-2:] for p in pieces] == [".0", ".1", ".2"]
+    kept = sum(p.stat().st_size for p in pieces)
+    assert 0 < kept < image.stat().st_size
+    assert sb.destination.find_by_property("source_uuid", image_id) == []
+    assert not list((tmp_path / "staging").glob("*/*")), "local range copies are removed"
+
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines())
+
+    assert result.outcome is Outcome.MIGRATED
+    assert result.bytes_sent < image.stat().st_size - kept // 2  # only what was missing
+    arrived = tmp_path / "arrived"
+    sb.destination.download_to(result.destination_image_id, arrived)
+    assert sha256_file(arrived) == sha256_file(image)
+    assert not any(p.exists() for p in pieces)
+
+
+def test_auto_takes_a_long_round_trip_for_a_wan(tmp_path: Path, os_like: Path) -> None:
+    assert choose("auto", os_like, None, 0.0002).algorithm == "lz4"
+    assert choose("auto", os_like, None, 0.020).algorithm == "zstd"
+    assert choose("auto", os_like, 800e6, 0.020).algorithm == "none"  # what it reached wins

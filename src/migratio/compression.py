@@ -10,7 +10,9 @@
    directory, ``.link-<site>.json``).  zstd costs rsync's sender about a core for ~200 MB/s
    of input; lz4 is nearly free but sends more.  Over a link slower than
    :data:`ZSTD_BELOW` zstd wins; above :data:`LZ4_BELOW` (a LAN, loopback) compression only
-   costs CPU and nothing is compressed; in between, and while the link is not known yet, lz4.
+   costs CPU and nothing is compressed; in between, lz4.  While the link is not known yet,
+   the round trip to the site's SSH port (measured anyway, see :mod:`migratio.streams`)
+   stands in: :data:`WAN_RTT` or more is a WAN (zstd), less or unknown lz4.
 3. **what the peer's rsync supports**: rsync negotiates the algorithm; a peer that knows
    neither zstd nor lz4 (older than 3.2) fails the start of the transfer, which is then
    re-run once without compression (zlib, the old peers' only choice, is 7 to 13 times slower than
@@ -36,6 +38,8 @@ INCOMPRESSIBLE = 0.85
 #: links slower than this (bytes/s): zstd; faster than LZ4_BELOW: no compression
 ZSTD_BELOW = 160e6
 LZ4_BELOW = 450e6
+#: a round trip (seconds) at least this long: a WAN
+WAN_RTT = 0.004
 
 
 @dataclass(frozen=True)
@@ -68,21 +72,22 @@ def sample_ratio(path: Path) -> float:
     return compressed / original if original else 1.0
 
 
-def choose(setting: str, path: Path, link_rate: float | None) -> Choice:
+def choose(setting: str, path: Path, link_rate: float | None, rtt: float | None = None) -> Choice:
     """The algorithm for sending ``path``: ``setting`` unless it is ``auto``."""
     if setting != "auto":
         return Choice(setting, f"COMPRESS={setting}")
     ratio = sample_ratio(path)
     if ratio > INCOMPRESSIBLE:
         return Choice("none", f"auto: samples compress only to {ratio:.2f}")
-    if link_rate is None:
-        return Choice("lz4", f"auto: samples compress to {ratio:.2f}, link rate not known yet")
-    rate = f"{link_rate / 1e6:.0f} MB/s"
-    if link_rate < ZSTD_BELOW:
-        return Choice("zstd", f"auto: samples compress to {ratio:.2f}, link reached {rate}")
-    if link_rate < LZ4_BELOW:
-        return Choice("lz4", f"auto: samples compress to {ratio:.2f}, link reached {rate}")
-    return Choice("none", f"auto: the link reached {rate}, faster than compression")
+    why = f"auto: samples compress to {ratio:.2f}"
+    if link_rate is not None:
+        why += f", link reached {link_rate / 1e6:.0f} MB/s"
+        if link_rate >= LZ4_BELOW:
+            return Choice("none", f"{why}, faster than compression")
+        return Choice("zstd" if link_rate < ZSTD_BELOW else "lz4", why)
+    if rtt is not None and rtt >= WAN_RTT:
+        return Choice("zstd", f"{why}, round trip {rtt * 1000:.0f} ms")
+    return Choice("lz4", f"{why}, link rate not known yet")
 
 
 class LinkHistory:

@@ -172,6 +172,8 @@ class OpenStackSite:
     compress: Literal["auto", "zstd", "lz4", "none"] = "auto"
     #: the cap, in bytes per second, of what goes over the link to this site (None: no cap)
     bwlimit: int | None = None
+    #: rsync streams at once over ranges of the file (None: auto, from the round trip)
+    streams: int | None = None
     kind: Literal["openstack"] = "openstack"
 
 
@@ -387,6 +389,7 @@ SITE_KEYS = frozenset(
         "EXTERNAL_USER", "EXTERNAL_HOST", "SSH_PORT", "SSH_KEY", "SSH_KNOWN_HOSTS",
         "SSH_CIPHERS", "SSH_CONNECT_TIMEOUT", "REMOTE_STAGING_DIR", "REMOTE_CREDS",
         "REMOTE_GLANCE", "REMOTE_PYTHON", "DISK_FORMAT", "REGISTER", "COMPRESS", "BWLIMIT",
+        "STREAMS",
         # OpenStack through its API (an openrc's keys)
         "OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD", "OS_PROJECT_NAME", "OS_TENANT_NAME",
         "OS_PROJECT_ID", "OS_TENANT_ID", "OS_USER_DOMAIN_NAME", "OS_PROJECT_DOMAIN_NAME",
@@ -443,6 +446,12 @@ def _site_from_values(site_id: str, path: Path, values: Mapping[str, str]) -> Si
             f"{path}: COMPRESS must be auto, zstd, lz4 or none, not {values['COMPRESS']!r}"
         )
     bwlimit = parse_rate(values["BWLIMIT"], f"{path}: BWLIMIT") if values.get("BWLIMIT") else None
+    streams_text = values.get("STREAMS", "auto").lower() or "auto"
+    streams = None
+    if streams_text != "auto":
+        if not streams_text.isdigit() or not 1 <= int(streams_text) <= 16:
+            raise ConfigError(f"{path}: STREAMS must be auto or 1 to 16, not {streams_text!r}")
+        streams = int(streams_text)
     ssh = _ssh_target(values, path) if register == "ssh" else None
     api = OpenStackCredentials.from_vars(values, str(path)) if register == "api" else None
     return OpenStackSite(
@@ -458,6 +467,7 @@ def _site_from_values(site_id: str, path: Path, values: Mapping[str, str]) -> Si
         remote_python=values.get("REMOTE_PYTHON") or "python3",
         compress=compress,  # type: ignore[arg-type]  # checked above
         bwlimit=bwlimit,
+        streams=streams,
     )
 
 
