@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -93,6 +95,7 @@ def one_line(done: subprocess.CompletedProcess[str]) -> str:
     ("url", "message"),
     [
         ("localhost:6379", "must start with redis://"),
+        (f"migratio:{PASSWORD}@localhost:6379", "must start with redis://"),
         ("http://localhost:6379", "must start with redis://"),
         ("redis://", "names no host"),
         ("redis://localhost:6379/abc", "the database must be a number"),
@@ -139,6 +142,8 @@ def test_redacted_keeps_the_user_not_the_password() -> None:
     assert redacted("redis://:pw@h/0") == "redis://:***@h/0"
     assert redacted("redis://h:6379/0") == "redis://h:6379/0"
     assert redacted(f"redis://u:{PASSWORD}@h/0") == "redis://u:***@h/0"  # not %-encoded
+    assert redacted(f"u:{PASSWORD}@h:6379") == "u:***@h:6379"  # no scheme
+    assert redacted(f"redis://h/0?password={PASSWORD}&db=1") == "redis://h/0?password=***&db=1"
 
 
 def test_redis_older_than_6_2_is_refused() -> None:
@@ -227,6 +232,7 @@ def test_a_job_end_to_end_over_tls_with_an_acl_user(
     sb = clean_sandbox
     assert tls_redis.tls is not None
     settings = settings_for(sb, tmp_path, yaml=tls_yaml(tls_redis))
+    assert PASSWORD not in repr(settings) and quote(PASSWORD, safe="") not in repr(settings)
     redis: Redis = tls_redis.client()
     redis.flushall()
     image = make_qcow2(tmp_path / "t.qcow2", virtual_size=32 * MiB, data_bytes=4 * MiB)
@@ -280,6 +286,7 @@ def test_enqueue_refuses_what_atmosphere_never_sends(tmp_path: Path) -> None:
         (["../../etc/passwd", "site-b"], "not an image id"),
         ([IMAGE, "../../etc/passwd"], "not a plain site name"),
         ([IMAGE, "nowhere"], "unknown destination site 'nowhere'"),
+        ([IMAGE, "site-b", "--amazon"], "site-b is an OpenStack site: drop --amazon"),
     ):
         done = migratio("enqueue", "--config", config, *args)
         assert done.returncode == 2, done
@@ -294,3 +301,39 @@ def test_config_option_before_the_command(tmp_path: Path) -> None:
     assert done.returncode == 2 and "not an image id" in done.stderr
     absent = migratio("--config", str(tmp_path / "absent.yml"), "status")
     assert absent.returncode == 78 and "absent.yml: file not found" in absent.stderr
+
+
+def test_run_waits_out_a_redis_that_is_down(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"redis://migratio:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/0"
+    config = write_config(tmp_path, f"redis_url: '{url}'\nworkers: 1\n")
+    service = subprocess.Popen(
+        [sys.executable, "-m", "migratio", "run", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        log = tmp_path / "log" / "migratio.log"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "waiting for it" not in (
+            log.read_text() if log.exists() else ""
+        ):
+            time.sleep(0.1)
+        assert service.poll() is None  # still running: Redis may come back
+        with RedisServer(tmp_path / "redis", port=port, users=USERS) as server:
+            server.client().lpush("atmosphere:queue:migration_site-a", b"not json")
+            while time.monotonic() < deadline + 30 and not server.client().llen(
+                "atmosphere:migratio:dead:site-a"
+            ):
+                time.sleep(0.1)
+            assert server.client().llen("atmosphere:migratio:dead:site-a") == 1  # it went on
+            service.send_signal(signal.SIGTERM)
+            assert service.wait(timeout=60) == 0
+    finally:
+        if service.poll() is None:
+            service.kill()
+    out, err = service.communicate()
+    text = log.read_text()
+    assert text.count("Redis is unreachable; waiting for it: Redis at redis://migratio:***@") == 1
+    assert "Redis is back after" in text
+    assert PASSWORD not in text + out + err and quote(PASSWORD, safe="") not in text + out + err
+    assert "Traceback" not in text + err

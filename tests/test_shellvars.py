@@ -158,6 +158,7 @@ REFUSED = [
     (". ~/.other\n", "'.'", 1),
     ("f() { echo; }\n", "'('", 1),
     ("eval A=1\n", "'eval'", 1),
+    ('\nif [ -z "$OS_REGION_NAME" ]; then unset OS_REGION_NAME; fi\n', "'if'", 2),
     (f"read -sr OS_PASSWORD_INPUT\nOS_PASSWORD={SECRET}\n", "'read'", 1),
     (f"OS_PASSWORD={SECRET} echo hi\n", "after OS_PASSWORD=… comes another word", 1),
     (f"OS_PASSWORD={SECRET} {SECRET}\n", "after OS_PASSWORD=… comes another word", 1),

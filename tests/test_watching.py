@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gzip
 import json
@@ -359,6 +360,18 @@ def test_metrics_collector_reads_counters_from_every_process(
     assert sample(families, "migratio_migration_duration_seconds_sum", kind="openstack") == 50050
     assert redis.hget(keys.metrics("site-a"), "jobs_succeeded|destination=site-b") == b"3"
 
+    # the intake counts what it takes and what it refuses
+    push(settings, "6f3c9a0e-1111-2222-3333-444455556666", "site-b")
+    redis.lpush(keys.queue(migration_queue("site-a")), b"not json")
+    service = Service(settings, redis)
+    service.run_once()
+    service.run_once()
+    families = collect(settings, redis)
+    assert sample(families, "migratio_jobs_taken_total") == 1
+    assert sample(families, "migratio_jobs_refused_total") == 1
+    assert sample(families, "migratio_jobs", state="queued") == 1
+    assert sample(families, "migratio_jobs", state="dead_letters") == 1
+
 
 @pytest.mark.parametrize(
     ("yaml", "reason"),
@@ -516,3 +529,66 @@ def test_a_job_over_its_time_limit_has_one_error_line(
     assert job["state"] == "failed"
     assert job["error"] == "the migration ran longer than job_timeout (1 s)"
     assert not sb.destination.find_by_property("source_uuid", image_id)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for child in children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_work_horse_gives_one_line_and_a_reason(
+    clean_sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis: Redis,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sb = clean_sandbox
+    settings = settings_for(sb, tmp_path, yaml=f"redis_url: {redis_server.url}\n")
+    image = make_qcow2(tmp_path / "t.qcow2", virtual_size=1024 * MiB, data_bytes=300 * MiB)
+    image_id = sb.source.upload_image(image, name="template", disk_format="qcow2")
+    jid = push(settings, image_id, "site-b")
+    Service(settings, redis).run_once()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "migratio", "worker", "--burst", "--config",
+         str(settings.config_path)]
+    )  # fmt: skip
+    below: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not children(worker.pid):  # the work-horse RQ forks for the job
+            assert time.monotonic() < deadline, "no work-horse"
+            time.sleep(0.05)
+        time.sleep(1)  # into the migration
+        [horse] = children(worker.pid)
+        below = descendants(horse)  # its rsync and ssh, if any: tidied up below
+        os.kill(horse, signal.SIGKILL)  # as the OOM killer does
+        assert worker.wait(timeout=60) == 0  # the worker itself carries on
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    log = settings.log_dir / "worker.log"
+    [error] = error_lines(log)
+    assert f"[job migratio-{jid} image {image_id}]" in error
+    assert "the process running it died (killed by signal 9" in error and "retry in 60 s" in error
+    assert "Traceback" not in log.read_text() and " WARNING " not in log.read_text()
+    [job] = status_json(settings, capsys)["jobs"]  # type: ignore[misc]
+    assert job["state"] == "scheduled" and "killed by signal 9" in job["error"]
+    families = collect(settings, redis)
+    assert sample(families, "migratio_jobs_retried_total", reason="WorkerLost") == 1

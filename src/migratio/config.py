@@ -15,8 +15,8 @@ import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -168,6 +168,12 @@ class OpenStackSite:
     remote_creds: str = "~/.creds"
     remote_glance: str = "glance"
     remote_python: str = "python3"
+    #: rsync compression: auto (decided per image, see migratio.compression), zstd, lz4, none
+    compress: Literal["auto", "zstd", "lz4", "none"] = "auto"
+    #: the cap, in bytes per second, of what goes over the link to this site (None: no cap)
+    bwlimit: int | None = None
+    #: rsync streams at once over ranges of the file (None: auto, from the round trip)
+    streams: int | None = None
     kind: Literal["openstack"] = "openstack"
 
 
@@ -216,7 +222,7 @@ class Settings:
 
     name: str
     config_path: Path
-    redis_url: str
+    redis_url: str = field(repr=False)  # it may hold a password
     redis_tls: RedisTls
     namespace: str
     credentials_file: Path
@@ -271,7 +277,7 @@ def default_config_path() -> Path:
 def load_settings(config_path: Path | None = None) -> Settings:
     """Load and validate every configuration file; raise :class:`ConfigError` on any problem."""
     path = (config_path or default_config_path()).expanduser()
-    raw = _read_yaml(path)
+    raw = _ReadKeys(_read_yaml(path))
     base = path.resolve().parent
 
     def key(name: str, default: Any = None) -> Any:
@@ -318,7 +324,7 @@ def load_settings(config_path: Path | None = None) -> Settings:
             "and the environment does not hold this site's OS_* credentials either"
         ) from None
     site_files = load_sites(sites_dir)
-    return Settings(
+    settings = Settings(
         name=name,
         config_path=path,
         redis_url=redis_url,
@@ -343,6 +349,14 @@ def load_settings(config_path: Path | None = None) -> Settings:
         metrics_address=_address(path, key("metrics_address", "127.0.0.1")),
         log_keep_days=_count(path, "log_keep_days", key("log_keep_days", DEFAULT_LOG_KEEP_DAYS)),
     )
+    unknown = [
+        f"{path}: unknown key {name!r} ({_nearest(str(name), raw.read)})"
+        for name in raw
+        if name not in raw.read
+    ]
+    if unknown:
+        settings = replace(settings, warnings=(*unknown, *settings.warnings))
+    return settings
 
 
 @dataclass(frozen=True)
@@ -352,6 +366,27 @@ class SiteFiles:
     sites: dict[str, Site]
     broken: dict[str, str]
     warnings: list[str]
+
+
+class _ReadKeys(dict[str, Any]):
+    """config.yml's mapping, remembering which keys were asked for (the others are unknown)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(data)
+        self.read: set[str] = set()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.read.add(name)
+        return super().get(name, default)
+
+    def __getitem__(self, name: str) -> Any:
+        self.read.add(name)
+        return super().__getitem__(name)
+
+
+def _nearest(name: str, known: Iterable[str]) -> str:
+    near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"did you mean {near[0]}?" if near else "migratio does not use it"
 
 
 def load_sites(sites_dir: Path) -> SiteFiles:
@@ -382,7 +417,8 @@ SITE_KEYS = frozenset(
         # OpenStack over SSH
         "EXTERNAL_USER", "EXTERNAL_HOST", "SSH_PORT", "SSH_KEY", "SSH_KNOWN_HOSTS",
         "SSH_CIPHERS", "SSH_CONNECT_TIMEOUT", "REMOTE_STAGING_DIR", "REMOTE_CREDS",
-        "REMOTE_GLANCE", "REMOTE_PYTHON", "DISK_FORMAT", "REGISTER",
+        "REMOTE_GLANCE", "REMOTE_PYTHON", "DISK_FORMAT", "REGISTER", "COMPRESS", "BWLIMIT",
+        "STREAMS",
         # OpenStack through its API (an openrc's keys)
         "OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD", "OS_PROJECT_NAME", "OS_TENANT_NAME",
         "OS_PROJECT_ID", "OS_TENANT_ID", "OS_USER_DOMAIN_NAME", "OS_PROJECT_DOMAIN_NAME",
@@ -410,9 +446,7 @@ def _load_site(site_id: str, path: Path) -> tuple[Site, list[str]]:
     unknown = []
     for key, line in sourced.assigned.items():
         if key not in SITE_KEYS:
-            near = difflib.get_close_matches(key, SITE_KEYS, n=1, cutoff=0.6)
-            hint = f"did you mean {near[0]}?" if near else "migratio does not use it"
-            unknown.append(f"{path}, line {line}: unknown key {key} ({hint})")
+            unknown.append(f"{path}, line {line}: unknown key {key} ({_nearest(key, SITE_KEYS)})")
     try:
         return _site_from_values(site_id, path, values), unknown + sourced.warnings
     except ConfigError as exc:
@@ -433,6 +467,18 @@ def _site_from_values(site_id: str, path: Path, values: Mapping[str, str]) -> Si
         raise ConfigError(
             f"{path}: DISK_FORMAT {disk_format!r} is not one of {', '.join(sorted(DISK_FORMATS))}"
         )
+    compress = values.get("COMPRESS", "auto").lower() or "auto"
+    if compress not in {"auto", "zstd", "lz4", "none"}:
+        raise ConfigError(
+            f"{path}: COMPRESS must be auto, zstd, lz4 or none, not {values['COMPRESS']!r}"
+        )
+    bwlimit = parse_rate(values["BWLIMIT"], f"{path}: BWLIMIT") if values.get("BWLIMIT") else None
+    streams_text = values.get("STREAMS", "auto").lower() or "auto"
+    streams = None
+    if streams_text != "auto":
+        if not streams_text.isdigit() or not 1 <= int(streams_text) <= 16:
+            raise ConfigError(f"{path}: STREAMS must be auto or 1 to 16, not {streams_text!r}")
+        streams = int(streams_text)
     ssh = _ssh_target(values, path) if register == "ssh" else None
     api = OpenStackCredentials.from_vars(values, str(path)) if register == "api" else None
     return OpenStackSite(
@@ -446,7 +492,35 @@ def _site_from_values(site_id: str, path: Path, values: Mapping[str, str]) -> Si
         remote_creds=values.get("REMOTE_CREDS") or "~/.creds",
         remote_glance=values.get("REMOTE_GLANCE") or "glance",
         remote_python=values.get("REMOTE_PYTHON") or "python3",
+        compress=compress,  # type: ignore[arg-type]  # checked above
+        bwlimit=bwlimit,
+        streams=streams,
     )
+
+
+_RATE = re.compile(r"(\d+(?:\.\d+)?)\s*(k|m|g|kbit|mbit|gbit)?(?:/s)?", re.IGNORECASE)
+_RATE_UNITS = {
+    None: 1024, "k": 1024, "m": 1024**2, "g": 1024**3,
+    "kbit": 1000 / 8, "mbit": 1000**2 / 8, "gbit": 1000**3 / 8,
+}  # fmt: skip
+
+
+def parse_rate(text: str, what: str) -> int:
+    """Bytes per second from rsync's ``--bwlimit`` syntax, or from Mbit/s.
+
+    A bare number is KiB/s as rsync reads it; ``K``/``M``/``G`` are KiB/MiB/GiB per second;
+    ``kbit``/``Mbit``/``Gbit`` are the network's units (powers of 1000, bits).
+    """
+    match = _RATE.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(
+            f"{what} {text!r} is not a rate like 51200 (KiB/s, as rsync reads it), 50M or 400Mbit"
+        )
+    unit = match.group(2).lower() if match.group(2) else None
+    rate = int(float(match.group(1)) * _RATE_UNITS[unit])
+    if rate < 1024:
+        raise ConfigError(f"{what} {text!r} is below 1 KiB/s, the least rsync can limit to")
+    return rate
 
 
 def _amazon_site(site_id: str, path: Path, values: Mapping[str, str]) -> AmazonSite:

@@ -23,7 +23,7 @@ from keystoneauth1.identity import generic
 
 from migratio.config import OpenStackCredentials
 from migratio.errors import GlanceError, VerificationError
-from migratio.hashing import BLOCK, Digests, VerifyingReader
+from migratio.hashing import BLOCK, Digests, Readable, VerifyingReader
 from migratio.images import ImageRecord
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class GlanceApi:
     def upload(
         self,
         image_id: str,
-        stream: BinaryIO,
+        stream: Readable | BinaryIO,
         expected: Digests,
         on_progress: Callable[[int], None] | None = None,
     ) -> None:

@@ -176,14 +176,18 @@ class RemoteGlance:
         algo: str,
         digest: str,
         idle: float,
+        segment_size: int | None = None,
     ) -> processes.Child:
         """Start creating the image there from ``remote_path`` while rsync still writes it.
 
         The helper feeds the growing file to ``glance image-create`` (which reads its data
         from stdin) and only lets it finish on exactly ``size`` bytes with the right digest;
         the CLI then prints the final image record, which :func:`parse_table` reads.
+        With ``segment_size`` the file arrives as ``remote_path.0``, ``.1``... (one per stream).
         """
         helper = [self.site.remote_python, "-c", follow_upload_source()]
+        if segment_size:
+            helper.append(f"--segment-size={segment_size}")
         args = [remote_path, str(size), algo, digest, str(int(idle)), "--"]
         command = self._glance(*self.create_args(fields))
         return self.ssh.start([*helper, *args, *command], what="remote glance upload")
@@ -207,7 +211,7 @@ class RemoteGlance:
         """Names of the staging files there (last written more than the minutes given ago)."""
         age = ["-mmin", f"+{older_than_minutes}"] if older_than_minutes > 0 else []
         done = self.ssh.run(
-            ["find", remote_dir, "-maxdepth", "1", "-type", "f", "-name", "*.part", *age,
+            ["find", remote_dir, "-maxdepth", "1", "-type", "f", "-name", "*.part*", *age,
              "-printf", "%f\\n"],
             what="list remote staging files",
             creds=False,
@@ -220,9 +224,9 @@ class RemoteGlance:
         return [name for name in done.stdout.splitlines() if _UUID.match(name)]
 
     def remove_parts(self, remote_dir: str, image_id: str) -> None:
-        """Remove the staging files of ``image_id`` there (any attempt's, any format)."""
+        """Remove the staging files of ``image_id`` there (any attempt's, any format, pieces)."""
         self.ssh.run(
-            ["find", remote_dir, "-maxdepth", "1", "-name", f"{image_id}-*.part", "-delete"],
+            ["find", remote_dir, "-maxdepth", "1", "-name", f"{image_id}-*.part*", "-delete"],
             what="remove remote staging files",
             creds=False,
         )

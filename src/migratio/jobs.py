@@ -23,6 +23,7 @@ from migratio.lease import Lease
 from migratio.logs import job_context, job_tag, mark_logged
 from migratio.migration import migrate
 from migratio.request import MigrationRequest, MigrationResult
+from migratio.rq_worker import record_failure
 from migratio.status import FanOut, LogSink, StatusSink
 
 log = logging.getLogger(__name__)
@@ -60,31 +61,6 @@ def _no_more_retries() -> None:
     if job is not None and job.retries_left:
         job.retries_left = 0
         job.save()
-
-
-def _failed(job: Job, settings: Settings, message: str, reason: str, seconds: float) -> str:
-    """Record a failed run (for ``migratio status`` and the metrics); return what happens next."""
-    retry = bool(job.retries_left)
-    job.meta["error"] = message
-    job.meta["failed_at"] = time.time()
-    try:
-        job.save_meta()  # type: ignore[no-untyped-call]
-    except RedisError as exc:
-        log.warning("cannot keep the failure in the job's record: %s", exc)
-    kwargs = job.kwargs
-    metrics.count_attempt(
-        job.connection,
-        Keys(settings.namespace),
-        settings.name,
-        outcome="retried" if retry else "failed",
-        kind=str(kwargs.get("kind", "openstack")),
-        destination=str(kwargs.get("destination", "")),
-        seconds=seconds,
-        reason=reason,
-    )
-    if not retry:
-        return "not retried"
-    return f"retry in {job.get_retry_interval()} s, {job.retries_left} left"
 
 
 def wait_for_pair(job: Job, holder: str | None, delay: int = BUSY_DELAY) -> Job:
@@ -150,6 +126,21 @@ def _leased(
         )
 
 
+def _unexpected(exc: Exception) -> tuple[str, str, str]:
+    """(status line, message, reason) of a failure migratio did not raise on purpose.
+
+    Redis going away under a job (a restart) is not a bug: RQ runs the job again.
+    """
+    if isinstance(exc, RedisError):
+        message = f"lost contact with Redis ({exc}); the job will be tried again"
+        return f"Error: {message}", message, "RedisError"
+    return (
+        "Error: internal error in migratio; the traceback is in its log",
+        f"internal error ({type(exc).__name__}: {exc}); the traceback is in worker.log",
+        "InternalError",
+    )
+
+
 def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> str:
     """Run one of Atmosphere's migration jobs; status lines go to Atmosphere and the log.
 
@@ -178,7 +169,7 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
     except MigratioError as exc:
         if not exc.retryable:
             _no_more_retries()
-        then = _failed(job, settings, exc.message, type(exc).__name__, time.monotonic() - started)
+        then = record_failure(job, settings, exc.message, type(exc).__name__)
         log.error("job %s failed: %s (%s)", job.id, exc.message, then)
         mark_logged(exc)
         raise
@@ -187,21 +178,15 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
         _no_more_retries()
         message = f"the migration ran longer than job_timeout ({settings.job_timeout:.0f} s)"
         atmosphere(f"Error: {message}")
-        then = _failed(job, settings, message, "JobTimeout", time.monotonic() - started)
+        then = record_failure(job, settings, message, "JobTimeout")
         log.error("job %s failed: %s (%s)", job.id, message, then)
         mark_logged(exc)
         raise
     except Exception as exc:
-        if isinstance(exc, RedisError):  # Redis went away under the job (a restart): not a bug
-            message = f"lost contact with Redis ({exc}); the job will be tried again"
-            atmosphere(f"Error: {message}")
-        else:
-            atmosphere("Error: internal error in migratio; the traceback is in its log")
-            message = (
-                f"internal error ({type(exc).__name__}: {exc}); the traceback is in worker.log"
-            )
-        then = _failed(job, settings, message, type(exc).__name__, time.monotonic() - started)
-        log.exception("job %s failed: %s (%s)", job.id, message, then)
+        line, message, reason = _unexpected(exc)
+        atmosphere(line)
+        then = record_failure(job, settings, message, reason)
+        log.error("job %s failed: %s (%s)", job.id, message, then, exc_info=reason != "RedisError")
         mark_logged(exc)
         raise
     finally:

@@ -40,6 +40,9 @@ from migratio.sidekiq import BadPayload, parse_job
 SHOWN = 20
 #: the version of ``migratio status --json``'s layout; it changes only if a key changes meaning
 JSON_VERSION = 1
+#: the states of a job, in the order it passes through them (dead letters are apart)
+STATES = ("waiting", "in_flight", "queued", "running", "scheduled", "deferred", "failed",
+          "finished", "canceled")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -168,14 +171,10 @@ def overview(settings: Settings, redis: Redis, *, shown: int = SHOWN) -> Overvie
             "queued": queue.name,
             "dead_letters": keys.dead(settings.name),
         },
-        counts={state: counts[state] for state in (*_ORDER, "dead_letters")},
+        counts={state: counts[state] for state in (*STATES, "dead_letters")},
         jobs=jobs,
         dead_letters=dead,
     )
-
-
-_ORDER = ("waiting", "in_flight", "queued", "running", "scheduled", "deferred", "failed",
-          "finished", "canceled")  # fmt: skip
 
 
 def _registry_ids(registry: BaseRegistry, shown: int, *, newest_first: bool) -> list[str]:

@@ -33,7 +33,7 @@ from migratio import processes, redis_client, sweep
 from migratio.config import Settings
 from migratio.intake import Intake
 from migratio.keys import Keys
-from migratio.rq_worker import MigratioWorker, requeue_abandoned
+from migratio.rq_worker import MigratioWorker, reclaim_abandoned
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class Service:
         of leftovers (:mod:`migratio.sweep`) is queued every sweep.INTERVAL seconds (the
         first one that long after start), by whichever service of the site gets there first.
         """
-        requeue_abandoned(self.settings, self.queue)
+        reclaim_abandoned(self.queue, self.settings)
         self.scheduler.acquire_locks()  # type: ignore[no-untyped-call]
         if self.scheduler.acquired_locks:
             self.scheduler.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]

@@ -177,6 +177,9 @@ class _Parser:
                     self.advance()
                 continue
             if char in _OPERATORS:
+                command = _plain(words[0][1]) if words else None
+                if command in _COMMANDS:  # `if [ … ]; then`: the command says more than ';'
+                    raise self.refuse(f"'{command}'", start)
                 raise self.refuse(_OPERATORS[char])
             line = self.line
             begin = self.pos
