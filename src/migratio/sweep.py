@@ -18,6 +18,7 @@ and staged files only once they are older than the longest retry delay plus
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ GRACE = 600
 #: copies in these Glance states were never finished
 UNFINISHED = ("queued", "saving", "killed")
 _UUID_LENGTH = 36
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass
@@ -86,7 +88,9 @@ class Sweeper:
         now = time.time()
         for entry in sorted(staging.iterdir()):
             image_id, site = entry.name[:_UUID_LENGTH], entry.name[_UUID_LENGTH + 1 :]
-            if not site or now - entry.stat().st_mtime < self.min_age:
+            if not _UUID.fullmatch(image_id) or not site or not entry.is_dir():
+                continue  # not a work directory (.link-<site>.json, for one)
+            if now - entry.stat().st_mtime < self.min_age:
                 continue
             with self.pair(image_id, site) as mine:
                 if mine:
