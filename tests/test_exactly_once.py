@@ -372,13 +372,17 @@ def test_the_same_request_twice_makes_one_copy(
 
 
 def wait_for_part(sb: Sandbox, image_id: str, size: int, timeout: float = 120) -> None:
+    """Wait until the transfer has written ``size`` bytes there (the file or its pieces)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         staging = sb.remote_staging
-        parts = list(staging.glob(f"{image_id}-*.part")) if staging.exists() else []
-        with contextlib.suppress(OSError):
-            if parts and parts[0].stat().st_size > size:
-                return
+        parts = list(staging.glob(f"{image_id}-*.part*")) if staging.exists() else []
+        written = 0
+        for part in parts:
+            with contextlib.suppress(OSError):
+                written += part.stat().st_blocks * 512  # pieces are sparse until written
+        if written > size:
+            return
         time.sleep(0.05)
     raise AssertionError("the transfer never got going")
 

@@ -80,7 +80,7 @@ def interrupted(settings: Settings, redis: Redis, job: Job, *, horse_reaped: boo
         release_job(redis, keys, settings.name, image_id, destination, job.id)
     if count <= MAX_INTERRUPTIONS:
         job.retries_left = (job.retries_left or 0) + 1
-        log.warning("job %s lost its process (%d time(s)); it will run again", job.id, count)
+        log.info("job %s lost its process (%d time(s)); it will run again", job.id, count)
     else:
         job.retries_left = 0
         push_status(
