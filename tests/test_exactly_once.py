@@ -29,7 +29,7 @@ from tests.sandbox.site import Sandbox
 from tests.support import settings_for
 
 from migratio import lease
-from migratio.config import OpenStackSite, Settings
+from migratio.config import OpenStackSite, Settings, load_settings
 from migratio.glance_cli import RemoteGlance
 from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.raw_blocks import BLOCK_SIZE
@@ -444,6 +444,9 @@ def test_stops_lose_nothing_and_leave_nothing(
 ) -> None:
     sb = clean_sandbox
     settings = site_settings(sb, tmp_path, redis_server.url, workers=1)
+    with (settings.sites_dir / "site-b.conf").open("a") as conf:
+        conf.write("\nBWLIMIT=30M\n")  # ~20 s of transfer: still running at each stop
+    settings = load_settings(settings.config_path)
     image = make_qcow2(tmp_path / "big.qcow2", virtual_size=2048 * MiB, data_bytes=600 * MiB)
     image_id = sb.source.upload_image(image, name="big", disk_format="qcow2")
     jid = push(settings, image_id, "site-b", OPENSTACK_MIGRATOR)
