@@ -35,3 +35,13 @@ class Lines(list[str]):
 
     def __call__(self, text: str) -> None:
         self.append(text)
+
+
+def no_work_left(staging_dir: Path) -> bool:
+    """Nothing in staging but complete cache entries (no work dir, no half-made entry).
+
+    Dot files (the link history of :mod:`migratio.compression`) do not count.
+    """
+    others = [p.name for p in staging_dir.iterdir() if p.name != "cache" and p.name[0] != "."]
+    partial = list((staging_dir / "cache").glob("*.partial"))
+    return others == [] and partial == []
