@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # make `tests.sandbox` importable under any import mode
@@ -20,6 +21,13 @@ if str(ROOT) not in sys.path:  # make `tests.sandbox` importable under any impor
 from tests.sandbox.glance_server import glance_venv_missing  # noqa: E402
 from tests.sandbox.moto_server import MotoServer  # noqa: E402
 from tests.sandbox.site import Sandbox  # noqa: E402
+
+# property-based tests: no example database in the checkout; under CI the same examples every
+# run (a red CI blocks everyone), elsewhere new ones each run; a failure prints how to replay it
+hypothesis_settings.register_profile(
+    "migratio", database=None, print_blob=True, derandomize=os.environ.get("CI") == "true"
+)
+hypothesis_settings.load_profile("migratio")
 
 #: every skip for a missing sandbox service starts with this
 SANDBOX_MISSING = "sandbox unavailable: "
