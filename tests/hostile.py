@@ -7,10 +7,21 @@ bench/hostile_payloads.py. Deterministic for a given seed.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR
+from redis import Redis
+from tests.sandbox import sidekiq
+
+from migratio.config import Settings
+from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
 
 MiB = 1024 * 1024
 CLASSES = (OPENSTACK_MIGRATOR, AMAZON_MIGRATOR)
@@ -134,3 +145,110 @@ def hostile_payloads(seed: int, count: int) -> list[bytes]:
     """``count`` payloads that must all be refused: every kind in turn, details at random."""
     rng = random.Random(seed)
     return [hostile_payload(rng, KINDS[i % len(KINDS)]) for i in range(count)]
+
+
+@dataclass
+class Figures:
+    """What :func:`through_the_service` measured."""
+
+    pushed: int = 0
+    pushed_bytes: int = 0
+    dead_lettered: int = 0
+    refusal_lines: int = 0
+    seconds: float = 0.0
+    rss_start_kib: int = 0
+    rss_peak_kib: int = 0
+    rss_end_kib: int = 0
+    service_restarts: int = 0
+    copies: list[dict[str, object]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        mib = 1024
+        return [
+            f"hostile payloads pushed: {self.pushed} ({self.pushed_bytes / MiB:.0f} MiB)",
+            f"dead-lettered: {self.dead_lettered}; refusal lines to Atmosphere: "
+            f"{self.refusal_lines}",
+            f"all refused and the valid job migrated in {self.seconds:.1f} s; "
+            f"service restarts: {self.service_restarts}",
+            f"service RSS: {self.rss_start_kib / mib:.1f} MiB at start, peak (VmHWM) "
+            f"{self.rss_peak_kib / mib:.1f} MiB, {self.rss_end_kib / mib:.1f} MiB at the end",
+        ]
+
+
+def _rss_kib(pid: int, field_name: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field_name} for {pid}")
+
+
+def through_the_service(
+    settings: Settings, redis: Redis, image_id: str, destination: str, *, seed: int, count: int
+) -> Figures:
+    """``count`` hostile payloads, then one valid job, through a running ``migratio run``.
+
+    Returns when the valid job's copy is active at the destination (or raises after 300 s).
+    The service must stay up the whole time: the same process, never restarted.
+    """
+    keys = Keys(settings.namespace)
+    source = keys.queue(migration_queue(settings.name))
+    figures = Figures()
+    env = {**os.environ, "MIGRATIO_CONFIG": str(settings.config_path)}
+    service = subprocess.Popen(
+        [sys.executable, "-m", "migratio", "run"], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not redis.keys("rq:worker:*") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        figures.rss_start_kib = _rss_kib(service.pid)
+        started = time.monotonic()
+        rng = random.Random(seed)
+        with redis.pipeline(transaction=False) as pipe:
+            for i in range(count):
+                raw = hostile_payload(rng, KINDS[i % len(KINDS)])
+                figures.pushed += 1
+                figures.pushed_bytes += len(raw)
+                pipe.lpush(source, raw)
+                if i % 20 == 19:
+                    pipe.execute()
+            pipe.execute()
+        [jid] = sidekiq.push(
+            settings.redis_url, settings.namespace, migration_queue(settings.name),
+            OPENSTACK_MIGRATOR, [image_id, destination],
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert service.poll() is None, f"the service exited with {service.returncode}"
+            done = rq_status(redis, f"migratio-{jid}") in {"finished", "failed"}
+            if done and redis.llen(keys.dead(settings.name)) >= count:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the valid job did not finish within 300 s")
+        figures.seconds = time.monotonic() - started
+        figures.rss_end_kib = _rss_kib(service.pid)
+        figures.rss_peak_kib = _rss_kib(service.pid, "VmHWM")
+        figures.dead_lettered = int(redis.llen(keys.dead(settings.name)))
+        figures.refusal_lines = sum(
+            b"Error: job refused: " in line for line in redis.lrange(keys.queue("feedback"), 0, -1)
+        )
+        log_text = (settings.log_dir / "migratio.log").read_text(errors="replace")
+        figures.service_restarts = log_text.count("migratio for site ") - 1
+        assert redis.llen(source) == 0 and redis.llen(keys.inflight(settings.name)) == 0
+    finally:
+        service.send_signal(signal.SIGTERM)
+        try:
+            service.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            service.kill()
+            service.wait()
+    assert service.returncode == 0, f"the service stopped with {service.returncode}"
+    return figures
+
+
+def rq_status(redis: Redis, job_id: str) -> str | None:
+    """An RQ job's status, or None when RQ has no such job."""
+    status = redis.hget(f"rq:job:{job_id}", "status")
+    return status.decode() if isinstance(status, bytes) else None

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import json
 import random
 import socket
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -522,3 +524,23 @@ def test_batches_are_bounded_in_bytes(redis: Redis, site: Settings) -> None:
     started = time.monotonic()
     assert intake.run_once(timeout=1) == 0
     assert time.monotonic() - started < 3
+
+
+def test_refused_payloads_are_not_kept_in_memory(redis: Redis, site: Settings) -> None:
+    """A refused payload is let go at once (no exception cycle keeps it until a gc run)."""
+    keys = Keys(site.namespace)
+    intake = Intake(site, redis, rq_queue(site, redis))
+    for i in range(20):
+        redis.lpush(intake.source, rf'{{"a": "\ud800{i}"}}'.encode() + b"\xff" * (2 * MiB))
+        redis.lpush(intake.source, b"[" * (MAX_PAYLOAD_BYTES - 10) + b"\xff" * MiB)
+    gc.disable()
+    tracemalloc.start()
+    try:
+        while redis.llen(intake.source):
+            intake.run_once(timeout=1)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert redis.llen(keys.dead(site.name)) == 40
+    assert held < 4 * MiB, f"{held / MiB:.0f} MiB still held after refusing 60 MiB of payloads"

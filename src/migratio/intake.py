@@ -199,7 +199,12 @@ class Intake:
                 job_id = rq_job_id(job)
                 accepted.append(_Accepted(raw, job, job_id, self.enqueue_data(job, job_id)))
             except BadPayload as exc:
-                refused.append((raw, exc))
+                # a fresh copy, without traceback or context: those lead back to this frame,
+                # and the cycle would keep every refused payload in memory until a gc run
+                refusal = BadPayload(
+                    exc.message, image_id=exc.image_id, destination=exc.destination
+                )
+                refused.append((raw, refusal))
             except Exception as exc:  # a bug must not stop the intake: refuse, say why, go on
                 log.exception("internal error while reading a payload")
                 reason = f"internal error while reading the payload ({type(exc).__name__})"
