@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 from tests.sandbox.images import make_qcow2, qemu_img_info, sha256_file
 from tests.sandbox.site import Sandbox
+from tests.sandbox.ssh_server import SshServer, SshServerError
 
 
 def test_qcow2_round_trips_through_source_glance(clean_sandbox: Sandbox, tmp_path: Path) -> None:
@@ -84,3 +87,26 @@ def test_config_files_point_at_the_sandbox(sandbox: Sandbox) -> None:
     assert f"export SSH_PORT={sandbox.ssh.port}\n" in site
     api = (sandbox.sites_dir / "site-b-api.conf").read_text()
     assert f"export OS_IMAGE_URL={sandbox.destination.endpoint}\n" in api
+
+
+def test_waiting_for_the_sandbox_lock_names_the_holder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    user = f"migratio-locktest-{os.getpid()}"
+    lock_path = Path(f"/tmp/migratio-sandbox-{user}.lock")
+    holder = SshServer(tmp_path / "first")
+    holder.user = user
+    holder._take_lock()  # as a running sandbox would
+    try:
+        # another process waits for it: the message names this pid and the wait
+        waiter = SshServer(tmp_path / "second")
+        waiter.user = user
+        waiter.LOCK_TIMEOUT = 1.0
+        with pytest.raises(SshServerError, match=rf"pid {os.getpid()} \(.*\) still holds"):
+            waiter._take_lock()
+        err = capsys.readouterr().err
+        assert f"waiting up to 1 s for pid {os.getpid()} (" in err
+        assert str(lock_path) in err and "MIGRATIO_SANDBOX_USER" in err
+    finally:
+        holder.stop()
+        lock_path.unlink(missing_ok=True)

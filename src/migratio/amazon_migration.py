@@ -259,6 +259,9 @@ class AmazonMigration:
             f"({self.site.region})"
         )
         image = self.source.find(self.request.image_id)
+        target_format = "vmdk" if self.site.upload_method == "vmimport" else "raw"
+        if not image.disk_format == target_format == "raw":
+            qemu_img.check_convertible(image.disk_format, target_format)
         existing = self.existing_image(image)
         if existing is not None:
             self.status(f"{status.ALREADY_UPLOADED} {self.site.site_id} has it as {existing}")

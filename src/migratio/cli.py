@@ -11,12 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from migratio import __version__
+from migratio import __version__, metrics
 from migratio.config import Settings, default_config_path, load_settings
-from migratio.errors import ConfigError, MigratioError
+from migratio.errors import ConfigError, MigratioError, RedisFailure
 from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.logs import setup_logging
-from migratio.operations import operator_status, retry_failed
+from migratio.operations import retry_failed
+from migratio.overview import overview
+from migratio.redis_client import check_version, is_outage, redis_errors, version
 from migratio.request import MigrationRequest, Outcome
 from migratio.service import (
     Service,
@@ -32,7 +34,10 @@ log = logging.getLogger("migratio")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+#: bad arguments (argparse's own code for usage errors)
+EXIT_USAGE = 2
 EXIT_CONFIG = ConfigError.exit_code
+EXIT_REDIS = RedisFailure.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,14 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Move Glance VM templates between Atmosphere compute sites.",
     )
     parser.add_argument("--version", action="version", version=f"migratio {__version__}")
+    # --config and -v work before the command and after it (migratio --config F check)
+    parser.add_argument("--config", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
         type=Path,
-        default=None,
+        default=argparse.SUPPRESS,
         help="config.yml to use (default: $MIGRATIO_CONFIG, else ./config.yml)",
     )
-    common.add_argument("-v", "--verbose", action="store_true", help="log to stderr too")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log to stderr too"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     migrate = commands.add_parser(
@@ -96,9 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     status_cmd = commands.add_parser(
         "status",
         parents=[common],
-        help="queue depth, running, failed and refused jobs",
-        description="What is queued, in flight, running (with its last status line), failed "
-        "(with the reason) and refused (dead letters).",
+        help="every job of this site and its state",
+        description="Jobs waiting in Atmosphere's queue, in flight, queued for the workers, "
+        "running (with the last status line and its age), scheduled for a retry (with when), "
+        "deferred, failed (with the reason), finished and canceled, and refused payloads "
+        "(dead letters). Up to 20 are listed per state; the counts are complete.",
+    )
+    status_cmd.add_argument(
+        "--json", action="store_true", help="print one JSON document (see the README) instead"
     )
     status_cmd.set_defaults(handler=cmd_status)
 
@@ -134,7 +149,13 @@ def _settings(
     if log_level is not None:
         verbose = getattr(args, "verbose", False)
         level = min(log_level, logging.INFO) if verbose else log_level
-        setup_logging(settings.log_dir, stderr_level=level, filename=log_file)
+        setup_logging(
+            settings.log_dir,
+            stderr_level=level,
+            filename=log_file,
+            keep_days=settings.log_keep_days,
+        )
+        args.logging = True
     return settings
 
 
@@ -193,7 +214,21 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """``migratio run`` (also ``migratio-run``)."""
     settings = _settings(args, log_level=logging.INFO)
-    service = Service(settings, connect(settings), worker_argv=worker_command(settings.config_path))
+    redis = connect(settings)
+    try:
+        with redis_errors(settings.redis_url, "starting"):
+            found = version(redis)
+        check_version(found, settings.redis_url)
+    except RedisFailure as exc:
+        if not is_outage(exc.__cause__):
+            raise  # a password, a certificate, an old Redis: waiting will not fix it
+        # unreachable: the service waits it out (and says so once)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    for site_id, error in sorted(settings.broken_sites.items()):
+        log.error("site %s: its jobs fail until the file is fixed: %s", site_id, error)
+    service = Service(settings, redis, worker_argv=worker_command(settings.config_path))
+    metrics.serve(settings, service)
     return service.run()
 
 
@@ -201,26 +236,39 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """``migratio worker``."""
     settings = _settings(args, log_level=logging.INFO, log_file="worker.log")
     environment_for_workers(settings.config_path)  # the work-horses load it from there
-    run_worker(settings, burst=args.burst)
+    with redis_errors(settings.redis_url):
+        run_worker(settings, burst=args.burst)
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``migratio status``."""
     settings = _settings(args)
-    for line in operator_status(settings, connect(settings)):
-        print(line)
+    with redis_errors(settings.redis_url):
+        snapshot = overview(settings, connect(settings))
+    if args.json:
+        print(snapshot.to_json())
+    else:
+        for line in snapshot.lines():
+            print(line)
     return EXIT_OK
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     """``migratio enqueue IMAGE_UUID DEST_SITE [--amazon]``."""
     settings = _settings(args)
+    try:
+        MigrationRequest(args.image_uuid, args.dest_site)
+        settings.site(args.dest_site)
+    except MigratioError as exc:
+        print(f"migratio enqueue: {exc.message}; nothing was pushed", file=sys.stderr)
+        return EXIT_USAGE
     keys = Keys(settings.namespace)
     job_class = AMAZON_MIGRATOR if args.amazon else OPENSTACK_MIGRATOR
     queue = migration_queue(settings.name)
     body = payload(queue, job_class, [args.image_uuid, args.dest_site])
-    push(connect(settings), keys, queue, body)
+    with redis_errors(settings.redis_url, f"pushing to {keys.queue(queue)}"):
+        push(connect(settings), keys, queue, body)
     print(body)
     return EXIT_OK
 
@@ -229,10 +277,14 @@ def cmd_retry(args: argparse.Namespace) -> int:
     """``migratio retry JOB_ID...``."""
     settings = _settings(args)
     code = EXIT_OK
+    redis = connect(settings)
     for job_id in args.job_ids:
         try:
-            retry_failed(settings, connect(settings), job_id)
+            with redis_errors(settings.redis_url):
+                retry_failed(settings, redis, job_id)
             print(f"{job_id}: queued again")
+        except RedisFailure:
+            raise
         except MigratioError as exc:
             print(f"{job_id}: {exc.message}", file=sys.stderr)
             code = EXIT_FAILED
@@ -252,6 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
+    except RedisFailure as exc:
+        if getattr(args, "logging", False):  # run, worker: to the log file and stderr
+            log.error("%s", exc.message)
+        else:
+            print(f"Redis error: {exc.message}", file=sys.stderr)
+        return EXIT_REDIS
     return code
 
 

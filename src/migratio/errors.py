@@ -48,6 +48,23 @@ class ConfigError(MigratioError):
     exit_code = 78  # EX_CONFIG from sysexits.h
 
 
+class RedisFailure(MigratioError):
+    """Redis (shared with Atmosphere) cannot be used: unreachable, refused, or unfit.
+
+    The message names the URL (never its password), what failed and what to check.
+    """
+
+    exit_code = 69  # EX_UNAVAILABLE from sysexits.h
+    retryable = True
+
+
+class SiteConfigError(ConfigError):
+    """A destination's site file is broken: only jobs to that site fail, and they are retried
+    (fixing the file lets the next attempt through)."""
+
+    retryable = True
+
+
 class PayloadError(MigratioError):
     """A job's payload cannot be understood (bad JSON, unknown class, wrong args)."""
 
@@ -66,6 +83,10 @@ class ImageRefusedError(MigratioError):
     """The image's bytes are unsafe or do not match what Glance says they are."""
 
     status_text = status.IMAGE_NOT_EXIST
+
+
+class MetadataError(MigratioError):
+    """The image's name or properties cannot be registered exactly at the destination."""
 
 
 class ToolError(MigratioError):

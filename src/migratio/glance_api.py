@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import requests
 from glanceclient import Client
 from glanceclient import exc as gexc
 from keystoneauth1 import exceptions as kexc
@@ -20,10 +23,35 @@ from keystoneauth1.identity import generic
 
 from migratio.config import OpenStackCredentials
 from migratio.errors import GlanceError, VerificationError
-from migratio.hashing import BLOCK, Digests, VerifyingReader
+from migratio.hashing import BLOCK, Digests, Readable, VerifyingReader
 from migratio.images import ImageRecord
 
 log = logging.getLogger(__name__)
+
+#: HTTP statuses after which the same request may succeed later
+RETRYABLE_STATUSES = frozenset({408, 429})
+#: the status of the last HTTP response this thread received (glanceclient drops the
+#: status of errors it has no class for: 410, 429, 504... all become ``code='N/A'``)
+_last_response = threading.local()
+
+
+def _remember_status(response: requests.Response, *_args: Any, **_kwargs: Any) -> None:
+    _last_response.status = response.status_code
+
+
+def http_status(exc: Exception) -> int | None:
+    """The HTTP status behind a glanceclient or keystoneauth error, when one can be known."""
+    for attribute in ("code", "http_status"):
+        value = getattr(exc, attribute, None)
+        if isinstance(value, int):
+            return value
+    status = getattr(_last_response, "status", None)
+    return status if isinstance(status, int) and status >= 400 else None
+
+
+def retryable_status(status: int | None) -> bool:
+    """5xx, 408 and 429 may pass later; other 4xx never will. Unknown: assume it may."""
+    return status is None or status >= 500 or status in RETRYABLE_STATUSES
 
 
 def make_session(creds: OpenStackCredentials, *, timeout: float = 60) -> Any:
@@ -45,7 +73,9 @@ def make_session(creds: OpenStackCredentials, *, timeout: float = 60) -> Any:
             default_domain_name=None if creds.user_domain_id else "Default",
         )
     verify: bool | str = creds.cacert or not creds.insecure
-    return session.Session(auth=auth, verify=verify, timeout=timeout)
+    http = requests.Session()
+    http.hooks["response"].append(_remember_status)
+    return session.Session(auth=auth, session=http, verify=verify, timeout=timeout)
 
 
 class GlanceApi:
@@ -68,18 +98,21 @@ class GlanceApi:
     def _errors(self, doing: str) -> Iterator[None]:
         """Turn any client or HTTP failure into a :class:`GlanceError` that says what failed."""
 
+        _last_response.status = None
         try:
             yield
         except (gexc.HTTPException, kexc.HttpError) as exc:
-            status = int(getattr(exc, "code", None) or getattr(exc, "http_status", None) or 500)
+            status = http_status(exc)
+            described = _describe(exc)
+            if status is not None and str(status) not in described:
+                described = f"HTTP {status}: {described.removeprefix('HTTP ')}"
             raise GlanceError(
-                f"Glance at {self.where}: {doing} failed: {_describe(exc)}",
-                retryable=status >= 500 or status in (408, 429),
+                f"Glance at {self.where}: {doing} failed: {described}",
+                retryable=retryable_status(status),
             ) from exc
         except (gexc.CommunicationError, gexc.InvalidEndpoint, kexc.ConnectionError) as exc:
             raise GlanceError(
-                f"Glance at {self.where}: {doing} failed: cannot connect: {_describe(exc)}",
-                retryable=True,
+                f"Glance: {doing} failed: {_unreachable(exc, self.creds)}", retryable=True
             ) from exc
         except kexc.ClientException as exc:  # no such endpoint or region, bad auth options
             raise GlanceError(
@@ -137,7 +170,7 @@ class GlanceApi:
     def upload(
         self,
         image_id: str,
-        stream: BinaryIO,
+        stream: Readable | BinaryIO,
         expected: Digests,
         on_progress: Callable[[int], None] | None = None,
     ) -> None:
@@ -150,6 +183,13 @@ class GlanceApi:
         reader = VerifyingReader(stream, expected, on_progress)
         with self._errors(f"uploading the data of image {image_id}"):
             self.client.images.upload(image_id, reader, image_size=expected.size)
+
+    def check_fields(self, image_id: str, fields: Mapping[str, Any]) -> None:
+        """Nothing to refuse: the API carries any name and property exactly."""
+
+    def readback(self, text: str) -> str:
+        """The API shows every name and value exactly as sent."""
+        return text
 
     def delete(self, image_id: str) -> None:
         """Delete an image; one that is already gone is fine."""
@@ -182,6 +222,29 @@ class _IterReader:
             self._buffer += chunk
         data, self._buffer = self._buffer[:size], self._buffer[size:]
         return data
+
+
+def _unreachable(exc: Exception, creds: OpenStackCredentials) -> str:
+    """'cannot connect to URL (reason); check KEY in FILE': the URL once, and what to fix."""
+    text = " ".join(str(exc).split())
+    tried = re.search(
+        r"(?:connection to|address for|contacting) (https?://[^\s:]+(?::\d+)?\S*?)[:.]?(?:\s|$)",
+        text,
+    )
+    url = tried.group(1) if tried else (creds.image_url or creds.auth_url or "")
+    reason = re.search(
+        r"\[Errno -?\d+\] ([^\"')]+)|(certificate verify failed[^\"')]*)|(timed out)|"
+        r"(Name or service not known)|(Connection refused)",
+        text,
+    )
+    why = next((g for g in reason.groups() if g), "") if reason else text[:200]
+    if creds.uses_token or (creds.image_url and url.startswith(creds.image_url)):
+        key = "OS_IMAGE_URL"
+    elif creds.auth_url and url.startswith(creds.auth_url.rstrip("/")):
+        key = "OS_AUTH_URL"
+    else:  # the endpoint Keystone's catalog gave
+        key = "OS_REGION_NAME and OS_INTERFACE (the catalog's Glance endpoint)"
+    return f"cannot connect to {url} ({why.strip()}); check {key} in {creds.source}"
 
 
 def _describe(exc: Exception) -> str:

@@ -12,35 +12,62 @@ from typing import Any
 
 from migratio import processes
 from migratio.config import OpenStackSite
-from migratio.errors import RemoteError
+from migratio.errors import MetadataError, RemoteError
 from migratio.images import ImageRecord
 from migratio.ssh import SshClient
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _ROW = re.compile(r"^\|\s?(.*?)\s*\|\s?(.*?)\s*\|$")
+#: ``image-show --max-column-width``: wide enough that no value is ever wrapped
+WIDE = "1000000000"
+#: the image fields ``glance image-create`` takes as options of their own
+CORE_OPTIONS = ("name", "disk_format", "container_format", "min_disk", "min_ram")
 
 
-def parse_table(text: str) -> dict[str, str]:
+def parse_table(text: str, *, wrapped: bool = True) -> dict[str, str]:
     """Parse the CLI's two-column ``| Property | Value |`` table.
 
-    Long values are wrapped onto continuation rows with an empty first column; they are
-    joined back (hashes and ids have no spaces, so nothing is lost for what we compare).
+    Cells are cut where the border line puts the column edge, so a ``|`` inside a value is
+    kept. Rows with an empty first column continue the value above: with ``wrapped`` (a
+    table drawn at the CLI's default width of 80) they are the rest of a wrapped long value
+    and are joined back as they are (hashes and ids have no spaces); without it (``image-show
+    --max-column-width`` wide) they are the further lines of a multi-line value. A value's
+    trailing spaces cannot be told from the table's padding and are lost.
     """
     values: dict[str, str] = {}
     last: str | None = None
-    for line in text.splitlines():
-        match = _ROW.match(line.strip())
-        if not match:
+    width: int | None = None
+    borders = 0
+    for line in text.split("\n"):
+        if line.startswith("+-"):
+            borders += 1
+            if width is None and len(line.split("+")) > 2:
+                width = len(line.split("+")[1]) - 2
             continue
-        key, value = match.group(1), match.group(2)
-        if key == "Property" and value == "Value":
+        if borders < 2 or not line.startswith("|"):
+            continue  # before the header's lower border: the header itself
+        row = _split_row(line, width)
+        if row is None:
             continue
+        key, value = row
         if key:
             values[key] = value
             last = key
         elif last is not None:
-            values[last] += value
+            values[last] += value if wrapped else "\n" + value
     return values
+
+
+def _split_row(line: str, width: int | None) -> tuple[str, str] | None:
+    if width is not None and line[width + 2 : width + 5] == " | " and line.endswith(" |"):
+        return line[2 : width + 2].rstrip(), line[width + 5 : -2].rstrip()
+    match = _ROW.match(line.strip())  # a key of wide characters: cells by their separators
+    return (match.group(1), match.group(2)) if match else None
+
+
+def as_shown(text: str) -> str:
+    """``text`` as :func:`parse_table` reads it back from a wide table (line ends trimmed)."""
+    return "\n".join(line.rstrip() for line in text.split("\n"))
 
 
 def parse_ids(text: str) -> list[str]:
@@ -66,6 +93,8 @@ class RemoteGlance:
         self.site = site
         self.ssh = SshClient(site.ssh, creds=site.remote_creds)
         self.timeout = timeout
+        #: whether this CLI's ``image-show`` takes ``--max-column-width`` (older ones do not)
+        self.wide_tables = True
 
     def _glance(self, *args: str) -> list[str]:
         return [self.site.remote_glance, "--os-image-api-version", "2", *args]
@@ -74,37 +103,69 @@ class RemoteGlance:
         return self.ssh.run(self._glance(*args), what=f"glance {what}", timeout=self.timeout)
 
     def get(self, image_id: str) -> ImageRecord | None:
-        """The image, or None when the destination has no such image."""
+        """The image, or None when the destination has no such image.
+
+        The table is asked for wide, so that names and property values are not wrapped.
+        """
+        wide = ["--max-column-width", WIDE] if self.wide_tables else []
         done = self.ssh.run(
-            self._glance("image-show", image_id),
+            self._glance("image-show", *wide, image_id),
             what="glance image-show",
             timeout=self.timeout,
             check=False,
         )
+        if done.returncode != 0 and self.wide_tables and "--max-column-width" in done.stderr:
+            self.wide_tables = False  # an old CLI without the option: its 80 columns it is
+            return self.get(image_id)
         if done.returncode != 0:
             if "No image with" in done.stderr or "404" in done.stderr:
                 return None
             raise RemoteError(f"glance image-show {image_id} failed: {done.tail()}")
-        return ImageRecord.from_glance(parse_table(done.stdout))
+        return ImageRecord.from_glance(parse_table(done.stdout, wrapped=not self.wide_tables))
 
     def find(self, **filters: str) -> list[ImageRecord]:
         """Images whose properties equal ``filters``."""
         args = ["image-list"]
         for key, value in filters.items():
-            args += ["--property-filter", f"{key}={value}"]
+            args.append(f"--property-filter={key}={value}")
         ids = parse_ids(self._run("image-list", *args).stdout)
         return [image for image in (self.get(i) for i in ids) if image is not None]
 
+    def check_fields(self, image_id: str, fields: Mapping[str, Any]) -> None:
+        """Refuse, before anything is sent, what ``--property KEY=VALUE`` cannot carry."""
+        for key in fields:
+            if key in CORE_OPTIONS:
+                continue
+            problem = None
+            if not key:
+                problem = "is empty"
+            elif "=" in key:
+                problem = "contains '=' (the glance CLI splits --property at the first '=')"
+            if problem is not None:
+                raise MetadataError(
+                    f"image {image_id} has a property key {key!r} that {problem}, so site "
+                    f"{self.site.site_id} (REGISTER=ssh, through the glance CLI) cannot register "
+                    "it exactly: rename the property, or register there with REGISTER=api"
+                )
+
+    def readback(self, text: str) -> str:
+        """What of a name or property value :meth:`get` can show: compare these forms."""
+        return as_shown(text) if self.wide_tables else "".join(text.split())
+
     def create_args(self, fields: Mapping[str, Any]) -> list[str]:
-        """``glance image-create`` arguments for an image with ``fields``."""
+        """``glance image-create`` arguments for an image with ``fields``.
+
+        Every value is joined to its option with ``=``, so that none (a name like
+        ``-centos7-base``, a value like ``--x``) can be taken for an option of its own.
+        """
         args = ["image-create"]
         properties: dict[str, Any] = dict(fields)
-        for core in ("name", "disk_format", "container_format", "min_disk", "min_ram"):
+        for core in CORE_OPTIONS:
             if core in properties:
                 value = properties.pop(core)
-                args += [f"--{core.replace('_', '-')}", str(value)]
+                args.append(f"--{core.replace('_', '-')}={value}")
         for key, value in properties.items():
-            args += ["--property", f"{key}={value}"]
+            args.append(f"--property={key}={value}")
         return args
 
     def start_follow_create(
@@ -115,14 +176,18 @@ class RemoteGlance:
         algo: str,
         digest: str,
         idle: float,
+        segment_size: int | None = None,
     ) -> processes.Child:
         """Start creating the image there from ``remote_path`` while rsync still writes it.
 
         The helper feeds the growing file to ``glance image-create`` (which reads its data
         from stdin) and only lets it finish on exactly ``size`` bytes with the right digest;
         the CLI then prints the final image record, which :func:`parse_table` reads.
+        With ``segment_size`` the file arrives as ``remote_path.0``, ``.1``... (one per stream).
         """
         helper = [self.site.remote_python, "-c", follow_upload_source()]
+        if segment_size:
+            helper.append(f"--segment-size={segment_size}")
         args = [remote_path, str(size), algo, digest, str(int(idle)), "--"]
         command = self._glance(*self.create_args(fields))
         return self.ssh.start([*helper, *args, *command], what="remote glance upload")

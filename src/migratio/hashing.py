@@ -41,6 +41,21 @@ class Digests:
             raise VerificationError("Glance gave no checksum for the image", retryable=False)
         return next(iter(pairs.items()))
 
+    def to_text(self) -> str:
+        """``size:N md5:HEX ALGO:HEX``, the form :meth:`from_text` reads."""
+        return " ".join([f"size:{self.size}", *(f"{a}:{v}" for a, v in self.expected().items())])
+
+    @classmethod
+    def from_text(cls, text: str | None) -> Digests | None:
+        """Read :meth:`to_text`'s form; None when it is not that."""
+        pairs = dict(word.partition(":")[::2] for word in (text or "").split())
+        size = pairs.pop("size", "")
+        if not size.isdigit() or not all(pairs.values()):
+            return None
+        md5 = pairs.pop("md5", None)
+        algo, value = next(iter(pairs.items()), (None, None))
+        return cls(size=int(size), md5=md5, hash_algo=algo, hash_value=value)
+
     def matches(self, other: Digests) -> bool:
         """True when every digest both sides know agrees, and at least one was compared."""
         if self.size != other.size:

@@ -21,6 +21,9 @@ GLANCE_FIELDS = frozenset(
 LINK_PROPERTIES = ("source_uuid", "source_cs", "source_t")
 #: migratio's own record of the source bytes' hash, to recognise converted copies
 SOURCE_HASH = "source_hash"
+#: on a converted copy: the size and hashes of the converted bytes, as migratio computed them
+#: and Glance confirmed them at registration (``size:N md5:HEX sha512:HEX``)
+CONVERTED_HASH = "converted_hash"
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class ImageRecord:
     os_hash_value: str | None = None
     min_disk: int = 0
     min_ram: int = 0
+    #: the project the image belongs to (None where Glance runs without Keystone)
+    owner: str | None = None
     properties: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -64,6 +69,7 @@ class ImageRecord:
             os_hash_value=text("os_hash_value"),
             min_disk=number("min_disk") or 0,
             min_ram=number("min_ram") or 0,
+            owner=text("owner"),
             properties={
                 str(k): str(v)
                 for k, v in data.items()

@@ -35,8 +35,9 @@ from rq import Retry as RqRetry
 from rq.job import Job, JobStatus
 from rq.queue import EnqueueData
 
+from migratio import metrics
 from migratio.config import Settings
-from migratio.errors import MigratioError
+from migratio.errors import SiteConfigError, UnknownSiteError
 from migratio.keys import FEEDBACK_QUEUE, Keys, migration_queue
 from migratio.sidekiq import (
     MAX_PAYLOAD_BYTES,
@@ -222,6 +223,7 @@ class Intake:
                 self.dead_letter(pipe, raw, refusal)
             if fresh:
                 self.queue.enqueue_many([item.data for item in fresh], pipeline=pipe)
+                metrics.count_taken(pipe, self.keys, self.settings.name, len(fresh))
             for raw in batch:
                 pipe.lrem(self.inflight, 1, raw)  # type: ignore[arg-type]  # redis-py takes bytes
             pipe.execute()
@@ -280,10 +282,12 @@ class Intake:
         job = parse_job(raw)
         try:
             self.settings.site(job.destination)
-        except MigratioError as exc:  # no config/<destination>.conf
+        except UnknownSiteError as exc:  # no config/<destination>.conf
             raise BadPayload(
                 exc.message, image_id=job.image_id, destination=job.destination
             ) from None
+        except SiteConfigError:
+            pass  # a broken site file: the job fails with its error and is retried until fixed
         return job
 
     def enqueue_data(self, job: MigrationJob, job_id: str) -> EnqueueData:
@@ -324,6 +328,7 @@ class Intake:
             entry["truncated"] = True
             entry["sha256"] = hashlib.sha256(raw).hexdigest()
         pipe.lpush(self.dead, json.dumps(entry))
+        metrics.count_refused(pipe, self.keys, self.settings.name)
         if isinstance(exc.image_id, str) and isinstance(exc.destination, str):
             image_id, destination = printable(exc.image_id), printable(exc.destination)
             if len(image_id) <= ECHOED and len(destination) <= ECHOED:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
+import time
 from functools import cache
 
+from redis.exceptions import RedisError
 from rq import get_current_job
+from rq.timeouts import JobTimeoutException
 
+from migratio import metrics
 from migratio.config import Settings, load_settings
 from migratio.errors import MigratioError
 from migratio.feedback import AtmosphereSink
 from migratio.keys import Keys
-from migratio.logs import job_context
+from migratio.logs import job_context, job_tag, mark_logged
 from migratio.migration import migrate
 from migratio.request import MigrationRequest
+from migratio.rq_worker import record_failure
 from migratio.status import FanOut, LogSink
 
 log = logging.getLogger(__name__)
@@ -32,7 +37,11 @@ class JobMetaSink:
         job = get_current_job()
         if job is not None:
             job.meta["status"] = text
-            job.save_meta()  # type: ignore[no-untyped-call]
+            job.meta["status_at"] = time.time()
+            try:
+                job.save_meta()  # type: ignore[no-untyped-call]
+            except RedisError as exc:  # only 'migratio status' misses it
+                log.warning("cannot keep the status line in the job's record: %s", exc)
 
 
 def _no_more_retries() -> None:
@@ -48,7 +57,8 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
     settings = worker_settings()
     job = get_current_job()
     assert job is not None, "run_migration runs inside an RQ worker"
-    job_context.set(f" [job {job.id} image {image_id}]")
+    job_context.set(job_tag(job.id, image_id))
+    started = time.monotonic()
     atmosphere = AtmosphereSink(
         job.connection, Keys(settings.namespace), image_id, settings.name, destination
     )
@@ -66,12 +76,34 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
     except MigratioError as exc:
         if not exc.retryable:
             _no_more_retries()
-        log.error("job %s failed: %s", job.id, exc.message)
+        then = record_failure(job, settings, exc.message, type(exc).__name__)
+        log.error("job %s failed: %s (%s)", job.id, exc.message, then)
+        mark_logged(exc)
         raise
-    except Exception:
+    except JobTimeoutException as exc:
+        message = f"the job took longer than job_timeout ({settings.job_timeout:.0f} s)"
+        atmosphere(f"Error: {message}")
+        then = record_failure(job, settings, message, "JobTimeout")
+        log.error("job %s failed: %s (%s)", job.id, message, then)
+        mark_logged(exc)
+        raise
+    except Exception as exc:
         atmosphere("Error: internal error in migratio; the traceback is in its log")
-        log.exception("job %s failed with an internal error", job.id)
+        message = f"internal error ({type(exc).__name__}: {exc}); the traceback is in worker.log"
+        then = record_failure(job, settings, message, "InternalError")
+        log.exception("job %s failed with an internal error (%s)", job.id, then)
+        mark_logged(exc)
         raise
     finally:
         atmosphere.flush()
+    metrics.count_attempt(
+        job.connection,
+        Keys(settings.namespace),
+        settings.name,
+        outcome="succeeded",
+        kind=kind,
+        destination=destination,
+        seconds=time.monotonic() - started,
+        bytes_moved=result.bytes_sent,
+    )
     return result.outcome.value

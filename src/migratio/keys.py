@@ -51,6 +51,10 @@ class Keys:
         """migratio's dead-letter list: payloads it could not understand, with the reason."""
         return self.key(f"migratio:dead:{site_id}")
 
+    def metrics(self, site_id: str) -> str:
+        """migratio's counters for Prometheus (a hash every worker process adds to)."""
+        return self.key(f"migratio:metrics:{site_id}")
+
     def rq_queue_name(self, site_id: str) -> str:
         """The RQ queue that migratio's workers take this site's migrations from."""
         prefix = "" if self.namespace is None else f"{self.namespace}-"

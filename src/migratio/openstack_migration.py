@@ -24,10 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from migratio import qemu_img, rsync, status
+from migratio import compression, qemu_img, rsync, status
+from migratio.bandwidth import ThrottledReader
+from migratio.compression import LinkHistory
 from migratio.config import OpenStackSite, Settings
 from migratio.errors import (
     ConfigError,
+    MetadataError,
     MigratioError,
     RemoteError,
     VerificationError,
@@ -40,6 +43,7 @@ from migratio.images import LINK_PROPERTIES, SOURCE_HASH, ImageRecord
 from migratio.request import MigrationRequest, MigrationResult, Outcome
 from migratio.source_site import SourceSite
 from migratio.status import Progress, StatusSink, human_bytes
+from migratio.streams import measure_rtt, push_ranges, range_size, stream_count
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ class Destination(Protocol):
     def get(self, image_id: str) -> ImageRecord | None: ...
     def find(self, **filters: str) -> list[ImageRecord]: ...
     def delete(self, image_id: str) -> None: ...
+    def check_fields(self, image_id: str, fields: Mapping[str, Any]) -> None: ...
+    def readback(self, text: str) -> str: ...
 
 
 @dataclass
@@ -144,10 +150,9 @@ class Migration:
         return fields
 
     # 8
-    def verify(self, image_id: str, sent: Digests, copy: ImageRecord | None = None) -> ImageRecord:
-        """Check the copy's state and hashes (read again unless given); delete it if wrong."""
-        if copy is None:
-            copy = self.destination.get(image_id)
+    def verify(self, image_id: str, sent: Digests, fields: Mapping[str, Any]) -> ImageRecord:
+        """Read the copy back: check its state, hashes, name and properties; delete it if wrong."""
+        copy = self.destination.get(image_id)
         problem = None
         if copy is None:
             problem = "it disappeared"
@@ -161,7 +166,34 @@ class Migration:
         if problem is not None or copy is None:
             self.destination.delete(image_id)
             raise VerificationError(f"the copy at {self.site.site_id} was deleted: {problem}")
+        different = self.metadata_difference(copy, fields)
+        if different is not None:
+            self.destination.delete(image_id)
+            raise MetadataError(
+                f"the copy at {self.site.site_id} was deleted: {different}", retryable=False
+            )
         return copy
+
+    def metadata_difference(self, copy: ImageRecord, fields: Mapping[str, Any]) -> str | None:
+        """How the copy's name and properties differ from ``fields`` (None: they do not).
+
+        Compared as exactly as the destination can show them (the glance CLI's table trims
+        the ends of lines; the API shows everything).
+        """
+        shown = self.destination.readback
+        core: dict[str, object] = {
+            "name": copy.name,
+            "disk_format": copy.disk_format,
+            "container_format": copy.container_format,
+            "min_disk": copy.min_disk,
+            "min_ram": copy.min_ram,
+        }
+        properties = {shown(key): value for key, value in copy.properties.items()}
+        for key, want in fields.items():
+            got = core[key] if key in core else properties.get(shown(key))
+            if got is None or shown(str(got)) != shown(str(want)):
+                return f"its {key!r} reads back as {got!r}, not {want!r} as sent"
+        return None
 
     def run(self) -> MigrationResult:
         """Run every step; raise a :class:`MigratioError` on failure."""
@@ -170,6 +202,10 @@ class Migration:
         )
         image = self.source.find(self.request.image_id)
         target_format = self.site.disk_format or str(image.disk_format)
+        if target_format != image.disk_format:
+            qemu_img.check_convertible(image.disk_format, target_format)
+        fields = self.fields(image, target_format)
+        self.destination.check_fields(image.id, fields)
         with ThreadPoolExecutor(max_workers=1) as pool:
             staging = None
             if isinstance(self.destination, RemoteGlance):
@@ -189,7 +225,6 @@ class Migration:
             payload, digests = local, image.digests
             if target_format != image.disk_format:
                 payload, digests = self.convert(image, local, target_format)
-            fields = self.fields(image, target_format)
             if self.site.register == "api":
                 assert isinstance(self.destination, GlanceApi)
                 copy_id, sent = self.stream_to_api(payload, digests, fields)
@@ -211,14 +246,71 @@ class Migration:
         copy = api.create(fields)
         try:
             with payload.open("rb") as stream:
-                api.upload(copy.id, stream, digests, self.progress("Uploading", digests.size))
+                reader = (
+                    stream
+                    if self.site.bwlimit is None
+                    else ThrottledReader(stream, self.site.bwlimit)
+                )
+                api.upload(copy.id, reader, digests, self.progress("Uploading", digests.size))
             self.status(f"{status.TRANSFERED} {human_bytes(digests.size)} to {api.where}")
-            self.verify(copy.id, digests)
+            self.verify(copy.id, digests, fields)
         except BaseException:
             quietly(api.delete, copy.id)
             raise
         self.status(f"{status.REGISTERED} as image {copy.id} at {self.site.site_id}")
         return copy.id, digests.size
+
+    def push(
+        self,
+        payload: Path,
+        remote_path: str,
+        *,
+        sparse: bool,
+        streams: int = 1,
+        rtt: float | None = None,
+    ) -> rsync.RsyncResult:
+        """rsync ``payload`` there, compressed as the site's ``COMPRESS`` says (or ``auto``).
+
+        With several ``streams`` it goes as that many ranges at once (:mod:`migratio.streams`).
+        """
+        assert self.site.ssh is not None
+        history = LinkHistory(self.settings.staging_dir)
+        link_rate = history.rate(self.site.site_id)
+        choice = compression.choose(self.site.compress, payload, link_rate, rtt)
+        log.info("compression %s (%s)", choice.algorithm, choice.reason)
+        on_progress = self.progress("Transferring", payload.stat().st_size)
+        if streams > 1:
+            result = push_ranges(
+                payload,
+                self.site.ssh,
+                remote_path,
+                streams=streams,
+                workdir=self.workdir,
+                timeout=self.settings.command_timeout,
+                cancel=self.cancel,
+                on_progress=on_progress,
+                compress=choice.algorithm,
+                bwlimit=self.site.bwlimit,
+            )
+        else:
+            result = rsync.push(
+                payload,
+                self.site.ssh,
+                remote_path,
+                sparse=sparse,
+                timeout=self.settings.command_timeout,
+                cancel=self.cancel,
+                on_progress=on_progress,
+                compress=choice.algorithm,
+                bwlimit=self.site.bwlimit,
+            )
+        history.record(
+            self.site.site_id,
+            result.bytes_sent,
+            result.seconds,
+            capped=self.site.bwlimit is not None,
+        )
+        return result
 
     @property
     def remote_dir(self) -> str:
@@ -238,24 +330,23 @@ class Migration:
         target_format = str(fields["disk_format"])
         algo, digest = digests.cheapest()
         remote_path = f"{self.remote_dir}/{image.id}-{digest[:12]}.{target_format}.part"
+        ssh = self.site.ssh
+        rtt = measure_rtt(ssh.host, ssh.port)
+        count = 1 if target_format == "raw" else stream_count(self.site.streams, rtt, digests.size)
+        segment = range_size(digests.size, count) if count > 1 else None
         follower = cli.start_follow_create(
-            fields, remote_path, digests.size, algo, digest, FOLLOW_IDLE
+            fields, remote_path, digests.size, algo, digest, FOLLOW_IDLE, segment
         )
         copy: ImageRecord | None = None
         try:
             try:
-                sent = rsync.push(
-                    payload,
-                    self.site.ssh,
-                    remote_path,
-                    sparse=target_format == "raw",
-                    timeout=self.settings.command_timeout,
-                    cancel=self.cancel,
-                    on_progress=self.progress("Transferring", digests.size),
-                ).bytes_sent
+                pushed = self.push(
+                    payload, remote_path, sparse=target_format == "raw", streams=count, rtt=rtt
+                )
+                sent = pushed.bytes_sent
                 self.status(
                     f"{status.TRANSFERED} {human_bytes(digests.size)} to {self.site.ssh.host} "
-                    f"({human_bytes(sent)} sent)"
+                    f"({human_bytes(sent)} sent, compression {pushed.compress})"
                 )
                 _tell(follower.popen.stdin, b"done\n")
                 upload = follower.communicate(
@@ -268,14 +359,15 @@ class Migration:
                 copy = ImageRecord.from_glance(table)
             if upload.returncode != 0:
                 if "follow_upload: aborted" in upload.stderr and algo in upload.stderr:
-                    quietly(cli.remove_file, remote_path)  # wrong bytes: nothing to resume
+                    for path in remote_files(remote_path, digests.size, segment):
+                        quietly(cli.remove_file, path)  # wrong bytes: nothing to resume
                 raise RemoteError(
                     f"uploading into Glance at {self.site.site_id} failed: {upload.tail()}",
                     retryable=True,
                 )
             if copy is None:
                 raise RemoteError(f"glance image-create at {self.site.site_id} printed no image")
-            self.verify(copy.id, digests, copy)
+            self.verify(copy.id, digests, fields)
         except BaseException:
             if copy is not None:
                 quietly(cli.delete, copy.id)
@@ -330,6 +422,13 @@ def migrate_to_openstack(
     except MigratioError as exc:
         sink(exc.status_line())
         raise
+
+
+def remote_files(remote_path: str, size: int, segment: int | None) -> list[str]:
+    """The file, or its pieces (one per stream), that the transfer writes there."""
+    if not segment:
+        return [remote_path]
+    return [f"{remote_path}.{k}" for k in range(-(-size // segment))]
 
 
 def _tell(stream: Any, message: bytes) -> None:

@@ -8,10 +8,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from migratio import processes
+from migratio import processes, redis_client
 from migratio.aws import AwsClients, aws_errors, known_regions
 from migratio.config import AmazonSite, OpenStackSite, Settings
-from migratio.errors import AwsError, MigratioError
+from migratio.errors import AwsError, MigratioError, RedisFailure
 from migratio.glance_api import GlanceApi
 from migratio.ssh import SshClient
 
@@ -40,7 +40,10 @@ TOOLS = ("qemu-img", "rsync", "ssh")
 
 
 def run_checks(settings: Settings, site_ids: Sequence[str] = ()) -> Iterator[Check]:
-    """Check this site, then each named destination (all of them when none is named)."""
+    """Check Redis and this site, then each named destination (all of them when none is named)."""
+    for warning in settings.warnings:
+        yield Check(Level.WARN, "configuration", warning)
+    yield from _check_redis(settings)
     for tool in TOOLS:
         path = shutil.which(tool)
         yield Check(Level.OK if path else Level.FAIL, f"local {tool}", path or "not found on PATH")
@@ -55,7 +58,7 @@ def run_checks(settings: Settings, site_ids: Sequence[str] = ()) -> Iterator[Che
         else f"{images} not readable: images will be downloaded from Glance (slower); "
         "add this user to the glance group",
     )
-    for site_id in site_ids or sorted(settings.sites):
+    for site_id in site_ids or sorted({*settings.sites, *settings.broken_sites}):
         try:
             site = settings.site(site_id)
         except MigratioError as exc:
@@ -65,6 +68,19 @@ def run_checks(settings: Settings, site_ids: Sequence[str] = ()) -> Iterator[Che
             yield from _check_amazon(site, AwsClients(site, settings.aws), settings.name)
         else:
             yield from _check_openstack(site)
+
+
+def _check_redis(settings: Settings) -> Iterator[Check]:
+    redis = redis_client.connect(settings.redis_url, settings.redis_tls)
+    try:
+        for what, detail in redis_client.probe(
+            redis, settings.redis_url, settings.namespace, settings.name
+        ):
+            yield Check(Level.OK, what, detail)
+    except RedisFailure as exc:
+        yield Check(Level.FAIL, "Redis", exc.message)
+    finally:
+        redis.close()
 
 
 def _check_openstack(site: OpenStackSite) -> Iterator[Check]:

@@ -24,15 +24,15 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rq import Queue, Worker
-from rq.registry import StartedJobRegistry
+from rq import Queue
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
-from migratio import processes
+from migratio import processes, redis_client
 from migratio.config import Settings
 from migratio.intake import Intake
 from migratio.keys import Keys
+from migratio.rq_worker import MigratioWorker, reclaim_abandoned
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,8 @@ BACKOFF_MAX = 30.0
 
 
 def connect(settings: Settings) -> Redis:
-    """A Redis client for ``redis_url`` with timeouts that outlast a blocking pop."""
-    return Redis.from_url(
-        settings.redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30
-    )
+    """A Redis client for ``redis_url`` (and its TLS files)."""
+    return redis_client.connect(settings.redis_url, settings.redis_tls)
 
 
 def rq_queue(settings: Settings, redis: Redis) -> Queue:
@@ -62,8 +60,9 @@ def run_worker(settings: Settings, *, burst: bool = False) -> bool:
     # loaded once here, not in every forked work-horse: the migrations' libraries take ~0.7 s
     importlib.import_module("migratio.jobs")
     redis = connect(settings)
-    worker = Worker(
+    worker = MigratioWorker(
         [rq_queue(settings, redis)],
+        settings=settings,
         connection=redis,
         serializer=JSONSerializer,
         job_monitoring_interval=JOB_MONITORING_INTERVAL,
@@ -102,6 +101,8 @@ class Service:
         self.retry_at = 0.0
         self.backoff = BACKOFF_START
         self.outage_since: float | None = None
+        #: Redis outages seen since start (for the metrics endpoint)
+        self.outages = 0
 
     @property
     def stopping(self) -> bool:
@@ -148,7 +149,7 @@ class Service:
         RQ's own cycle for this is 10 minutes, and a scheduler lock held by a killed worker
         would block retries for longer; here it is every CLEANUP_INTERVAL seconds.
         """
-        StartedJobRegistry(queue=self.queue).cleanup()
+        reclaim_abandoned(self.queue, self.settings)
         self.scheduler.acquire_locks()  # type: ignore[no-untyped-call]
         if self.scheduler.acquired_locks:
             self.scheduler.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
@@ -156,8 +157,10 @@ class Service:
     def _outage(self, exc: RedisError) -> None:
         if self.outage_since is None:
             self.outage_since = self.clock()
+            self.outages += 1
             log.error(
-                "Redis at %s is unreachable (%s); waiting for it", self.settings.redis_url, exc
+                "Redis is unreachable; waiting for it: %s",
+                redis_client.describe(exc, self.settings.redis_url).message,
             )
         self._back_off()
 

@@ -7,11 +7,11 @@ import os
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._process import PortDaemon, child_env, spawn_logged, tail, wait_ready
-from .ports import LOOPBACK
 
 DEFAULT_GLANCE_VENV = Path("/opt/migratio-sandbox/glance-venv")
 TOKEN = "sandbox"  # Glance runs without Keystone: any token is accepted
@@ -31,6 +31,16 @@ def glance_venv_missing() -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class KeystoneAuth:
+    """What a Glance needs to check tokens with Keystone: its service user there."""
+
+    auth_url: str
+    username: str
+    password: str
+    project_name: str = "service"
+
+
 class GlanceServerError(RuntimeError):
     """The Glance server did not come up."""
 
@@ -44,9 +54,12 @@ class GlanceServer(PortDaemon):
 
     READY_TIMEOUT = 60.0
 
-    def __init__(self, workdir: Path, name: str) -> None:
+    def __init__(self, workdir: Path, name: str, *, keystone: KeystoneAuth | None = None) -> None:
         super().__init__()
         self.name = name
+        #: with Keystone, tokens are checked and images get their project as owner; the
+        #: token-less helpers below (client, upload_image...) then do not work
+        self.keystone = keystone
         self.dir = Path(workdir).resolve() / name
         self.etc_dir = self.dir / "etc"
         self.images_dir = self.dir / "images"
@@ -87,10 +100,27 @@ class GlanceServer(PortDaemon):
         if paste_src is None:
             raise GlanceServerError(f"{self.venv}/etc/glance/glance-api-paste.ini not found")
         shutil.copyfile(paste_src, self.etc_dir / "glance-api-paste.ini")
-        (self.etc_dir / "policy.yaml").write_text('"context_is_admin": "@"\n')
+        if self.keystone is None:
+            policy, flavor, authtoken = '"context_is_admin": "@"\n', "", ""
+        else:  # the defaults, but any member may make an image public, as some clouds allow
+            policy, flavor = '"publicize_image": "role:member or role:admin"\n', "keystone"
+            ks = self.keystone
+            authtoken = f"""
+[keystone_authtoken]
+www_authenticate_uri = {ks.auth_url}
+auth_url = {ks.auth_url}
+auth_type = password
+username = {ks.username}
+password = {ks.password}
+project_name = {ks.project_name}
+user_domain_name = Default
+project_domain_name = Default
+"""
+        (self.etc_dir / "policy.yaml").write_text(policy)
         (self.etc_dir / "glance-api.conf").write_text(
-            f"""[DEFAULT]
-bind_host = {LOOPBACK}
+            authtoken
+            + f"""[DEFAULT]
+bind_host = {self.address}
 log_file = {self.log_path}
 enabled_import_methods = []
 show_multiple_locations = false
@@ -100,7 +130,7 @@ image_size_cap = 1099511627776
 connection = sqlite:///{self.db_path}
 
 [paste_deploy]
-flavor =
+flavor = {flavor}
 config_file = {self.etc_dir}/glance-api-paste.ini
 
 [glance_store]
@@ -149,8 +179,9 @@ filesystem_store_datadir = {d}/tasks
     def _serve(self) -> str:
         """Start uWSGI and wait for the API; return '' when ready, else an error text."""
         argv = [
+            *self._exec_prefix,
             str(self.venv / "bin" / "uwsgi"),
-            "--http-socket", f"{LOOPBACK}:{self.port}",
+            "--http-socket", f"{self.address}:{self.port}",
             "--wsgi-file", str(self._wsgi_file()),
             "--master", "--processes", "1", "--threads", "4", "--enable-threads",
             "--die-on-term", "--need-app", "--lazy-apps",
@@ -176,10 +207,11 @@ filesystem_store_datadir = {d}/tasks
         )
 
     def _ready(self) -> bool:
-        conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=2)
+        conn = http.client.HTTPConnection(self.address, self.port, timeout=2)
         try:
             conn.request("GET", "/v2/images?limit=1", headers={"X-Auth-Token": TOKEN})
-            return conn.getresponse().status == 200
+            # with Keystone, a 401 for the made-up token is the answer of a working Glance
+            return conn.getresponse().status in ((200, 401) if self.keystone else (200,))
         except OSError:
             return False
         finally:

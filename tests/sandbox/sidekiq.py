@@ -2,7 +2,9 @@
 
 ``push`` enqueues exactly as Atmosphere's ``Sidekiq::Client.push``; ``FeedbackServer`` is a real
 Sidekiq server running an ``Atmosphere::UpdateMigrationJobStatusWorker`` that writes every
-``perform`` it receives to a file as one JSON line.
+``perform`` it receives to a file as one JSON line. Both take a ``rediss://`` URL with an ACL user
+and the TLS files as Atmosphere's ``config/initializers/sidekiq.rb`` would give them to the
+redis gem (``ssl_params``: CA file, client certificate and key).
 """
 
 from __future__ import annotations
@@ -14,24 +16,46 @@ from pathlib import Path
 from typing import Self
 
 from ._process import Service, spawn, stop_process
+from .redis_server import TlsFiles
 
-_CLIENT = r"""
+#: Atmosphere's redis options: the URL, and for TLS the redis gem's ssl_params
+_OPTIONS = r"""
+require "openssl"
+def sandbox_redis_options(url)
+  options = { url: url }
+  if ENV["SANDBOX_REDIS_CA"]
+    options[:ssl_params] = {
+      ca_file: ENV.fetch("SANDBOX_REDIS_CA"),
+      cert: OpenSSL::X509::Certificate.new(File.read(ENV.fetch("SANDBOX_REDIS_CERT"))),
+      key: OpenSSL::PKey.read(File.read(ENV.fetch("SANDBOX_REDIS_KEY"))),
+    }
+  end
+  options
+end
+"""
+
+_CLIENT = (
+    _OPTIONS
+    + r"""
 require "sidekiq"
 require "redis-namespace"
 require "json"
 url, namespace, queue, klass, args = ARGV[0], ARGV[1], ARGV[2], ARGV[3], JSON.parse(ARGV[4])
-options = { url: url }
+options = sandbox_redis_options(url)
 options[:namespace] = namespace unless namespace == "-"
 Sidekiq.configure_client { |c| c.redis = options }
 count = (ENV["PUSH_COUNT"] || "1").to_i
 count.times { puts Sidekiq::Client.push("queue" => queue, "class" => klass, "args" => args) }
 """
+)
 
-_WORKER = r"""
+_WORKER = (
+    _OPTIONS
+    + r"""
 require "sidekiq"
 require "redis-namespace"
 require "json"
-options = { url: ENV.fetch("SANDBOX_REDIS_URL") }
+options = sandbox_redis_options(ENV.fetch("SANDBOX_REDIS_URL"))
 options[:namespace] = ENV["SANDBOX_NAMESPACE"] unless ENV["SANDBOX_NAMESPACE"] == "-"
 Sidekiq.configure_server { |c| c.redis = options }
 module Atmosphere
@@ -46,6 +70,7 @@ module Atmosphere
   end
 end
 """
+)
 
 
 def push(
@@ -56,24 +81,40 @@ def push(
     args: list[str],
     *,
     count: int = 1,
+    tls: TlsFiles | None = None,
 ) -> list[str]:
     """``Sidekiq::Client.push`` ``count`` times; returns the jids."""
     ns = namespace if namespace is not None else "-"
     done = subprocess.run(
         ["ruby", "-e", _CLIENT, redis_url, ns, queue, job_class, json.dumps(args)],
-        check=True,
+        check=False,
         capture_output=True,
         text=True,
-        env={"PUSH_COUNT": str(count), "PATH": "/usr/bin:/bin"},
+        env={"PUSH_COUNT": str(count), "PATH": "/usr/bin:/bin", **_tls_env(tls)},
     )
+    if done.returncode:
+        raise AssertionError(f"Sidekiq::Client.push failed: {done.stderr[-2000:]}")
     return done.stdout.split()
+
+
+def _tls_env(tls: TlsFiles | None) -> dict[str, str]:
+    if tls is None:
+        return {}
+    return {
+        "SANDBOX_REDIS_CA": str(tls.ca),
+        "SANDBOX_REDIS_CERT": str(tls.client_cert),
+        "SANDBOX_REDIS_KEY": str(tls.client_key),
+    }
 
 
 class FeedbackServer(Service):
     """A real Sidekiq server consuming ``<namespace>:queue:feedback``."""
 
-    def __init__(self, workdir: Path, redis_url: str, namespace: str | None) -> None:
+    def __init__(
+        self, workdir: Path, redis_url: str, namespace: str | None, tls: TlsFiles | None = None
+    ) -> None:
         self.workdir = workdir
+        self.tls = tls
         self.redis_url = redis_url
         self.namespace = namespace
         self.received_file = workdir / "feedback.jsonl"
@@ -90,6 +131,7 @@ class FeedbackServer(Service):
             "SANDBOX_REDIS_URL": self.redis_url,
             "SANDBOX_NAMESPACE": self.namespace if self.namespace is not None else "-",
             "SANDBOX_FEEDBACK_FILE": str(self.received_file),
+            **_tls_env(self.tls),
         }
         self._proc = spawn(
             ["sidekiq", "-r", str(worker), "-q", "feedback", "-c", "1"],

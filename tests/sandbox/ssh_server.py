@@ -26,10 +26,21 @@ from pathlib import Path
 from typing import IO
 
 from ._process import PortDaemon, reaped, spawn, stop_process, tail
-from .ports import LOOPBACK, port_open
+from .ports import port_open
 
 SANDBOX_USER = os.environ.get("MIGRATIO_SANDBOX_USER", "migratio-sandbox")
 SSHD = "/usr/sbin/sshd"
+
+
+def lock_holder(lock_path: Path) -> str:
+    """Who holds a sandbox lock: 'pid N (its command line)', as far as can be told."""
+    try:
+        pid = int(lock_path.read_text().split()[0])
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, IndexError):
+        return "another process"
+    command = " ".join(a.decode(errors="replace") for a in argv if a)
+    return f"pid {pid} ({command[:120]})"
 
 
 class SshServerError(RuntimeError):
@@ -93,7 +104,7 @@ class SshServer(PortDaemon):
                 os.fchmod(fd, 0o666)  # shared by root and non-root sandboxes of this user
         except PermissionError:
             fd = os.open(lock_path, os.O_RDONLY)
-        lock = os.fdopen(fd, "r")
+        lock = os.fdopen(fd, "r+" if os.access(lock_path, os.W_OK) else "r")
         deadline = time.monotonic() + self.LOCK_TIMEOUT
         waiting = False
         while True:
@@ -104,17 +115,25 @@ class SshServer(PortDaemon):
                 if not waiting:
                     waiting = True
                     print(  # a wait of minutes must not look like a hang
-                        f"[sandbox] waiting for another sandbox using user {self.user} "
-                        f"({lock_path})",
+                        f"[sandbox] waiting up to {self.LOCK_TIMEOUT:.0f} s for "
+                        f"{lock_holder(lock_path)} to finish: it holds {lock_path}, and user "
+                        f"{self.user}'s home is shared (MIGRATIO_SANDBOX_USER=another-user "
+                        "runs side by side)",
                         file=sys.stderr,
                         flush=True,
                     )
                 if time.monotonic() > deadline:
                     lock.close()
                     raise SshServerError(
-                        f"another sandbox holds {lock_path} (user {self.user} is shared)"
+                        f"{lock_holder(lock_path)} still holds {lock_path} after "
+                        f"{self.LOCK_TIMEOUT:.0f} s (user {self.user} is shared)"
                     ) from None
                 time.sleep(0.5)
+        if lock.writable():  # who holds it, for the next one's waiting message
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
         self._lock = lock
 
     def _prepare_user(self) -> None:
@@ -146,7 +165,7 @@ class SshServer(PortDaemon):
     def _write_config(self) -> None:
         lines = [
             f"Port {self.port}",
-            f"ListenAddress {LOOPBACK}",
+            f"ListenAddress {self.address}",
             f"HostKey {self.host_key}",
             f"PidFile {self.pid_path}",
             f"AuthorizedKeysFile {self.authorized_keys}",
@@ -170,7 +189,10 @@ class SshServer(PortDaemon):
         self.log_path.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:  # sshd -E appends here too
             self._proc = spawn(
-                reaped([SSHD, "-D", "-f", str(self.config_path), "-E", str(self.log_path)]),
+                [
+                    *self._exec_prefix,
+                    *reaped([SSHD, "-D", "-f", str(self.config_path), "-E", str(self.log_path)]),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -179,7 +201,7 @@ class SshServer(PortDaemon):
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 break
-            if port_open(self.port):
+            if port_open(self.port, self.address):
                 return ""
             time.sleep(0.05)
         code = self._proc.poll()
@@ -192,10 +214,10 @@ class SshServer(PortDaemon):
 
     def _write_known_hosts(self, path: Path, pub: Path) -> None:
         keytype, b64 = pub.read_text().split()[:2]
-        Path(path).write_text(f"[{LOOPBACK}]:{self.port} {keytype} {b64}\n")
+        Path(path).write_text(f"[{self.address}]:{self.port} {keytype} {b64}\n")
 
     def wrong_known_hosts(self, path: Path) -> Path:
-        """Write a known_hosts that pins a DIFFERENT host key for 127.0.0.1:port."""
+        """Write a known_hosts that pins a DIFFERENT host key for address:port."""
         path = Path(path)
         other = path.with_name(path.name + ".other_key")
         other.unlink(missing_ok=True)
@@ -208,8 +230,8 @@ class SshServer(PortDaemon):
 
     @property
     def destination(self) -> str:
-        """``user@127.0.0.1`` for ssh/rsync."""
-        return f"{self.user}@{LOOPBACK}"
+        """``user@ADDRESS`` for ssh/rsync (127.0.0.1 unless placed on another host)."""
+        return f"{self.user}@{self.address}"
 
     def ssh_argv(self, known_hosts: Path | None = None) -> list[str]:
         """``ssh`` argv (without destination) that trusts only this server's host key."""

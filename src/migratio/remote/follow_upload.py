@@ -4,7 +4,10 @@ Feeds a file that rsync is still writing into a command's standard input — the
 ``glance image-create`` — so that the upload overlaps the transfer instead of following it.
 Once the command has succeeded the file is removed: it is in Glance now.
 
-usage: follow_upload.py PATH SIZE ALGO HEXDIGEST IDLE_SECONDS -- COMMAND [ARG...]
+usage: follow_upload.py [--segment-size=BYTES] PATH SIZE ALGO HEXDIGEST IDLE_SECONDS -- COMMAND...
+
+With ``--segment-size`` the file arrives in pieces, each written by its own rsync at once:
+``PATH.0`` holds the first BYTES, ``PATH.1`` the next, and so on; they are fed in order.
 
 The command gets EOF only after exactly SIZE bytes whose ALGO digest is HEXDIGEST. In every
 other case (a short or wrong file, the local side gone, no growth for IDLE_SECONDS) it is
@@ -26,7 +29,13 @@ READ = 4 << 20
 
 
 def main(argv: list[str]) -> int:
+    segment = 0
+    if argv[1].startswith("--segment-size="):
+        segment = int(argv[1].split("=", 1)[1])
+        argv = argv[:1] + argv[2:]
     path, size, algo, digest, idle = argv[1], int(argv[2]), argv[3], argv[4], float(argv[5])
+    paths = [f"{path}.{k}" for k in range(-(-size // segment))] if segment else [path]
+    segment = segment or max(size, 1)
     if argv[6] != "--":
         sys.exit("follow_upload: expected -- before the command")
     child = subprocess.Popen(argv[7:], stdin=subprocess.PIPE)
@@ -35,17 +44,24 @@ def main(argv: list[str]) -> int:
     hasher = hashlib.new(algo)
     fed = 0
     source = None
+    opened = -1
     rsync_done = False
     last_growth = time.monotonic()
     reason = None
     try:
         while fed < size:
-            if source is None:
+            piece = fed // segment
+            if piece != opened:
+                if source is not None:
+                    source.close()
+                    source = None
                 try:
-                    source = open(path, "rb", buffering=0)  # noqa: SIM115
+                    source = open(paths[piece], "rb", buffering=0)  # noqa: SIM115
+                    opened = piece
                 except FileNotFoundError:
                     source = None
-            chunk = source.read(min(READ, size - fed)) if source is not None else b""
+            end = min(size, (piece + 1) * segment)
+            chunk = source.read(min(READ, end - fed)) if source is not None else b""
             if chunk:
                 hasher.update(chunk)
                 pipe.write(chunk)
@@ -81,7 +97,8 @@ def main(argv: list[str]) -> int:
     pipe.close()
     code = child.wait()
     if code == 0:
-        os.remove(path)
+        for done in paths:
+            os.remove(done)
     return code
 
 

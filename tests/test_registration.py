@@ -1,0 +1,297 @@
+"""What is registered at the destination is exactly the source's name, properties and bytes.
+
+Real Glance servers, the real ``glance`` CLI over a real sshd, real qemu-img and moto. The
+Glance error-status test answers from a tiny HTTP server: a real Glance cannot be made to
+answer 410, 429 or 504 on demand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.sandbox.images import make_raw, sha256_file
+from tests.sandbox.moto_server import MotoServer
+from tests.sandbox.site import Sandbox
+from tests.support import Lines, settings_for
+
+from migratio import status
+from migratio.amazon_migration import migrate_to_amazon
+from migratio.config import OpenStackCredentials, OpenStackSite
+from migratio.errors import ConversionError, GlanceError, MetadataError
+from migratio.glance_api import GlanceApi
+from migratio.glance_cli import parse_table
+from migratio.hashing import Digests
+from migratio.openstack_migration import Migration, destination_for, migrate_to_openstack
+from migratio.qemu_img import QEMU_DRIVERS, WRITABLE, check_convertible
+from migratio.request import MigrationRequest, Outcome
+from migratio.source_site import SourceSite
+
+MiB = 1024 * 1024
+AMAZON = "aws-eu"
+
+#: names and property values the glance CLI could take for options, or that its table
+#: draws awkwardly; each must arrive exactly as it left
+AWKWARD_NAME = "-centos7-base"
+AWKWARD_PROPERTIES = {
+    "-x": "1",
+    "dashes": "--name=evil --property x=y",
+    "-": "-",
+    "pipe": "a | b |",
+    "lines": "first line\nsecond line",
+    "spaces": "  leading and  inner",
+    "unicode": "Ünïcode ✓ 中文",
+    "long": " ".join(["word"] * 60),
+    "trailing": "spaces  ",
+}
+
+
+def site_b_with(sandbox: Sandbox, *lines: str) -> str:
+    return (sandbox.sites_dir / "site-b.conf").read_text() + "".join(f"{x}\n" for x in lines)
+
+
+def small_raw(sandbox: Sandbox, tmp_path: Path, **kwargs: object) -> str:
+    raw = make_raw(tmp_path / "small.raw", virtual_size=4 * MiB, data_bytes=MiB)
+    params: dict[str, object] = {"name": "small", "disk_format": "raw"}
+    params.update(kwargs)
+    return sandbox.source.upload_image(raw, **params)  # type: ignore[arg-type]
+
+
+# --- names and properties -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("site", ["site-b", "site-b-api"])
+def test_awkward_names_and_properties_arrive_exactly(
+    clean_sandbox: Sandbox, tmp_path: Path, site: str
+) -> None:
+    sb = clean_sandbox
+    image_id = small_raw(sb, tmp_path, name=AWKWARD_NAME, properties=AWKWARD_PROPERTIES)
+    result = migrate_to_openstack(
+        settings_for(sb, tmp_path), MigrationRequest(image_id, site), Lines()
+    )
+    assert result.outcome is Outcome.MIGRATED
+    copy = sb.destination.image(str(result.destination_image_id))  # read back over the API
+    assert copy["name"] == AWKWARD_NAME
+    for key, value in AWKWARD_PROPERTIES.items():
+        assert copy[key] == value, key
+    assert copy["status"] == "active"
+
+
+def test_a_key_with_equals_is_refused_through_the_cli_before_anything_is_sent(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sb = clean_sandbox
+    image_id = small_raw(sb, tmp_path, properties={"a=b": "c", "ok": "1"})
+    settings = settings_for(sb, tmp_path)
+    lines = Lines()
+    with pytest.raises(MetadataError) as caught:
+        migrate_to_openstack(settings, MigrationRequest(image_id, "site-b"), lines)
+    assert caught.value.retryable is False
+    assert "'a=b'" in lines[-1] and lines[-1].startswith("Error: ")
+    assert not any("Download" in line or "Transfer" in line for line in lines)
+    assert sb.destination.images() == []
+    assert not (sb.remote_staging.exists() and any(sb.remote_staging.iterdir()))
+
+    # the API carries it exactly
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-b-api"), Lines())
+    copy = sb.destination.image(str(result.destination_image_id))
+    assert (copy["a=b"], copy["ok"]) == ("c", "1")
+
+
+@pytest.mark.parametrize("site", ["site-b", "site-b-api"])
+def test_a_copy_that_reads_back_different_is_deleted(
+    clean_sandbox: Sandbox, tmp_path: Path, site: str
+) -> None:
+    sb = clean_sandbox
+    raw = make_raw(tmp_path / "r.raw", virtual_size=MiB, data_bytes=MiB)
+    copy_id = sb.destination.upload_image(raw, name="real-name", disk_format="raw")
+    settings = settings_for(sb, tmp_path)
+    destination_site = settings.site(site)
+    assert isinstance(destination_site, OpenStackSite)
+    migration = Migration(
+        settings=settings,
+        request=MigrationRequest(copy_id, site),
+        site=destination_site,
+        status=Lines(),
+        source=SourceSite(settings, GlanceApi(settings.source), Lines()),
+        destination=destination_for(destination_site, settings),
+        workdir=tmp_path / "work",
+        cancel=threading.Event(),
+    )
+    digests = Digests(size=MiB, md5=hashlib.md5(raw.read_bytes()).hexdigest())  # noqa: S324
+    fields = {"name": "real-name", "disk_format": "raw"}
+    assert migration.verify(copy_id, digests, fields).id == copy_id
+    with pytest.raises(MetadataError, match="'name' reads back as 'real-name', not 'other'"):
+        migration.verify(copy_id, digests, {**fields, "name": "other"})
+    assert sb.destination.images() == []
+
+
+def test_table_parsing_keeps_pipes_lines_and_wrapped_hashes() -> None:
+    wide = (
+        "+----------+-------------------+\n"
+        "| Property | Value             |\n"
+        "+----------+-------------------+\n"
+        "| a | b    | x | y |           |\n"
+        "| lines    | one               |\n"
+        "|          | two               |\n"
+        "| name     | -centos7-base     |\n"
+        "+----------+-------------------+\n"
+    )
+    assert parse_table(wide, wrapped=False) == {
+        "a | b": "x | y |",
+        "lines": "one\ntwo",
+        "name": "-centos7-base",
+    }
+    wrapped = (
+        "+---------------+----------+\n"
+        "| Property      | Value    |\n"
+        "+---------------+----------+\n"
+        "| os_hash_value | 0123abcd |\n"
+        "|               | ef45     |\n"
+        "+---------------+----------+\n"
+    )
+    assert parse_table(wrapped) == {"os_hash_value": "0123abcdef45"}
+
+
+# --- formats --------------------------------------------------------------------------------
+
+
+def make_vhd(tmp_path: Path) -> tuple[Path, Path]:
+    """A vhd (qemu's vpc) image and what ``qemu-img convert`` makes of it as raw."""
+    raw = make_raw(tmp_path / "disk.raw", virtual_size=48 * MiB, data_bytes=6 * MiB, seed=7)
+    vhd = tmp_path / "disk.vhd"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "vpc", str(raw), str(vhd)], check=True
+    )
+    expected = tmp_path / "expected.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(vhd), str(expected)], check=True
+    )
+    return vhd, expected
+
+
+@pytest.mark.parametrize("site", ["site-raw", "site-raw-api"])
+def test_vhd_is_converted_to_raw(clean_sandbox: Sandbox, tmp_path: Path, site: str) -> None:
+    sb = clean_sandbox
+    vhd, expected = make_vhd(tmp_path)
+    image_id = sb.source.upload_image(vhd, name="windows-vhd", disk_format="vhd")
+    api = (sb.sites_dir / "site-b-api.conf").read_text()
+    settings = settings_for(
+        sb,
+        tmp_path,
+        **{
+            "site-raw": site_b_with(sb, "export DISK_FORMAT=raw"),
+            "site-raw-api": api + "export DISK_FORMAT=raw\n",
+        },
+    )
+    lines = Lines()
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, site), lines)
+    assert any(line.startswith("Converted vhd to raw") for line in lines)
+    arrived = sb.destination.download_to(str(result.destination_image_id), tmp_path / "got.raw")
+    assert sha256_file(arrived) == sha256_file(expected)
+    assert sb.destination.image(str(result.destination_image_id))["disk_format"] == "raw"
+
+
+def test_vhd_to_amazon(clean_sandbox: Sandbox, moto: MotoServer, tmp_path: Path) -> None:
+    sb = clean_sandbox
+    vhd, expected = make_vhd(tmp_path)
+    image_id = sb.source.upload_image(vhd, name="windows-vhd", disk_format="vhd")
+    settings = settings_for(sb, tmp_path, **{AMAZON: moto.site_conf()})
+    result = migrate_to_amazon(settings, MigrationRequest(image_id, AMAZON), Lines())
+    assert result.outcome is Outcome.MIGRATED
+    ec2, ebs = moto.client("ec2"), moto.client("ebs")
+    [snapshot] = ec2.describe_snapshots(
+        OwnerIds=["self"], Filters=[{"Name": "tag:source_uuid", "Values": [image_id]}]
+    )["Snapshots"]
+    snapshot_id = snapshot["SnapshotId"]
+    raw = expected.read_bytes()
+    listed = ebs.list_snapshot_blocks(SnapshotId=snapshot_id)["Blocks"]
+    got = bytearray(len(raw))
+    for block in listed:
+        data = ebs.get_snapshot_block(
+            SnapshotId=snapshot_id, BlockIndex=block["BlockIndex"], BlockToken=block["BlockToken"]
+        )["BlockData"].read()
+        start = block["BlockIndex"] * len(data)
+        got[start : start + len(data)] = data[: max(0, len(raw) - start)]
+    assert listed and bytes(got) == raw
+
+
+def test_a_format_qemu_img_cannot_read_is_refused_before_any_work(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sb = clean_sandbox
+    image_id = small_raw(sb, tmp_path, disk_format="aki", container_format="aki")
+    settings = settings_for(sb, tmp_path, **{"site-raw": site_b_with(sb, "export DISK_FORMAT=raw")})
+    lines = Lines()
+    with pytest.raises(ConversionError, match="cannot convert a 'aki' image"):
+        migrate_to_openstack(settings, MigrationRequest(image_id, "site-raw"), lines)
+    assert lines[-1].startswith(status.NOT_CONVERTED)
+    assert len(lines) == 2  # started, refused: nothing downloaded, nothing sent
+    assert sb.destination.images() == []
+
+
+def test_the_format_mapping() -> None:
+    assert QEMU_DRIVERS["vhd"] == "vpc"
+    assert QEMU_DRIVERS["ploop"] == "parallels"
+    assert QEMU_DRIVERS["iso"] == "raw"
+    check_convertible("iso", "qcow2")
+    with pytest.raises(ConversionError, match="cannot convert to 'iso'"):
+        check_convertible("raw", "iso")
+    assert "iso" not in WRITABLE
+
+
+# --- Glance's HTTP errors -------------------------------------------------------------------
+
+
+class _StatusHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every request with the status the test put in the server."""
+
+    def do_GET(self) -> None:
+        code = self.server.status  # type: ignore[attr-defined]
+        body = f"<html><body><h1>{code} Whatever</h1>Try again later</body></html>".encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def status_server() -> Iterator[http.server.HTTPServer]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StatusHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("code", "retryable"),
+    [
+        (400, False), (401, False), (403, False), (404, False), (409, False), (410, False),
+        (413, False), (418, False), (408, True), (429, True), (500, True), (502, True),
+        (503, True), (504, True), (507, True),
+    ],
+)  # fmt: skip
+def test_every_http_status_is_a_glance_error_with_the_right_retryability(
+    status_server: http.server.HTTPServer, code: int, retryable: bool
+) -> None:
+    status_server.status = code  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{status_server.server_address[1]}"
+    api = GlanceApi(
+        OpenStackCredentials.from_vars({"OS_AUTH_TOKEN": "t", "OS_IMAGE_URL": url}, "test"),
+        timeout=10,
+    )
+    with pytest.raises(GlanceError) as caught:
+        api.ping()
+    assert caught.value.retryable is retryable
+    assert str(code) in caught.value.message
