@@ -7,8 +7,9 @@ the removal from the in-flight list are applied together or not at all. So a pay
 still in flight or handed over, never half of each, and whatever is in flight after a crash, an
 outage or any Redis error is handed over again before anything new is taken.
 
-The client never re-sends a command by itself (redis-py's default does): a re-sent ``EXEC``
-whose first reply was lost would hand a job over twice. Errors go to the caller, who backs off
+The client never re-sends a command by itself (``Redis(host=…)`` with redis-py's defaults
+re-sends up to 10 times): a re-sent ``EXEC`` whose first reply was lost would hand a job over
+twice. Errors go to the caller, who backs off
 and comes back; the next iteration recovers what is in flight.
 
 No payload can stop the intake: whatever goes wrong while understanding one (too big, too
@@ -180,10 +181,6 @@ class Intake:
             done += len(batch)
         self.must_recover = False
         return done
-
-    def handle(self, raw: bytes) -> None:
-        """Hand one in-flight payload over (see :meth:`handle_batch`)."""
-        self.handle_batch([raw])
 
     def handle_batch(self, batch: list[bytes]) -> None:
         """Hand in-flight payloads to RQ or to the dead letters, and let them go, atomically.
