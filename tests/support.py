@@ -38,7 +38,7 @@ class Lines(list[str]):
 
 
 def redis_only_settings(
-    tmp_path: Path, redis_url: str, *, namespace: str = "atmosphere"
+    tmp_path: Path, redis_url: str, *, namespace: str = "atmosphere", yaml: str = ""
 ) -> Settings:
     """Settings for site ``site-a`` that need only Redis: no Glance, no sshd, no moto.
 
@@ -64,6 +64,6 @@ def redis_only_settings(
     config.write_text(
         f"name: site-a\nredis_url: {redis_url}\nnamespace: {namespace}\n"
         f"credentials_file: {creds}\nsites_dir: {sites}\n"
-        f"staging_dir: {tmp_path / 'staging'}\nlog_dir: {tmp_path / 'log'}\n"
+        f"staging_dir: {tmp_path / 'staging'}\nlog_dir: {tmp_path / 'log'}\n" + yaml
     )
     return load_settings(config)

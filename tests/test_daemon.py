@@ -330,7 +330,8 @@ def test_a_job_end_to_end_through_the_service(
     )
 
 
-def test_sigterm_stops_the_service(settings: Settings, redis: Redis) -> None:
+def test_sigterm_stops_the_service(redis_settings: Settings, redis: Redis) -> None:
+    settings = redis_settings  # needs only Redis
     env = {**os.environ, "MIGRATIO_CONFIG": str(settings.config_path)}
     proc = subprocess.Popen([sys.executable, "-m", "migratio", "run"], env=env)
     try:
