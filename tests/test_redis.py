@@ -95,6 +95,7 @@ def one_line(done: subprocess.CompletedProcess[str]) -> str:
     ("url", "message"),
     [
         ("localhost:6379", "must start with redis://"),
+        (f"migratio:{PASSWORD}@localhost:6379", "must start with redis://"),
         ("http://localhost:6379", "must start with redis://"),
         ("redis://", "names no host"),
         ("redis://localhost:6379/abc", "the database must be a number"),
@@ -141,6 +142,8 @@ def test_redacted_keeps_the_user_not_the_password() -> None:
     assert redacted("redis://:pw@h/0") == "redis://:***@h/0"
     assert redacted("redis://h:6379/0") == "redis://h:6379/0"
     assert redacted(f"redis://u:{PASSWORD}@h/0") == "redis://u:***@h/0"  # not %-encoded
+    assert redacted(f"u:{PASSWORD}@h:6379") == "u:***@h:6379"  # no scheme
+    assert redacted(f"redis://h/0?password={PASSWORD}&db=1") == "redis://h/0?password=***&db=1"
 
 
 def test_redis_older_than_6_2_is_refused() -> None:
@@ -283,6 +286,7 @@ def test_enqueue_refuses_what_atmosphere_never_sends(tmp_path: Path) -> None:
         (["../../etc/passwd", "site-b"], "not an image id"),
         ([IMAGE, "../../etc/passwd"], "not a plain site name"),
         ([IMAGE, "nowhere"], "unknown destination site 'nowhere'"),
+        ([IMAGE, "site-b", "--amazon"], "site-b is an OpenStack site: drop --amazon"),
     ):
         done = migratio("enqueue", "--config", config, *args)
         assert done.returncode == 2, done

@@ -15,8 +15,8 @@ import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -283,7 +283,7 @@ def default_config_path() -> Path:
 def load_settings(config_path: Path | None = None) -> Settings:
     """Load and validate every configuration file; raise :class:`ConfigError` on any problem."""
     path = (config_path or default_config_path()).expanduser()
-    raw = _read_yaml(path)
+    raw = _ReadKeys(_read_yaml(path))
     base = path.resolve().parent
 
     def key(name: str, default: Any = None) -> Any:
@@ -330,7 +330,7 @@ def load_settings(config_path: Path | None = None) -> Settings:
             "and the environment does not hold this site's OS_* credentials either"
         ) from None
     site_files = load_sites(sites_dir)
-    return Settings(
+    settings = Settings(
         name=name,
         config_path=path,
         redis_url=redis_url,
@@ -357,6 +357,14 @@ def load_settings(config_path: Path | None = None) -> Settings:
         staging_max_bytes=_bytes(path, "staging_max_bytes", raw.get("staging_max_bytes")),
         staging_keep=_number(path, "staging_keep", key("staging_keep", DEFAULT_STAGING_KEEP)),
     )
+    unknown = [
+        f"{path}: unknown key {name!r} ({_nearest(str(name), raw.read)})"
+        for name in raw
+        if name not in raw.read
+    ]
+    if unknown:
+        settings = replace(settings, warnings=(*unknown, *settings.warnings))
+    return settings
 
 
 @dataclass(frozen=True)
@@ -366,6 +374,27 @@ class SiteFiles:
     sites: dict[str, Site]
     broken: dict[str, str]
     warnings: list[str]
+
+
+class _ReadKeys(dict[str, Any]):
+    """config.yml's mapping, remembering which keys were asked for (the others are unknown)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(data)
+        self.read: set[str] = set()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.read.add(name)
+        return super().get(name, default)
+
+    def __getitem__(self, name: str) -> Any:
+        self.read.add(name)
+        return super().__getitem__(name)
+
+
+def _nearest(name: str, known: Iterable[str]) -> str:
+    near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"did you mean {near[0]}?" if near else "migratio does not use it"
 
 
 def load_sites(sites_dir: Path) -> SiteFiles:
@@ -425,9 +454,7 @@ def _load_site(site_id: str, path: Path) -> tuple[Site, list[str]]:
     unknown = []
     for key, line in sourced.assigned.items():
         if key not in SITE_KEYS:
-            near = difflib.get_close_matches(key, SITE_KEYS, n=1, cutoff=0.6)
-            hint = f"did you mean {near[0]}?" if near else "migratio does not use it"
-            unknown.append(f"{path}, line {line}: unknown key {key} ({hint})")
+            unknown.append(f"{path}, line {line}: unknown key {key} ({_nearest(key, SITE_KEYS)})")
     try:
         return _site_from_values(site_id, path, values), unknown + sourced.warnings
     except ConfigError as exc:
