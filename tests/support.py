@@ -37,6 +37,16 @@ class Lines(list[str]):
         self.append(text)
 
 
+def no_work_left(staging_dir: Path) -> bool:
+    """Nothing in staging but complete cache entries (no work dir, no half-made entry).
+
+    Dot files (the link history of :mod:`migratio.compression`) do not count.
+    """
+    others = [p.name for p in staging_dir.iterdir() if p.name != "cache" and p.name[0] != "."]
+    partial = list((staging_dir / "cache").glob("*.partial"))
+    return others == [] and partial == []
+
+
 def redis_only_settings(
     tmp_path: Path, redis_url: str, *, namespace: str = "atmosphere", yaml: str = ""
 ) -> Settings:
