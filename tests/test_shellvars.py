@@ -211,8 +211,17 @@ _DOUBLE = st.lists(
     max_size=4,
 ).map(lambda parts: '"' + "".join(parts) + '"')
 _ESCAPED = st.sampled_from(["\\ ", "\\#", "\\$", "\\'", '\\"', "\\\\", "\\;", "\\~", "\\*"])
+_ANSI_C = st.sampled_from(["$'a\\tb'", "$'\\x41\\101\\7'", "$'it\\'s'", "$'\\\\ \\q'", "$''"])
 _VALUE = st.lists(
-    st.one_of(_PLAIN, _REF, _SINGLE, _DOUBLE, _ESCAPED, st.sampled_from(["~", "~/", ":~/x", "#"])),
+    st.one_of(
+        _PLAIN,
+        _REF,
+        _SINGLE,
+        _DOUBLE,
+        _ESCAPED,
+        _ANSI_C,
+        st.sampled_from(["~", "~/", ":~/x", "#", "~root", "~root/x"]),
+    ),
     max_size=5,
 ).map("".join)
 _ASSIGN = st.tuples(st.sampled_from(["A", "B", "OS_PASSWORD", "PATH", "FOO"]),
