@@ -22,7 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis import Connection, Redis
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from tests.hostile import CLASSES, KINDS, KNOWN_SITES, hostile_payload, valid_job
@@ -381,8 +383,9 @@ class FaultyConnection(Connection):
 
 
 def faulty_client(redis_server: RedisServer) -> Redis:
-    """A client with redis-py's defaults (``Redis(host, port)`` re-sends up to 10 times)."""
-    client = Redis(host="127.0.0.1", port=redis_server.port)
+    """A client that re-sends a command whose connection failed, as ``Redis(host, port)`` does
+    with redis-py's defaults (up to 10 times in redis-py 8)."""
+    client = Redis(host="127.0.0.1", port=redis_server.port, retry=Retry(NoBackoff(), 3))
     client.connection_pool.connection_class = FaultyConnection
     return client
 
