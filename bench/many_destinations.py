@@ -237,8 +237,12 @@ def part_two(args: argparse.Namespace, work: Path, sb: Sandbox, redis_url: str) 
     try:
         while True:
             samples.append(len(share.running()))
-            done = [i for i in sb.destination.client().images.list() if i["status"] == "active"]
-            if len(done) >= 8:
+            done = [
+                i
+                for i in sb.destination.client().images.list()
+                if i["status"] == "active" and i.get("source_uuid") in images[:8]
+            ]
+            if len(done) == 8:
                 break
             if time.perf_counter() - started > 1800:
                 raise SystemExit("part 2 did not finish in 30 minutes")
