@@ -309,6 +309,7 @@ class Migration:
             result.bytes_sent,
             result.seconds,
             capped=self.site.bwlimit is not None,
+            compressed=result.compress != "none",
         )
         return result
 
