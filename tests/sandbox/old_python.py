@@ -31,14 +31,14 @@ def oldest_python() -> Path:
     """The oldest CPython 3.6+ found (pyenv builds first, then PATH)."""
     roots = {os.environ.get("PYENV_ROOT") or "", "/root/.pyenv", str(Path.home() / ".pyenv")}
     found = [p for root in roots if root for p in glob.glob(f"{root}/versions/3.*/bin/python3.*")]
+    usable = [(m, 0, p) for p in found if (m := _minor(p)) is not None and m >= 6]
     for minor in range(6, 20):
         on_path = shutil.which(f"python3.{minor}")
-        if on_path:
-            found.append(on_path)
-    usable = [(m, p) for p in found if (m := _minor(p)) is not None and m >= 6]
+        if on_path and "/shims/" not in on_path:  # pyenv's shims are scripts, not Pythons
+            usable.append((minor, 1, on_path))
     if not usable:
         raise RuntimeError("no python3.6 or newer found")
-    return Path(min(usable)[1])
+    return Path(min(usable)[2])
 
 
 def python_for_user(ssh: SshServer) -> tuple[str, str]:
@@ -49,7 +49,7 @@ def python_for_user(ssh: SshServer) -> tuple[str, str]:
     python = oldest_python()
     minor = _minor(str(python))
     prefix = python.resolve().parent.parent
-    target = ssh.home / f".migratio-test-python3.{minor}"
+    target = ssh.home / f".migratio-test-python3.{minor}-v2"
     wrapper = target / "python3"
     if not wrapper.exists():
         tmp = target.with_name(target.name + ".tmp")
@@ -63,8 +63,10 @@ def python_for_user(ssh: SshServer) -> tuple[str, str]:
         shutil.copytree(stdlib, tmp / "lib" / stdlib.name, ignore=shutil.ignore_patterns(*_SKIP))
         (tmp / "python3").write_text(
             "#!/bin/sh\n"
+            # no PYTHONHOME: it would reach the helper's glance CLI, another Python; this
+            # one finds its standard library from where its binary is
             f'LD_LIBRARY_PATH="{target}/lib${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}" '
-            f'PYTHONHOME="{target}" exec "{target}/bin/{python.name}" "$@"\n'
+            f'exec "{target}/bin/{python.name}" "$@"\n'
         )
         (tmp / "python3").chmod(0o755)
         for path in [tmp, *tmp.rglob("*")]:

@@ -1,7 +1,10 @@
 """Runs on the destination host (sent as ``python3 -c``; standard library only, Python 3.6+).
 
-Feeds a file that rsync is still writing into a command's standard input — the destination's
-``glance image-create`` — so that the upload overlaps the transfer instead of following it.
+ASCII only: a Python 3.6 in the C locale (an SSH session without LANG) cannot even decode
+a ``-c`` program that is not.
+
+Feeds a file that rsync is still writing into a command's standard input -- the destination's
+``glance image-create`` -- so that the upload overlaps the transfer instead of following it.
 Once the command has succeeded the file is removed: it is in Glance now.
 
 usage: follow_upload.py PATH SIZE ALGO HEXDIGEST IDLE_SECONDS -- COMMAND [ARG...]
@@ -14,8 +17,8 @@ That holds however this helper ends, because EOF on a pipe needs every writer go
 - this process (the feeder) writes the bytes into the command's stdin pipe;
 - a guard, forked from it, holds a second write end of that pipe and is the command's parent
   (the command dies with it: ``PR_SET_PDEATHSIG``). It lets go of its write end only when the
-  feeder says ``release`` after checking size and digest. If the feeder ends any other way —
-  SIGTERM, SIGKILL, an exception, the SSH connection dropping — the guard sees its lifeline
+  feeder says ``release`` after checking size and digest. If the feeder ends any other way --
+  SIGTERM, SIGKILL, an exception, the SSH connection dropping -- the guard sees its lifeline
   close, kills the command and only then lets go: the command never sees EOF;
 - if the guard itself is killed, the command dies with it while the feeder still holds its
   write end.
