@@ -370,18 +370,17 @@ def test_unknown_region(clean_sandbox: Sandbox, moto: MotoServer, tmp_path: Path
 
 
 def test_site_file_mistakes_are_named(tmp_path: Path, clean_sandbox: Sandbox) -> None:
-    with pytest.raises(ConfigError, match="endpoint of eu-west-1, but AWS_REGION is us-east-1"):
-        settings_for(
-            clean_sandbox,
-            tmp_path,
-            aws="export AWS_REGION=us-east-1\nexport EC2_URL=https://ec2.eu-west-1.amazonaws.com\n",
-        )
-    with pytest.raises(ConfigError, match="needs S3_BUCKET"):
-        settings_for(
-            clean_sandbox, tmp_path, aws="export AWS_REGION=eu-west-1\nUPLOAD_METHOD=vmimport\n"
-        )
-    with pytest.raises(ConfigError, match="not a region name"):
-        settings_for(clean_sandbox, tmp_path, aws="export AWS_REGION='eu west'\n")
+    for text, message in (
+        (
+            "export AWS_REGION=us-east-1\nexport EC2_URL=https://ec2.eu-west-1.amazonaws.com\n",
+            "endpoint of eu-west-1, but AWS_REGION is us-east-1",
+        ),
+        ("export AWS_REGION=eu-west-1\nUPLOAD_METHOD=vmimport\n", "needs S3_BUCKET"),
+        ("export AWS_REGION='eu west'\n", "not a region name"),
+    ):
+        settings = settings_for(clean_sandbox, tmp_path, aws=text)  # only that site is broken
+        with pytest.raises(ConfigError, match=message):
+            settings.site("aws")
 
 
 # --- VM Import: real conversion and S3 upload, stubbed import calls -----------------------

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from migratio.config import AmazonSite, OpenStackSite, load_settings, load_site
-from migratio.errors import ConfigError, UnknownSiteError
+from migratio.errors import ConfigError, SiteConfigError, UnknownSiteError
 from migratio.shellvars import parse_shell_vars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +84,7 @@ def test_config_files_are_never_executed(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     creds = ORIGINAL_CREDS + f"export OS_PASSWORD=$(touch {marker})\n"
     path = write_setup(tmp_path, "name: cyfronet-folsom", creds=creds)
-    with pytest.raises(ConfigError, match=r"creds, line 9: command substitution"):
+    with pytest.raises(ConfigError, match=r"creds, line 9: \$\(…\) \(command substitution\)"):
         load_settings(path)
     assert not marker.exists()
 
@@ -108,11 +110,18 @@ def test_single_quoted_dollar_is_literal() -> None:
     ],
 )
 def test_bad_site_files_name_file_and_key(tmp_path: Path, site_text: str, message: str) -> None:
-    path = write_setup(tmp_path, "name: cyfronet-folsom", dest=site_text)
-    with pytest.raises(ConfigError) as info:
-        load_settings(path)
+    good = "export EXTERNAL_USER=u\nexport EXTERNAL_HOST=h\n"
+    path = write_setup(tmp_path, "name: cyfronet-folsom", dest=site_text, good=good)
+    settings = load_settings(path)  # one broken site file stops only that site
+    assert isinstance(settings.site("good"), OpenStackSite)
+    assert message in settings.broken_sites["dest"]
+    with pytest.raises(SiteConfigError) as info:
+        settings.site("dest")
     assert "dest.conf" in info.value.message
     assert message in info.value.message
+    assert info.value.retryable  # a fixed file lets the retry through
+    (tmp_path / "config" / "dest.conf").write_text(good)
+    assert isinstance(settings.site("dest"), OpenStackSite)  # read again: no restart needed
 
 
 @pytest.mark.parametrize("site_id", ["../etc/passwd", "..", "a/b", "", "-x", "a..b"])
@@ -189,3 +198,71 @@ def test_amazon_site_files(tmp_path: Path) -> None:
     private.write_text("AWS_REGION=eu-west-1\nUPLOAD_CONCURRENCY=1000\n")
     with pytest.raises(ConfigError, match="UPLOAD_CONCURRENCY must be between 1 and 64"):
         load_site("private", private)
+
+
+def test_credentials_as_operators_write_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", "/home/operator")
+    monkeypatch.setenv("OS_TENANT_ID", "from-an-earlier-openrc")
+    creds = (
+        "# sourced by bash in the original\n"
+        "export OS_AUTH_URL=http://127.0.0.1:5000/v3\n"
+        "OS_USERNAME=admin\n"
+        "export OS_PASSWORD=s3cr#t # bash keeps the # inside a word\n"
+        'export OS_PROJECT_NAME="ad\\$min"\n'
+        "unset OS_TENANT_ID\n"
+        "unset OS_PROJECT_ID\n"
+        "export IMAGES_DIR=$HOME/images\n"
+        "export SOURCE_CS='$(not run)'\n".replace("'$(not run)'", "cyfronet-folsom")
+    )
+    settings = load_settings(write_setup(tmp_path, "name: cyfronet-folsom", creds=creds))
+    assert settings.source.password == "s3cr#t"
+    assert settings.source.project_name == "ad$min"
+    assert settings.source.project_id is None  # unset, although the environment had it
+    assert settings.images_dir == Path("/home/operator/images")
+
+
+def test_a_missing_credentials_file_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OS_REGION_NAME", "RegionOne")  # a leftover of some openrc
+    path = write_setup(tmp_path, "name: a")
+    (tmp_path / "creds").unlink()
+    with pytest.raises(ConfigError, match=r"creds: credentials file not found \(credentials_file"):
+        load_settings(path)
+
+
+def test_unknown_site_keys_name_the_nearest_known_one(tmp_path: Path) -> None:
+    path = write_setup(
+        tmp_path,
+        "name: cyfronet-folsom",
+        typo="export EXTERNAL_USER=u\nexport EXTERNAL_HOTS=h\n",
+        extra="export EXTERNAL_USER=u\nexport EXTERNAL_HOST=h\nexport SSH_PROT=2222\n",
+    )
+    settings = load_settings(path)
+    assert settings.broken_sites["typo"].endswith(
+        "missing EXTERNAL_HOST (or set REGISTER=api with OS_* credentials); also "
+        f"{tmp_path / 'config' / 'typo.conf'}, line 2: unknown key EXTERNAL_HOTS "
+        "(did you mean EXTERNAL_HOST?)"
+    )
+    assert settings.warnings == (
+        f"{tmp_path / 'config' / 'extra.conf'}, line 3: unknown key SSH_PROT "
+        "(did you mean SSH_PORT?)",
+    )
+
+
+def test_check_names_the_line_and_never_the_password(tmp_path: Path) -> None:
+    secret = "zq9-Secret"
+    creds = ORIGINAL_CREDS + f"OS_PASSWORD={secret} echo\n"
+    path = write_setup(tmp_path, "name: cyfronet-folsom", creds=creds)
+    done = subprocess.run(
+        [sys.executable, "-m", "migratio", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 78
+    assert done.stderr.startswith(f"configuration error: {tmp_path / 'creds'}, line 9: after")
+    assert "OS_PASSWORD=…" in done.stderr
+    assert secret not in done.stdout + done.stderr and "Traceback" not in done.stderr

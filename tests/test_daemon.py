@@ -430,6 +430,11 @@ def test_worker_killed_mid_transfer_is_rerun_and_resumes(
     [transfered] = [line for line in lines if line.startswith("Transfered")]
     sent_mib = float(transfered.split("(")[1].split(" ")[0])
     assert sent_mib < 300  # resumed: the part that had arrived was not sent again
+    # the service says so, once, naming the job and the image
+    [lost] = [
+        x for x in (settings.log_dir / "migratio.log").read_text().splitlines() if " ERROR " in x
+    ]
+    assert "its worker stopped answering" in lost and f" image {image_id}]" in lost
 
 
 @pytest.mark.slow
@@ -480,7 +485,8 @@ def test_operator_commands_enqueue_status_retry(
     assert main(["status", "--config", config]) == 0
     out = capsys.readouterr().out
     assert "failed: 1" in out
-    assert f"migratio-{body['jid']}" in out and "ImageNotFoundError: image" in out
+    assert f"migratio-{body['jid']}" in out and f"image {missing} is not on site site-a" in out
+    assert "migratio.errors" not in out  # the operator's message, not the exception's class
 
     assert main(["retry", "--config", config, f"migratio-{body['jid']}"]) == 0
     assert main(["status", "--config", config]) == 0

@@ -261,7 +261,7 @@ def test_check_reports_a_broken_destination_precisely(
     assert main(["check", "--config", config, "site-b", "site-b-api"]) == 0
     good = capsys.readouterr().out
     assert "FAILED" not in good
-    assert f"site site-b SSH login: {sb.ssh.user}@127.0.0.1 port {sb.ssh.port}" in good
+    assert f"site site-b SSH login: {sb.ssh.destination} port {sb.ssh.port}" in good
     assert main(["check", "--config", config, "site-noglance"]) == 1
     out = capsys.readouterr().out
     [line] = [x for x in out.splitlines() if x.startswith("FAILED")]

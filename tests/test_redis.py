@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -27,10 +29,12 @@ MiB = 1024 * 1024
 IMAGE = "6f3c9a0e-1111-2222-3333-444455556666"
 #: a password with what URLs and shells find awkward; it must never appear in any output
 PASSWORD = "s3cr#t/p@ss:w0rd"
+#: the ACL the README gives: the namespace's keys and RQ's, nothing else
+ACL = "~atmosphere:* ~rq:* &* +@all"
 USERS = {
-    "migratio": (PASSWORD, "~* &* +@all"),
+    "migratio": (PASSWORD, ACL),
     # an ACL that forgot BLMOVE
-    "noblmove": (PASSWORD, "~* &* +@all -blmove"),
+    "noblmove": (PASSWORD, f"{ACL} -blmove"),
 }
 
 
@@ -91,6 +95,7 @@ def one_line(done: subprocess.CompletedProcess[str]) -> str:
     ("url", "message"),
     [
         ("localhost:6379", "must start with redis://"),
+        (f"migratio:{PASSWORD}@localhost:6379", "must start with redis://"),
         ("http://localhost:6379", "must start with redis://"),
         ("redis://", "names no host"),
         ("redis://localhost:6379/abc", "the database must be a number"),
@@ -137,6 +142,8 @@ def test_redacted_keeps_the_user_not_the_password() -> None:
     assert redacted("redis://:pw@h/0") == "redis://:***@h/0"
     assert redacted("redis://h:6379/0") == "redis://h:6379/0"
     assert redacted(f"redis://u:{PASSWORD}@h/0") == "redis://u:***@h/0"  # not %-encoded
+    assert redacted(f"u:{PASSWORD}@h:6379") == "u:***@h:6379"  # no scheme
+    assert redacted(f"redis://h/0?password={PASSWORD}&db=1") == "redis://h/0?password=***&db=1"
 
 
 def test_redis_older_than_6_2_is_refused() -> None:
@@ -225,6 +232,7 @@ def test_a_job_end_to_end_over_tls_with_an_acl_user(
     sb = clean_sandbox
     assert tls_redis.tls is not None
     settings = settings_for(sb, tmp_path, yaml=tls_yaml(tls_redis))
+    assert PASSWORD not in repr(settings) and quote(PASSWORD, safe="") not in repr(settings)
     redis: Redis = tls_redis.client()
     redis.flushall()
     image = make_qcow2(tmp_path / "t.qcow2", virtual_size=32 * MiB, data_bytes=4 * MiB)
@@ -292,3 +300,39 @@ def test_config_option_before_the_command(tmp_path: Path) -> None:
     assert done.returncode == 2 and "not an image id" in done.stderr
     absent = migratio("--config", str(tmp_path / "absent.yml"), "status")
     assert absent.returncode == 78 and "absent.yml: file not found" in absent.stderr
+
+
+def test_run_waits_out_a_redis_that_is_down(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"redis://migratio:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/0"
+    config = write_config(tmp_path, f"redis_url: '{url}'\nworkers: 1\n")
+    service = subprocess.Popen(
+        [sys.executable, "-m", "migratio", "run", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        log = tmp_path / "log" / "migratio.log"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "waiting for it" not in (
+            log.read_text() if log.exists() else ""
+        ):
+            time.sleep(0.1)
+        assert service.poll() is None  # still running: Redis may come back
+        with RedisServer(tmp_path / "redis", port=port, users=USERS) as server:
+            server.client().lpush("atmosphere:queue:migration_site-a", b"not json")
+            while time.monotonic() < deadline + 30 and not server.client().llen(
+                "atmosphere:migratio:dead:site-a"
+            ):
+                time.sleep(0.1)
+            assert server.client().llen("atmosphere:migratio:dead:site-a") == 1  # it went on
+            service.send_signal(signal.SIGTERM)
+            assert service.wait(timeout=60) == 0
+    finally:
+        if service.poll() is None:
+            service.kill()
+    out, err = service.communicate()
+    text = log.read_text()
+    assert text.count("Redis is unreachable; waiting for it: Redis at redis://migratio:***@") == 1
+    assert "Redis is back after" in text
+    assert PASSWORD not in text + out + err and quote(PASSWORD, safe="") not in text + out + err
+    assert "Traceback" not in text + err

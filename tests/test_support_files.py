@@ -40,6 +40,7 @@ def test_units_restart_on_failure_and_stop_warm(unit: Path) -> None:
     parser.read(unit)
     service = parser["Service"]
     assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == "78"  # not every 10 s for a typo
     assert service["KillMode"] == "mixed"  # SIGTERM to migratio only: a warm stop
     assert service["TimeoutStopSec"].endswith("min") and int(service["TimeoutStopSec"][:-3]) >= 15
     command = service["ExecStart"].split()

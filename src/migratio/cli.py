@@ -16,7 +16,8 @@ from migratio.config import Settings, default_config_path, load_settings
 from migratio.errors import ConfigError, MigratioError, RedisFailure
 from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.logs import setup_logging
-from migratio.operations import operator_status, retry_failed
+from migratio.operations import retry_failed
+from migratio.overview import overview
 from migratio.redis_client import check_version, is_outage, redis_errors, version
 from migratio.request import MigrationRequest, Outcome
 from migratio.service import (
@@ -105,9 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     status_cmd = commands.add_parser(
         "status",
         parents=[common],
-        help="queue depth, running, failed and refused jobs",
-        description="What is queued, in flight, running (with its last status line), failed "
-        "(with the reason) and refused (dead letters).",
+        help="every job of this site and its state",
+        description="Jobs waiting in Atmosphere's queue, in flight, queued for the workers, "
+        "running (with the last status line and its age), scheduled for a retry (with when), "
+        "deferred, failed (with the reason), finished and canceled, and refused payloads "
+        "(dead letters). Up to 20 are listed per state; the counts are complete.",
+    )
+    status_cmd.add_argument(
+        "--json", action="store_true", help="print one JSON document (see the README) instead"
     )
     status_cmd.set_defaults(handler=cmd_status)
 
@@ -217,6 +223,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not is_outage(exc.__cause__):
             raise  # a password, a certificate, an old Redis: waiting will not fix it
         # unreachable: the service waits it out (and says so once)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    for site_id, error in sorted(settings.broken_sites.items()):
+        log.error("site %s: its jobs fail until the file is fixed: %s", site_id, error)
     service = Service(settings, redis, worker_argv=worker_command(settings.config_path))
     metrics.serve(settings, service)
     return service.run()
@@ -235,9 +245,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     """``migratio status``."""
     settings = _settings(args)
     with redis_errors(settings.redis_url):
-        lines = list(operator_status(settings, connect(settings)))
-    for line in lines:
-        print(line)
+        snapshot = overview(settings, connect(settings))
+    if args.json:
+        print(snapshot.to_json())
+    else:
+        for line in snapshot.lines():
+            print(line)
     return EXIT_OK
 
 

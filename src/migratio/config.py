@@ -11,6 +11,7 @@ Every error names the file, the key and the reason, and is a :class:`ConfigError
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -23,9 +24,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from migratio.errors import ConfigError, UnknownSiteError
+from migratio.errors import ConfigError, SiteConfigError, UnknownSiteError
 from migratio.redis_client import RedisTls, validate_tls, validate_url
-from migratio.shellvars import read_shell_vars
+from migratio.shellvars import read_shell_file
 
 DEFAULT_REDIS_URL = "redis://localhost:6379"
 #: the original's config loader fell back to this when ``namespace`` was absent or null
@@ -167,6 +168,12 @@ class OpenStackSite:
     remote_creds: str = "~/.creds"
     remote_glance: str = "glance"
     remote_python: str = "python3"
+    #: rsync compression: auto (decided per image, see migratio.compression), zstd, lz4, none
+    compress: Literal["auto", "zstd", "lz4", "none"] = "auto"
+    #: the cap, in bytes per second, of what goes over the link to this site (None: no cap)
+    bwlimit: int | None = None
+    #: rsync streams at once over ranges of the file (None: auto, from the round trip)
+    streams: int | None = None
     kind: Literal["openstack"] = "openstack"
 
 
@@ -215,7 +222,7 @@ class Settings:
 
     name: str
     config_path: Path
-    redis_url: str
+    redis_url: str = field(repr=False)  # it may hold a password
     redis_tls: RedisTls
     namespace: str
     credentials_file: Path
@@ -237,16 +244,29 @@ class Settings:
     #: daily log files kept (0: never rotate; leave it to logrotate)
     log_keep_days: int = DEFAULT_LOG_KEEP_DAYS
 
+    #: site files that failed to load: site id → the error (only that site's jobs fail)
+    broken_sites: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: things an operator should know that do not stop migratio (unknown keys, …)
+    warnings: tuple[str, ...] = ()
+
     def site(self, site_id: str) -> Site:
-        """The destination site ``site_id``, or :class:`UnknownSiteError` saying why not."""
+        """The destination site ``site_id``, or a :class:`ConfigError` saying why not.
+
+        A site file that was broken at start-up (or added since) is read again here, so fixing
+        it lets the next attempt through without a restart; while it is broken, the error is a
+        retryable :class:`SiteConfigError`. No file at all is an :class:`UnknownSiteError`.
+        """
         check_site_id(site_id, what="destination site")
-        try:
-            return self.sites[site_id]
-        except KeyError:
-            raise UnknownSiteError(
-                f"unknown destination site {site_id!r}: there is no "
-                f"{self.sites_dir / (site_id + '.conf')}"
-            ) from None
+        site = self.sites.get(site_id)
+        if site is not None:
+            return site
+        path = self.sites_dir / f"{site_id}.conf"
+        if site_id in self.broken_sites or path.is_file():
+            try:
+                return load_site(site_id, path)
+            except ConfigError as exc:
+                raise SiteConfigError(exc.message) from None
+        raise UnknownSiteError(f"unknown destination site {site_id!r}: there is no {path}")
 
 
 def default_config_path() -> Path:
@@ -276,7 +296,7 @@ def load_settings(config_path: Path | None = None) -> Settings:
     namespace = DEFAULT_NAMESPACE if namespace is None else str(namespace)
 
     credentials_file = _path(key("credentials_file", "~/.creds"), base)
-    creds = _read_credentials(credentials_file)
+    creds, warnings = _read_credentials(credentials_file)
     source_cs = creds.get("SOURCE_CS")
     if source_cs and source_cs != name:
         raise ConfigError(
@@ -294,6 +314,16 @@ def load_settings(config_path: Path | None = None) -> Settings:
     )
     redis_tls = validate_tls(redis_url, RedisTls(ca, cert, tls_key), str(path))
     sites_dir = _path(key("sites_dir", "config"), base)
+    try:
+        source = OpenStackCredentials.from_vars(creds, str(credentials_file))
+    except ConfigError:
+        if credentials_file.exists():
+            raise
+        raise ConfigError(
+            f"{credentials_file}: credentials file not found (credentials_file in {path}), "
+            "and the environment does not hold this site's OS_* credentials either"
+        ) from None
+    site_files = load_sites(sites_dir)
     return Settings(
         name=name,
         config_path=path,
@@ -310,33 +340,95 @@ def load_settings(config_path: Path | None = None) -> Settings:
         job_timeout=_number(path, "job_timeout", key("job_timeout", 12 * 3600)),
         retry_delays=_delays(path, key("retry_delays", [60, 300, 900])),
         images_dir=Path(creds.get("IMAGES_DIR") or DEFAULT_IMAGES_DIR).expanduser(),
-        source=OpenStackCredentials.from_vars(creds, str(credentials_file)),
+        source=source,
         aws=aws,
-        sites=MappingProxyType(load_sites(sites_dir)),
+        sites=MappingProxyType(site_files.sites),
+        broken_sites=MappingProxyType(site_files.broken),
+        warnings=tuple(warnings + site_files.warnings),
         metrics_port=_port(path, "metrics_port", raw.get("metrics_port")),
         metrics_address=_address(path, key("metrics_address", "127.0.0.1")),
         log_keep_days=_count(path, "log_keep_days", key("log_keep_days", DEFAULT_LOG_KEEP_DAYS)),
     )
 
 
-def load_sites(sites_dir: Path) -> dict[str, Site]:
-    """Read every ``<site id>.conf`` in ``sites_dir``."""
+@dataclass(frozen=True)
+class SiteFiles:
+    """The destination site files: those that loaded, those that did not, and warnings."""
+
+    sites: dict[str, Site]
+    broken: dict[str, str]
+    warnings: list[str]
+
+
+def load_sites(sites_dir: Path) -> SiteFiles:
+    """Read every ``<site id>.conf`` in ``sites_dir``; a broken one breaks only its site."""
     if not sites_dir.is_dir():
         raise ConfigError(f"{sites_dir}: the site directory does not exist")
-    sites: dict[str, Site] = {}
+    found = SiteFiles({}, {}, [])
     for conf in sorted(sites_dir.glob("*.conf")):
         site_id = conf.name.removesuffix(".conf")
         try:
             check_site_id(site_id)
         except ConfigError as exc:
-            raise ConfigError(f"{conf}: {exc.message}") from None
-        sites[site_id] = load_site(site_id, conf)
-    return sites
+            found.warnings.append(f"{conf}: ignored: {exc.message}")
+            continue
+        try:
+            site, warnings = _load_site(site_id, conf)
+        except ConfigError as exc:
+            found.broken[site_id] = exc.message
+            continue
+        found.sites[site_id] = site
+        found.warnings.extend(warnings)
+    return found
+
+
+#: every key a site file may set (others get a warning naming the nearest of these)
+SITE_KEYS = frozenset(
+    {
+        # OpenStack over SSH
+        "EXTERNAL_USER", "EXTERNAL_HOST", "SSH_PORT", "SSH_KEY", "SSH_KNOWN_HOSTS",
+        "SSH_CIPHERS", "SSH_CONNECT_TIMEOUT", "REMOTE_STAGING_DIR", "REMOTE_CREDS",
+        "REMOTE_GLANCE", "REMOTE_PYTHON", "DISK_FORMAT", "REGISTER", "COMPRESS", "BWLIMIT",
+        "STREAMS",
+        # OpenStack through its API (an openrc's keys)
+        "OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD", "OS_PROJECT_NAME", "OS_TENANT_NAME",
+        "OS_PROJECT_ID", "OS_TENANT_ID", "OS_USER_DOMAIN_NAME", "OS_PROJECT_DOMAIN_NAME",
+        "OS_USER_DOMAIN_ID", "OS_PROJECT_DOMAIN_ID", "OS_REGION_NAME", "OS_INTERFACE",
+        "OS_ENDPOINT_TYPE", "OS_AUTH_TOKEN", "OS_TOKEN", "OS_IMAGE_URL", "OS_CACERT",
+        "OS_INSECURE", "OS_IDENTITY_API_VERSION", "OS_IMAGE_API_VERSION", "OS_AUTH_TYPE",
+        # Amazon
+        "AWS_REGION", "EC2_URL", "EBS_URL", "S3_URL", "AWS_ACCESS_KEY", "AWS_SECRET_KEY",
+        "UPLOAD_METHOD", "UPLOAD_CONCURRENCY", "S3_BUCKET", "S3_PREFIX", "VMIMPORT_ROLE",
+        "DEFAULT_ARCHITECTURE", "DEFAULT_BOOT_MODE", "VOLUME_TYPE", "SNAPSHOT_TIMEOUT",
+        "IMPORT_TIMEOUT", "POLL_INTERVAL",
+    }
+)  # fmt: skip
 
 
 def load_site(site_id: str, path: Path) -> Site:
     """Read one destination site file."""
-    values = read_shell_vars(path)
+    return _load_site(site_id, path)[0]
+
+
+def _load_site(site_id: str, path: Path) -> tuple[Site, list[str]]:
+    """One site file, and a warning for each key migratio does not know."""
+    sourced = read_shell_file(path)
+    values = sourced.values
+    unknown = []
+    for key, line in sourced.assigned.items():
+        if key not in SITE_KEYS:
+            near = difflib.get_close_matches(key, SITE_KEYS, n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]}?" if near else "migratio does not use it"
+            unknown.append(f"{path}, line {line}: unknown key {key} ({hint})")
+    try:
+        return _site_from_values(site_id, path, values), unknown + sourced.warnings
+    except ConfigError as exc:
+        if not unknown:
+            raise
+        raise ConfigError(f"{exc.message}; also {'; '.join(unknown)}") from None
+
+
+def _site_from_values(site_id: str, path: Path, values: Mapping[str, str]) -> Site:
     if "AWS_REGION" in values or "EC2_URL" in values:
         return _amazon_site(site_id, path, values)
 
@@ -348,6 +440,18 @@ def load_site(site_id: str, path: Path) -> Site:
         raise ConfigError(
             f"{path}: DISK_FORMAT {disk_format!r} is not one of {', '.join(sorted(DISK_FORMATS))}"
         )
+    compress = values.get("COMPRESS", "auto").lower() or "auto"
+    if compress not in {"auto", "zstd", "lz4", "none"}:
+        raise ConfigError(
+            f"{path}: COMPRESS must be auto, zstd, lz4 or none, not {values['COMPRESS']!r}"
+        )
+    bwlimit = parse_rate(values["BWLIMIT"], f"{path}: BWLIMIT") if values.get("BWLIMIT") else None
+    streams_text = values.get("STREAMS", "auto").lower() or "auto"
+    streams = None
+    if streams_text != "auto":
+        if not streams_text.isdigit() or not 1 <= int(streams_text) <= 16:
+            raise ConfigError(f"{path}: STREAMS must be auto or 1 to 16, not {streams_text!r}")
+        streams = int(streams_text)
     ssh = _ssh_target(values, path) if register == "ssh" else None
     api = OpenStackCredentials.from_vars(values, str(path)) if register == "api" else None
     return OpenStackSite(
@@ -361,7 +465,35 @@ def load_site(site_id: str, path: Path) -> Site:
         remote_creds=values.get("REMOTE_CREDS") or "~/.creds",
         remote_glance=values.get("REMOTE_GLANCE") or "glance",
         remote_python=values.get("REMOTE_PYTHON") or "python3",
+        compress=compress,  # type: ignore[arg-type]  # checked above
+        bwlimit=bwlimit,
+        streams=streams,
     )
+
+
+_RATE = re.compile(r"(\d+(?:\.\d+)?)\s*(k|m|g|kbit|mbit|gbit)?(?:/s)?", re.IGNORECASE)
+_RATE_UNITS = {
+    None: 1024, "k": 1024, "m": 1024**2, "g": 1024**3,
+    "kbit": 1000 / 8, "mbit": 1000**2 / 8, "gbit": 1000**3 / 8,
+}  # fmt: skip
+
+
+def parse_rate(text: str, what: str) -> int:
+    """Bytes per second from rsync's ``--bwlimit`` syntax, or from Mbit/s.
+
+    A bare number is KiB/s as rsync reads it; ``K``/``M``/``G`` are KiB/MiB/GiB per second;
+    ``kbit``/``Mbit``/``Gbit`` are the network's units (powers of 1000, bits).
+    """
+    match = _RATE.fullmatch(text.strip())
+    if match is None:
+        raise ConfigError(
+            f"{what} {text!r} is not a rate like 51200 (KiB/s, as rsync reads it), 50M or 400Mbit"
+        )
+    unit = match.group(2).lower() if match.group(2) else None
+    rate = int(float(match.group(1)) * _RATE_UNITS[unit])
+    if rate < 1024:
+        raise ConfigError(f"{what} {text!r} is below 1 KiB/s, the least rsync can limit to")
+    return rate
 
 
 def _amazon_site(site_id: str, path: Path, values: Mapping[str, str]) -> AmazonSite:
@@ -512,15 +644,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_credentials(path: Path) -> dict[str, str]:
-    """The credentials file, with the process environment filling keys it lacks."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(("OS_", "AWS_"))}
-    env.update({k: os.environ[k] for k in ("IMAGES_DIR", "SOURCE_CS") if k in os.environ})
+def _read_credentials(path: Path) -> tuple[dict[str, str], list[str]]:
+    """The credentials file as bash sources it over this process's environment, and warnings.
+
+    Kept: the keys the file sets, and the environment's ``OS_*``, ``AWS_*``, ``IMAGES_DIR``
+    and ``SOURCE_CS`` that it does not unset.
+    """
+
+    def wanted(key: str) -> bool:
+        return key.startswith(("OS_", "AWS_")) or key in {"IMAGES_DIR", "SOURCE_CS"}
+
     if not path.exists():
-        if env:
-            return env
-        raise ConfigError(f"{path}: credentials file not found (set credentials_file)")
-    return {**env, **read_shell_vars(path)}
+        return {k: v for k, v in os.environ.items() if wanted(k)}, []
+    sourced = read_shell_file(path, os.environ)
+    values = {k: v for k, v in sourced.environment.items() if wanted(k) or k in sourced.assigned}
+    return values, sourced.warnings
 
 
 def _path(value: Any, base: Path) -> Path:

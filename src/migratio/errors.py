@@ -58,6 +58,13 @@ class RedisFailure(MigratioError):
     retryable = True
 
 
+class SiteConfigError(ConfigError):
+    """A destination's site file is broken: only jobs to that site fail, and they are retried
+    (fixing the file lets the next attempt through)."""
+
+    retryable = True
+
+
 class PayloadError(MigratioError):
     """A job's payload cannot be understood (bad JSON, unknown class, wrong args)."""
 

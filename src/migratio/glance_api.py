@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from keystoneauth1.identity import generic
 from migratio.config import OpenStackCredentials
 from migratio.copies import PROBE_FIELDS
 from migratio.errors import GlanceError, VerificationError, quietly
-from migratio.hashing import BLOCK, Digests, VerifyingReader
+from migratio.hashing import BLOCK, Digests, Readable, VerifyingReader
 from migratio.images import ImageRecord
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,7 @@ class GlanceApi:
             ) from exc
         except (gexc.CommunicationError, gexc.InvalidEndpoint, kexc.ConnectionError) as exc:
             raise GlanceError(
-                f"Glance at {self.where}: {doing} failed: cannot connect: {_describe(exc)}",
-                retryable=True,
+                f"Glance: {doing} failed: {_unreachable(exc, self.creds)}", retryable=True
             ) from exc
         except kexc.ClientException as exc:  # no such endpoint or region, bad auth options
             raise GlanceError(
@@ -172,7 +172,7 @@ class GlanceApi:
     def upload(
         self,
         image_id: str,
-        stream: BinaryIO,
+        stream: Readable | BinaryIO,
         expected: Digests,
         on_progress: Callable[[int], None] | None = None,
     ) -> None:
@@ -237,6 +237,29 @@ class _IterReader:
             self._buffer += chunk
         data, self._buffer = self._buffer[:size], self._buffer[size:]
         return data
+
+
+def _unreachable(exc: Exception, creds: OpenStackCredentials) -> str:
+    """'cannot connect to URL (reason); check KEY in FILE': the URL once, and what to fix."""
+    text = " ".join(str(exc).split())
+    tried = re.search(
+        r"(?:connection to|address for|contacting) (https?://[^\s:]+(?::\d+)?\S*?)[:.]?(?:\s|$)",
+        text,
+    )
+    url = tried.group(1) if tried else (creds.image_url or creds.auth_url or "")
+    reason = re.search(
+        r"\[Errno -?\d+\] ([^\"')]+)|(certificate verify failed[^\"')]*)|(timed out)|"
+        r"(Name or service not known)|(Connection refused)",
+        text,
+    )
+    why = next((g for g in reason.groups() if g), "") if reason else text[:200]
+    if creds.uses_token or (creds.image_url and url.startswith(creds.image_url)):
+        key = "OS_IMAGE_URL"
+    elif creds.auth_url and url.startswith(creds.auth_url.rstrip("/")):
+        key = "OS_AUTH_URL"
+    else:  # the endpoint Keystone's catalog gave
+        key = "OS_REGION_NAME and OS_INTERFACE (the catalog's Glance endpoint)"
+    return f"cannot connect to {url} ({why.strip()}); check {key} in {creds.source}"
 
 
 def _describe(exc: Exception) -> str:

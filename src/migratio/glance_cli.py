@@ -186,14 +186,18 @@ class RemoteGlance:
         algo: str,
         digest: str,
         idle: float,
+        segment_size: int | None = None,
     ) -> processes.Child:
         """Start creating the image there from ``remote_path`` while rsync still writes it.
 
         The helper feeds the growing file to ``glance image-create`` (which reads its data
         from stdin) and only lets it finish on exactly ``size`` bytes with the right digest;
         the CLI then prints the final image record, which :func:`parse_table` reads.
+        With ``segment_size`` the file arrives as ``remote_path.0``, ``.1``... (one per stream).
         """
         helper = [self.site.remote_python, "-c", follow_upload_source()]
+        if segment_size:
+            helper.append(f"--segment-size={segment_size}")
         args = [remote_path, str(size), algo, digest, str(int(idle)), "--"]
         command = self._glance(*self.create_args(fields))
         return self.ssh.start([*helper, *args, *command], what="remote glance upload")

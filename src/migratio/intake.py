@@ -21,7 +21,7 @@ from rq.queue import EnqueueData
 
 from migratio import metrics
 from migratio.config import Settings
-from migratio.errors import MigratioError
+from migratio.errors import SiteConfigError, UnknownSiteError
 from migratio.keys import Keys, migration_queue
 from migratio.sidekiq import BadPayload, MigrationJob, parse_job, push_status
 
@@ -125,10 +125,12 @@ class Intake:
             return None
         try:
             self.settings.site(job.destination)
-        except MigratioError as exc:  # no config/<destination>.conf
+        except UnknownSiteError as exc:  # no config/<destination>.conf
             refused = BadPayload(exc.message, image_id=job.image_id, destination=job.destination)
             self.dead_letter(raw, refused)
             return None
+        except SiteConfigError:
+            pass  # a broken site file: the job fails with its error and is retried until fixed
         return job
 
     def enqueue_data(self, job: MigrationJob, job_id: str) -> EnqueueData:

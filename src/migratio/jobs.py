@@ -8,7 +8,6 @@ from functools import cache
 
 from redis.exceptions import RedisError
 from rq import get_current_job
-from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from migratio import metrics
@@ -19,6 +18,7 @@ from migratio.keys import Keys
 from migratio.logs import job_context, job_tag, mark_logged
 from migratio.migration import migrate
 from migratio.request import MigrationRequest
+from migratio.rq_worker import record_failure
 from migratio.status import FanOut, LogSink
 
 log = logging.getLogger(__name__)
@@ -52,31 +52,6 @@ def _no_more_retries() -> None:
         job.save()
 
 
-def _failed(job: Job, settings: Settings, message: str, reason: str, seconds: float) -> str:
-    """Record a failed run (for ``migratio status`` and the metrics); return what happens next."""
-    retry = bool(job.retries_left)
-    job.meta["error"] = message
-    job.meta["failed_at"] = time.time()
-    try:
-        job.save_meta()  # type: ignore[no-untyped-call]
-    except RedisError as exc:
-        log.warning("cannot keep the failure in the job's record: %s", exc)
-    kwargs = job.kwargs
-    metrics.count_attempt(
-        job.connection,
-        Keys(settings.namespace),
-        settings.name,
-        outcome="retried" if retry else "failed",
-        kind=str(kwargs.get("kind", "openstack")),
-        destination=str(kwargs.get("destination", "")),
-        seconds=seconds,
-        reason=reason,
-    )
-    if not retry:
-        return "not retried"
-    return f"retry in {job.get_retry_interval()} s, {job.retries_left} left"
-
-
 def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> str:
     """Run one of Atmosphere's migration jobs; status lines go to Atmosphere and the log."""
     settings = worker_settings()
@@ -101,21 +76,21 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
     except MigratioError as exc:
         if not exc.retryable:
             _no_more_retries()
-        then = _failed(job, settings, exc.message, type(exc).__name__, time.monotonic() - started)
+        then = record_failure(job, settings, exc.message, type(exc).__name__)
         log.error("job %s failed: %s (%s)", job.id, exc.message, then)
         mark_logged(exc)
         raise
     except JobTimeoutException as exc:
         message = f"the job took longer than job_timeout ({settings.job_timeout:.0f} s)"
         atmosphere(f"Error: {message}")
-        then = _failed(job, settings, message, "JobTimeout", time.monotonic() - started)
+        then = record_failure(job, settings, message, "JobTimeout")
         log.error("job %s failed: %s (%s)", job.id, message, then)
         mark_logged(exc)
         raise
     except Exception as exc:
         atmosphere("Error: internal error in migratio; the traceback is in its log")
         message = f"internal error ({type(exc).__name__}: {exc}); the traceback is in worker.log"
-        then = _failed(job, settings, message, "InternalError", time.monotonic() - started)
+        then = record_failure(job, settings, message, "InternalError")
         log.exception("job %s failed with an internal error (%s)", job.id, then)
         mark_logged(exc)
         raise

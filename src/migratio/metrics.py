@@ -138,6 +138,7 @@ class MetricsCollector:
         self.redis = redis
         self.keys = Keys(settings.namespace)
         self.service = service
+        self.redis_down = False  # to log an outage once, not at every scrape
 
     def collect(self) -> Iterator[object]:
         """The metric families of one scrape."""
@@ -162,10 +163,15 @@ class MetricsCollector:
             raw = self.redis.hgetall(self.keys.metrics(self.settings.name))
             depths = queue_depths(self.settings, self.redis)
         except RedisError as exc:
-            log.warning("metrics: cannot read Redis: %s", exc)
+            if not self.redis_down:
+                log.warning("metrics: cannot read Redis (reporting migratio_redis_up 0): %s", exc)
+            self.redis_down = True
             up.add_metric([], 0)
             yield up
             return
+        if self.redis_down:
+            log.info("metrics: Redis can be read again")
+        self.redis_down = False
         up.add_metric([], 1)
         yield up
         yield from self._counters(_decode(raw.items()))

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from migratio import qemu_img, rsync, status
+from migratio import compression, qemu_img, rsync, status
+from migratio.bandwidth import ThrottledReader
+from migratio.compression import LinkHistory
 from migratio.config import OpenStackSite, Settings
 from migratio.copies import Owners, why_not_ours
 from migratio.errors import (
@@ -42,6 +44,7 @@ from migratio.images import CONVERTED_HASH, LINK_PROPERTIES, SOURCE_HASH, ImageR
 from migratio.request import MigrationRequest, MigrationResult, Outcome
 from migratio.source_site import SourceSite
 from migratio.status import Progress, StatusSink, human_bytes
+from migratio.streams import measure_rtt, push_ranges, range_size, stream_count
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +250,12 @@ class Migration:
         copy = api.create(fields)
         try:
             with payload.open("rb") as stream:
-                api.upload(copy.id, stream, digests, self.progress("Uploading", digests.size))
+                reader = (
+                    stream
+                    if self.site.bwlimit is None
+                    else ThrottledReader(stream, self.site.bwlimit)
+                )
+                api.upload(copy.id, reader, digests, self.progress("Uploading", digests.size))
             self.status(f"{status.TRANSFERED} {human_bytes(digests.size)} to {api.where}")
             self.verify(copy.id, digests, fields)
         except BaseException:
@@ -255,6 +263,58 @@ class Migration:
             raise
         self.status(f"{status.REGISTERED} as image {copy.id} at {self.site.site_id}")
         return copy.id, digests.size
+
+    def push(
+        self,
+        payload: Path,
+        remote_path: str,
+        *,
+        sparse: bool,
+        streams: int = 1,
+        rtt: float | None = None,
+    ) -> rsync.RsyncResult:
+        """rsync ``payload`` there, compressed as the site's ``COMPRESS`` says (or ``auto``).
+
+        With several ``streams`` it goes as that many ranges at once (:mod:`migratio.streams`).
+        """
+        assert self.site.ssh is not None
+        history = LinkHistory(self.settings.staging_dir)
+        link_rate = history.rate(self.site.site_id)
+        choice = compression.choose(self.site.compress, payload, link_rate, rtt)
+        log.info("compression %s (%s)", choice.algorithm, choice.reason)
+        on_progress = self.progress("Transferring", payload.stat().st_size)
+        if streams > 1:
+            result = push_ranges(
+                payload,
+                self.site.ssh,
+                remote_path,
+                streams=streams,
+                workdir=self.workdir,
+                timeout=self.settings.command_timeout,
+                cancel=self.cancel,
+                on_progress=on_progress,
+                compress=choice.algorithm,
+                bwlimit=self.site.bwlimit,
+            )
+        else:
+            result = rsync.push(
+                payload,
+                self.site.ssh,
+                remote_path,
+                sparse=sparse,
+                timeout=self.settings.command_timeout,
+                cancel=self.cancel,
+                on_progress=on_progress,
+                compress=choice.algorithm,
+                bwlimit=self.site.bwlimit,
+            )
+        history.record(
+            self.site.site_id,
+            result.bytes_sent,
+            result.seconds,
+            capped=self.site.bwlimit is not None,
+        )
+        return result
 
     @property
     def remote_dir(self) -> str:
@@ -274,24 +334,23 @@ class Migration:
         target_format = str(fields["disk_format"])
         algo, digest = digests.cheapest()
         remote_path = f"{self.remote_dir}/{image.id}-{digest[:12]}.{target_format}.part"
+        ssh = self.site.ssh
+        rtt = measure_rtt(ssh.host, ssh.port)
+        count = 1 if target_format == "raw" else stream_count(self.site.streams, rtt, digests.size)
+        segment = range_size(digests.size, count) if count > 1 else None
         follower = cli.start_follow_create(
-            fields, remote_path, digests.size, algo, digest, FOLLOW_IDLE
+            fields, remote_path, digests.size, algo, digest, FOLLOW_IDLE, segment
         )
         copy: ImageRecord | None = None
         try:
             try:
-                sent = rsync.push(
-                    payload,
-                    self.site.ssh,
-                    remote_path,
-                    sparse=target_format == "raw",
-                    timeout=self.settings.command_timeout,
-                    cancel=self.cancel,
-                    on_progress=self.progress("Transferring", digests.size),
-                ).bytes_sent
+                pushed = self.push(
+                    payload, remote_path, sparse=target_format == "raw", streams=count, rtt=rtt
+                )
+                sent = pushed.bytes_sent
                 self.status(
                     f"{status.TRANSFERED} {human_bytes(digests.size)} to {self.site.ssh.host} "
-                    f"({human_bytes(sent)} sent)"
+                    f"({human_bytes(sent)} sent, compression {pushed.compress})"
                 )
                 _tell(follower.popen.stdin, b"done\n")
                 upload = follower.communicate(
@@ -304,7 +363,8 @@ class Migration:
                 copy = ImageRecord.from_glance(table)
             if upload.returncode != 0:
                 if "follow_upload: aborted" in upload.stderr and algo in upload.stderr:
-                    quietly(cli.remove_file, remote_path)  # wrong bytes: nothing to resume
+                    for path in remote_files(remote_path, digests.size, segment):
+                        quietly(cli.remove_file, path)  # wrong bytes: nothing to resume
                 raise RemoteError(
                     f"uploading into Glance at {self.site.site_id} failed: {upload.tail()}",
                     retryable=True,
@@ -376,6 +436,13 @@ def migrate_to_openstack(
     except MigratioError as exc:
         sink(exc.status_line())
         raise
+
+
+def remote_files(remote_path: str, size: int, segment: int | None) -> list[str]:
+    """The file, or its pieces (one per stream), that the transfer writes there."""
+    if not segment:
+        return [remote_path]
+    return [f"{remote_path}.{k}" for k in range(-(-size // segment))]
 
 
 def _tell(stream: Any, message: bytes) -> None:

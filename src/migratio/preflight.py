@@ -42,6 +42,8 @@ TOOLS = ("qemu-img", "rsync", "ssh")
 
 def run_checks(settings: Settings, site_ids: Sequence[str] = ()) -> Iterator[Check]:
     """Check Redis and this site, then each named destination (all of them when none is named)."""
+    for warning in settings.warnings:
+        yield Check(Level.WARN, "configuration", warning)
     yield from _check_redis(settings)
     for tool in TOOLS:
         path = shutil.which(tool)
@@ -57,7 +59,7 @@ def run_checks(settings: Settings, site_ids: Sequence[str] = ()) -> Iterator[Che
         else f"{images} not readable: images will be downloaded from Glance (slower); "
         "add this user to the glance group",
     )
-    for site_id in site_ids or sorted(settings.sites):
+    for site_id in site_ids or sorted({*settings.sites, *settings.broken_sites}):
         try:
             site = settings.site(site_id)
         except MigratioError as exc:

@@ -56,12 +56,15 @@ def redacted(url: str) -> str:
     Works on malformed URLs too (a password with an unencoded ``/`` or ``@``): everything
     between the user name and the last ``@`` is taken for the password.
     """
+    url = re.sub(r"([?&]password=)[^&]*", r"\1***", url)
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    if not sep:  # no scheme (a mistake, but the password must stay hidden all the same)
+        rest = url
+    if "@" not in rest:
         return url
     userinfo, _, host = rest.rpartition("@")
     user, colon, _ = userinfo.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{host}"
+    return f"{scheme + '://' if sep else ''}{user}{':***' if colon else ''}@{host}"
 
 
 def validate_url(value: object, where: str) -> str:

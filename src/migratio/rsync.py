@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,8 @@ from migratio import processes
 from migratio.config import SshTarget
 from migratio.errors import TransferError
 from migratio.ssh import rsync_shell
+
+log = logging.getLogger(__name__)
 
 RSYNC = "rsync"
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+(\d+)%")
@@ -23,6 +27,9 @@ class RsyncResult:
     """What a finished rsync moved."""
 
     bytes_sent: int
+    #: how long it took, and the compression it really used (after a peer's refusal: none)
+    seconds: float = 0.0
+    compress: str = "none"
 
 
 def push(
@@ -35,6 +42,8 @@ def push(
     cancel: threading.Event | None = None,
     on_progress: Callable[[int], None] | None = None,
     io_timeout: int = 300,
+    compress: str = "none",
+    bwlimit: int | None = None,
 ) -> RsyncResult:
     """Copy ``source`` to ``remote_path`` on ``target``.
 
@@ -42,7 +51,62 @@ def push(
     that arrived and a re-run only sends what is missing or different (rsync's own block
     checksums check the part already there). ``--sparse`` only for raw files with holes:
     on a file without holes it costs a quarter of the speed and saves nothing.
+
+    ``compress`` is ``zstd``, ``lz4`` or ``none``; a peer whose rsync cannot do it fails at
+    the start, and the copy is then run once more without compression. ``bwlimit`` caps the
+    bytes per second on the wire (rsync's ``--bwlimit``, in KiB/s).
     """
+    begin = time.monotonic()
+    argv = _argv(source, target, remote_path, sparse, io_timeout, compress, bwlimit)
+
+    def on_line(line: str) -> None:
+        match = _PROGRESS.match(line)
+        if match and on_progress is not None:
+            on_progress(int(match.group(1).replace(",", "")))
+
+    done = processes.run(
+        argv, what="rsync", timeout=timeout, cancel=cancel, check=False, on_line=on_line
+    )
+    if done.returncode != 0 and compress != "none" and _refused_compression(done.stderr):
+        log.warning(
+            "rsync at %s cannot do %s compression (%s); sending uncompressed",
+            target.destination, compress, done.tail(),
+        )  # fmt: skip
+        compress = "none"
+        argv = _argv(source, target, remote_path, sparse, io_timeout, compress, bwlimit)
+        remaining = max(timeout - (time.monotonic() - begin), 1.0)
+        done = processes.run(
+            argv, what="rsync", timeout=remaining, cancel=cancel, check=False, on_line=on_line
+        )
+    if done.returncode != 0:
+        host_key = "Host key verification failed" in done.stderr
+        raise TransferError(
+            f"rsync to {target.destination} failed (exit {done.returncode}): {done.tail()}",
+            retryable=not host_key,
+        )
+    sent = _SENT.search(done.stdout)
+    return RsyncResult(
+        bytes_sent=int(sent.group(1).replace(",", "")) if sent else 0,
+        seconds=time.monotonic() - begin,
+        compress=compress,
+    )
+
+
+def _refused_compression(stderr: str) -> bool:
+    text = stderr.lower()
+    return "compress" in text and ("unknown option" in text or "negotiat" in text or
+                                   "not supported" in text or "invalid" in text)  # fmt: skip
+
+
+def _argv(
+    source: Path,
+    target: SshTarget,
+    remote_path: str,
+    sparse: bool,
+    io_timeout: int,
+    compress: str,
+    bwlimit: int | None,
+) -> list[str]:
     argv = [
         RSYNC,
         "--inplace",
@@ -56,26 +120,9 @@ def push(
     ]
     if sparse:
         argv.append("--sparse")
+    if compress != "none":
+        argv += ["--compress", f"--compress-choice={compress}"]
+    if bwlimit is not None:
+        argv.append(f"--bwlimit={max(1, round(bwlimit / 1024))}")
     argv += ["--", str(source), f"{target.destination}:{remote_path}"]
-
-    def on_line(line: str) -> None:
-        match = _PROGRESS.match(line)
-        if match and on_progress is not None:
-            on_progress(int(match.group(1).replace(",", "")))
-
-    done = processes.run(
-        argv,
-        what="rsync",
-        timeout=timeout,
-        cancel=cancel,
-        check=False,
-        on_line=on_line,
-    )
-    if done.returncode != 0:
-        host_key = "Host key verification failed" in done.stderr
-        raise TransferError(
-            f"rsync to {target.destination} failed (exit {done.returncode}): {done.tail()}",
-            retryable=not host_key,
-        )
-    sent = _SENT.search(done.stdout)
-    return RsyncResult(bytes_sent=int(sent.group(1).replace(",", "")) if sent else 0)
+    return argv

@@ -25,7 +25,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
-from rq.registry import StartedJobRegistry
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
@@ -33,7 +32,7 @@ from migratio import processes, redis_client
 from migratio.config import Settings
 from migratio.intake import Intake
 from migratio.keys import Keys
-from migratio.rq_worker import MigratioWorker
+from migratio.rq_worker import MigratioWorker, reclaim_abandoned
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> bool:
     redis = connect(settings)
     worker = MigratioWorker(
         [rq_queue(settings, redis)],
+        settings=settings,
         connection=redis,
         serializer=JSONSerializer,
         job_monitoring_interval=JOB_MONITORING_INTERVAL,
@@ -148,7 +148,7 @@ class Service:
         RQ's own cycle for this is 10 minutes, and a scheduler lock held by a killed worker
         would block retries for longer; here it is every CLEANUP_INTERVAL seconds.
         """
-        StartedJobRegistry(queue=self.queue).cleanup()
+        reclaim_abandoned(self.queue, self.settings)
         self.scheduler.acquire_locks()  # type: ignore[no-untyped-call]
         if self.scheduler.acquired_locks:
             self.scheduler.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]

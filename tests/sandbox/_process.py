@@ -186,13 +186,24 @@ class PortDaemon(Service):
 
     def __init__(self) -> None:
         self.port = 0
+        #: where it listens: 127.0.0.1, or the destination host's address (``place()``)
+        self.address = LOOPBACK
+        self._exec_prefix: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
 
+    def place(self, address: str, exec_prefix: list[str]) -> None:
+        """Run on another host: listen on ``address``, start through ``exec_prefix``.
+
+        ``exec_prefix`` is e.g. ``["ip", "netns", "exec", NAME]`` (see ``network.py``).
+        """
+        self.address = address
+        self._exec_prefix = list(exec_prefix)
+
     @property
     def endpoint(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://{LOOPBACK}:{self.port}"
+        """``http://ADDRESS:PORT`` (``ADDRESS`` is 127.0.0.1 unless placed elsewhere)."""
+        return f"http://{self.address}:{self.port}"
 
     @property
     def running(self) -> bool:

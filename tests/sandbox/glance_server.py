@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from ._process import PortDaemon, child_env, spawn_logged, tail, wait_ready
-from .ports import LOOPBACK
 
 DEFAULT_GLANCE_VENV = Path("/opt/migratio-sandbox/glance-venv")
 TOKEN = "sandbox"  # Glance runs without Keystone: any token is accepted
@@ -121,7 +120,7 @@ project_domain_name = Default
         (self.etc_dir / "glance-api.conf").write_text(
             authtoken
             + f"""[DEFAULT]
-bind_host = {LOOPBACK}
+bind_host = {self.address}
 log_file = {self.log_path}
 enabled_import_methods = []
 show_multiple_locations = false
@@ -180,8 +179,9 @@ filesystem_store_datadir = {d}/tasks
     def _serve(self) -> str:
         """Start uWSGI and wait for the API; return '' when ready, else an error text."""
         argv = [
+            *self._exec_prefix,
             str(self.venv / "bin" / "uwsgi"),
-            "--http-socket", f"{LOOPBACK}:{self.port}",
+            "--http-socket", f"{self.address}:{self.port}",
             "--wsgi-file", str(self._wsgi_file()),
             "--master", "--processes", "1", "--threads", "4", "--enable-threads",
             "--die-on-term", "--need-app", "--lazy-apps",
@@ -207,7 +207,7 @@ filesystem_store_datadir = {d}/tasks
         )
 
     def _ready(self) -> bool:
-        conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=2)
+        conn = http.client.HTTPConnection(self.address, self.port, timeout=2)
         try:
             conn.request("GET", "/v2/images?limit=1", headers={"X-Auth-Token": TOKEN})
             # with Keystone, a 401 for the made-up token is the answer of a working Glance

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,53 @@ def make_qcow2(path: Path, *, virtual_size: int, data_bytes: int, seed: int = 0)
         make_raw(raw, virtual_size=virtual_size, data_bytes=data_bytes, seed=seed)
         _qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(path))
     finally:
+        raw.unlink(missing_ok=True)
+    return path
+
+
+def make_os_like_qcow2(
+    path: Path, *, virtual_size: int, data_bytes: int, source: Path = Path("/usr")
+) -> Path:
+    """A qcow2 holding an ext4 filesystem (``mkfs.ext4 -d``) of ~``data_bytes`` of real files.
+
+    The files are this machine's own (from ``source``, in a stable order): data that
+    compresses like an operating system's (zstd -1 to ~0.4 for /usr), unlike ``make_qcow2``.
+    """
+    path = Path(path)
+    tree = path.with_name(path.name + ".tree.tmp")
+    raw = path.with_name(path.name + ".raw.tmp")
+    try:
+        shutil.rmtree(tree, ignore_errors=True)
+        tree.mkdir()
+        copied = 0
+        for directory, dirs, files in os.walk(source):
+            dirs.sort()
+            for name in sorted(files):
+                file = Path(directory) / name
+                if copied >= data_bytes:
+                    break
+                if file.is_symlink() or not file.is_file():
+                    continue
+                size = file.stat().st_size
+                if size == 0 or copied + size > data_bytes:
+                    continue
+                target = tree / file.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    shutil.copyfile(file, target)
+                except OSError:
+                    continue
+                copied += size
+            if copied >= data_bytes:
+                break
+        with raw.open("wb") as out:
+            out.truncate(virtual_size)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-d", str(tree), str(raw)], check=True, capture_output=True
+        )
+        _qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(path))
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
         raw.unlink(missing_ok=True)
     return path
 

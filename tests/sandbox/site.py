@@ -1,4 +1,10 @@
-"""A whole two-site migratio setup on 127.0.0.1: source Glance, destination Glance, sshd.
+"""A two-site migratio setup: source Glance here, destination Glance and sshd on a second host.
+
+The destination host is a network namespace reached over a veth pair (``network.py``) when
+this machine can make one (root, ``ip``, ``tc``, ``ethtool``, ``gcc``); its link can then be
+shaped with :meth:`Sandbox.shape`.  Otherwise — or with ``MIGRATIO_SANDBOX_NETWORK=loopback``
+— everything listens on 127.0.0.1 as before.  Under ``CI=true`` a missing second host is an
+error, not a silent fallback.
 
 Layout under ``workdir``::
 
@@ -18,12 +24,14 @@ PATH (Glance venv) so ``. ~/.creds; glance ...`` works remotely.
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from pathlib import Path
 
 from ._process import Service
 from .glance_server import TOKEN, GlanceServer, glance_venv
+from .network import TwoHostNetwork, network_missing
 from .ssh_server import SshServer
 
 SOURCE_SITE = "site-a"
@@ -37,8 +45,12 @@ _CREDS_MARKER = "# written by the migratio test sandbox"
 class Sandbox(Service):
     """Source + destination Glance and an sshd "destination host", with migratio's config."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, two_hosts: bool | None = None) -> None:
         self.workdir = Path(workdir).resolve()
+        if two_hosts is None:
+            two_hosts = _two_hosts_wanted()
+        #: the destination host's namespace and link, or None when all is on loopback
+        self.network = TwoHostNetwork(self.workdir / "network") if two_hosts else None
         self.source = GlanceServer(self.workdir, SOURCE_SITE)
         self.destination = GlanceServer(self.workdir, DESTINATION_SITE)
         self.ssh = SshServer(self.workdir / "ssh")
@@ -63,6 +75,11 @@ class Sandbox(Service):
     def start(self) -> Sandbox:
         """Start both Glance servers (in parallel) and sshd, then write all config files."""
         try:
+            if self.network is not None:
+                self.network.start()
+                prefix = self.network.exec_argv([])
+                self.destination.place(self.network.address, prefix)
+                self.ssh.place(self.network.address, prefix)
             errors: list[BaseException] = []
 
             def start_glance(server: GlanceServer) -> None:
@@ -101,6 +118,14 @@ class Sandbox(Service):
         self.ssh.stop()
         for t in threads:
             t.join()
+        if self.network is not None:
+            self.network.stop()
+
+    def shape(self, rate_mbit: float | None = None, rtt_ms: float = 0.0) -> None:
+        """Shape the link to the destination host (see ``TwoHostNetwork.shape``)."""
+        if self.network is None:
+            raise RuntimeError("this sandbox runs on loopback: there is no link to shape")
+        self.network.shape(rate_mbit, rtt_ms)
 
     def reset(self) -> None:
         """Delete all images on both Glance servers; empty local and remote staging."""
@@ -135,7 +160,7 @@ class Sandbox(Service):
         _write_private(
             self.site_conf,
             f"export EXTERNAL_USER={self.ssh.user}\n"
-            "export EXTERNAL_HOST=127.0.0.1\n"
+            f"export EXTERNAL_HOST={self.ssh.address}\n"
             f"export SSH_PORT={self.ssh.port}\n"
             f"export SSH_KEY={self.ssh.client_key}\n"
             f"export SSH_KNOWN_HOSTS={self.ssh.known_hosts}\n",
@@ -160,6 +185,15 @@ class Sandbox(Service):
             f"export OS_IMAGE_URL={self.destination.endpoint}\n"
             f"export PATH={glance_venv()}/bin:$PATH\n",
         )
+
+
+def _two_hosts_wanted() -> bool:
+    if os.environ.get("MIGRATIO_SANDBOX_NETWORK") == "loopback":
+        return False
+    missing = network_missing()
+    if missing and os.environ.get("CI") == "true":
+        raise RuntimeError(f"CI=true but the sandbox cannot make its second host: {missing}")
+    return missing is None
 
 
 def _write_private(path: Path, text: str) -> None:

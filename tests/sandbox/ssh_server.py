@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from ._process import PortDaemon, reaped, spawn, stop_process, tail
-from .ports import LOOPBACK, port_open
+from .ports import port_open
 
 SANDBOX_USER = os.environ.get("MIGRATIO_SANDBOX_USER", "migratio-sandbox")
 SSHD = "/usr/sbin/sshd"
@@ -165,7 +165,7 @@ class SshServer(PortDaemon):
     def _write_config(self) -> None:
         lines = [
             f"Port {self.port}",
-            f"ListenAddress {LOOPBACK}",
+            f"ListenAddress {self.address}",
             f"HostKey {self.host_key}",
             f"PidFile {self.pid_path}",
             f"AuthorizedKeysFile {self.authorized_keys}",
@@ -189,7 +189,10 @@ class SshServer(PortDaemon):
         self.log_path.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:  # sshd -E appends here too
             self._proc = spawn(
-                reaped([SSHD, "-D", "-f", str(self.config_path), "-E", str(self.log_path)]),
+                [
+                    *self._exec_prefix,
+                    *reaped([SSHD, "-D", "-f", str(self.config_path), "-E", str(self.log_path)]),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -198,7 +201,7 @@ class SshServer(PortDaemon):
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 break
-            if port_open(self.port):
+            if port_open(self.port, self.address):
                 return ""
             time.sleep(0.05)
         code = self._proc.poll()
@@ -211,10 +214,10 @@ class SshServer(PortDaemon):
 
     def _write_known_hosts(self, path: Path, pub: Path) -> None:
         keytype, b64 = pub.read_text().split()[:2]
-        Path(path).write_text(f"[{LOOPBACK}]:{self.port} {keytype} {b64}\n")
+        Path(path).write_text(f"[{self.address}]:{self.port} {keytype} {b64}\n")
 
     def wrong_known_hosts(self, path: Path) -> Path:
-        """Write a known_hosts that pins a DIFFERENT host key for 127.0.0.1:port."""
+        """Write a known_hosts that pins a DIFFERENT host key for address:port."""
         path = Path(path)
         other = path.with_name(path.name + ".other_key")
         other.unlink(missing_ok=True)
@@ -227,8 +230,8 @@ class SshServer(PortDaemon):
 
     @property
     def destination(self) -> str:
-        """``user@127.0.0.1`` for ssh/rsync."""
-        return f"{self.user}@{LOOPBACK}"
+        """``user@ADDRESS`` for ssh/rsync (127.0.0.1 unless placed on another host)."""
+        return f"{self.user}@{self.address}"
 
     def ssh_argv(self, known_hosts: Path | None = None) -> list[str]:
         """``ssh`` argv (without destination) that trusts only this server's host key."""

@@ -7,8 +7,11 @@ Feeds a file that rsync is still writing into a command's standard input -- the 
 ``glance image-create`` -- so that the upload overlaps the transfer instead of following it.
 Once the command has succeeded the file is removed: it is in Glance now.
 
-usage: follow_upload.py PATH SIZE ALGO HEXDIGEST IDLE_SECONDS -- COMMAND [ARG...]
+usage: follow_upload.py [--segment-size=BYTES] PATH SIZE ALGO HEXDIGEST IDLE_SECONDS -- COMMAND...
        follow_upload.py --check        (prints the Python version; touches nothing)
+
+With ``--segment-size`` the file arrives in pieces, each written by its own rsync at once:
+``PATH.0`` holds the first BYTES, ``PATH.1`` the next, and so on; they are fed in order.
 
 The command gets EOF only after exactly SIZE bytes whose ALGO digest is HEXDIGEST; in every
 other case it is killed first, so Glance sees a broken upload and never completes an image.
@@ -109,9 +112,15 @@ def main(argv: List[str]) -> int:
     if argv[1:] == ["--check"]:
         print("follow_upload ready on Python %d.%d.%d" % sys.version_info[:3])
         return 0
+    segment = 0
+    if argv[1].startswith("--segment-size="):
+        segment = int(argv[1].split("=", 1)[1])
+        argv = argv[:1] + argv[2:]
     path, size, algo, digest, idle = argv[1], int(argv[2]), argv[3], argv[4], float(argv[5])
     if argv[6] != "--":
         sys.exit("follow_upload: expected -- before the command")
+    paths = ["%s.%d" % (path, k) for k in range(-(-size // segment))] if segment else [path]
+    segment = segment or max(size, 1)
     hasher = hashlib.new(algo)
     data_r, data_w = os.pipe()
     life_r, life_w = os.pipe()
@@ -127,7 +136,7 @@ def main(argv: List[str]) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupted)
     try:
-        feed(path, size, idle, hasher, data_w, guard_pid)
+        feed(paths, segment, size, idle, hasher, data_w, guard_pid)
         if hasher.hexdigest() != digest:
             raise Abort(
                 "%s of the transferred file is %s, expected %s" % (algo, hasher.hexdigest(), digest)
@@ -146,23 +155,40 @@ def main(argv: List[str]) -> int:
     os.close(data_w)
     code = exit_code(os.waitpid(guard_pid, 0)[1])
     if code == 0:
-        os.remove(path)
+        for done in paths:
+            os.remove(done)
     return code
 
 
-def feed(path: str, size: int, idle: float, hasher: "hashlib._Hash", out: int, guard: int) -> None:
-    """Write the file's SIZE bytes to ``out`` as rsync writes them; :class:`Abort` otherwise."""
+def feed(
+    paths: List[str],
+    segment: int,
+    size: int,
+    idle: float,
+    hasher: "hashlib._Hash",
+    out: int,
+    guard: int,
+) -> None:
+    """Write the file's SIZE bytes (``paths[k]`` holding piece ``k`` of ``segment`` bytes) to
+    ``out`` as rsync writes them; :class:`Abort` otherwise."""
     fed = 0
     source: Optional[int] = None
+    opened = -1
     rsync_done = False
     last_growth = time.monotonic()
     while fed < size:
-        if source is None:
+        piece = fed // segment
+        if piece != opened:
+            if source is not None:
+                os.close(source)
+                source = None
             try:
-                source = os.open(path, os.O_RDONLY)
+                source = os.open(paths[piece], os.O_RDONLY)
+                opened = piece
             except FileNotFoundError:
                 source = None
-        chunk = os.read(source, min(READ, size - fed)) if source is not None else b""
+        end = min(size, (piece + 1) * segment)
+        chunk = os.read(source, min(READ, end - fed)) if source is not None else b""
         if chunk:
             hasher.update(chunk)
             try:

@@ -1,0 +1,31 @@
+"""An unreachable Glance or Keystone: one line, the URL once, and the key to check."""
+
+from __future__ import annotations
+
+import pytest
+from tests.sandbox.ports import free_port
+
+from migratio.config import OpenStackCredentials
+from migratio.errors import GlanceError
+from migratio.glance_api import GlanceApi
+
+
+@pytest.mark.parametrize("via", ["keystone", "token"])
+def test_unreachable_glance_points_at_the_key(via: str) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    creds = (
+        OpenStackCredentials(
+            source="/home/op/.creds", auth_url=f"{url}/v3", username="u", password="p",
+            project_name="p",
+        )
+        if via == "keystone"
+        else OpenStackCredentials(source="/home/op/.creds", token="t", image_url=url)
+    )  # fmt: skip
+    with pytest.raises(GlanceError) as info:
+        GlanceApi(creds).ping()
+    message = info.value.message
+    key = "OS_AUTH_URL" if via == "keystone" else "OS_IMAGE_URL"
+    assert message.startswith("Glance: listing images failed: cannot connect to http://127.0.0.1:")
+    assert message.endswith(f"(Connection refused); check {key} in /home/op/.creds")
+    assert message.count(url) == 1
+    assert info.value.retryable

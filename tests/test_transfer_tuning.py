@@ -1,0 +1,276 @@
+"""COMPRESS and BWLIMIT: what crosses the link to the destination host, and how fast."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tests.sandbox.images import make_os_like_qcow2, make_qcow2, sha256_file
+from tests.sandbox.site import Sandbox
+from tests.support import Lines, settings_for
+
+from migratio import rsync
+from migratio.bandwidth import ThrottledReader
+from migratio.compression import LinkHistory, choose
+from migratio.config import ConfigError, OpenStackSite, load_site
+from migratio.errors import Cancelled
+from migratio.glance_api import GlanceApi
+from migratio.hashing import Digests, file_digests
+from migratio.openstack_migration import migrate_to_openstack
+from migratio.request import MigrationRequest, Outcome
+from migratio.streams import stream_count
+
+MiB = 1 << 20
+
+
+def site_b_with(sandbox: Sandbox, *lines: str) -> str:
+    return (sandbox.sites_dir / "site-b.conf").read_text() + "".join(f"{x}\n" for x in lines)
+
+
+def migrate(
+    sb: Sandbox, tmp_path: Path, image: Path, *site_lines: str
+) -> tuple[int, list[str], str]:
+    """Migrate ``image`` to site-b with extra site-file lines: (bytes sent, decisions, copy)."""
+    image_id = sb.source.upload_image(image, name="tuning", disk_format="qcow2")
+    settings = settings_for(sb, tmp_path, **{"site-t": site_b_with(sb, *site_lines)})
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("migratio.openstack_migration")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-t"), Lines())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert result.outcome is Outcome.MIGRATED
+    download = tmp_path / "arrived"
+    sb.destination.download_to(result.destination_image_id, download)
+    decisions = [r for r in records if r.startswith("compression ")]
+    return result.bytes_sent, decisions, sha256_file(download)
+
+
+@pytest.fixture(scope="module")
+def os_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "os-like.qcow2"
+    return make_os_like_qcow2(path, virtual_size=256 * MiB, data_bytes=24 * MiB)
+
+
+@pytest.mark.parametrize("setting", ["auto", "zstd", "lz4", "none"])
+def test_each_compress_setting_delivers_the_same_bytes(
+    clean_sandbox: Sandbox, tmp_path: Path, os_like: Path, setting: str
+) -> None:
+    sent, decisions, arrived = migrate(clean_sandbox, tmp_path, os_like, f"COMPRESS={setting}")
+
+    assert arrived == sha256_file(os_like)
+    size = os_like.stat().st_size
+    [decision] = decisions
+    if setting == "none":
+        assert decision == "compression none (COMPRESS=none)"
+        assert sent >= size
+    else:
+        # auto: the samples compress well, and the link is not known yet (a fresh staging dir)
+        algorithm = "lz4" if setting == "auto" else setting
+        assert decision.startswith(f"compression {algorithm} ("), decision
+        assert sent < 0.75 * size, (sent, size)
+
+
+def test_auto_does_not_compress_random_data(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+    image = make_qcow2(tmp_path / "random.qcow2", virtual_size=128 * MiB, data_bytes=24 * MiB)
+
+    sent, decisions, arrived = migrate(clean_sandbox, tmp_path, image)
+
+    assert arrived == sha256_file(image)
+    [decision] = decisions
+    assert decision.startswith("compression none (auto: samples compress only to 0.9"), decision
+    assert sent >= image.stat().st_size
+
+
+def test_auto_chooses_by_the_link_rate_it_reached(tmp_path: Path, os_like: Path) -> None:
+    history = LinkHistory(tmp_path)
+    assert history.rate("site-x") is None
+    assert choose("auto", os_like, None).algorithm == "lz4"
+    history.record("site-x", 400 * MiB, 10.0, capped=False)  # 42 MB/s: a WAN
+    assert choose("auto", os_like, history.rate("site-x")).algorithm == "zstd"
+    history.record("site-x", 4000 * MiB, 5.0, capped=False)  # 840 MB/s: a LAN
+    assert choose("auto", os_like, history.rate("site-x")).algorithm == "none"
+    history.record("site-x", 40 * MiB, 10.0, capped=True)  # held back by BWLIMIT: ignored
+    assert history.rate("site-x") == pytest.approx(4000 * MiB / 5.0)
+    assert choose("zstd", tmp_path / "not-read", 1e12).algorithm == "zstd"
+
+
+def test_compress_and_bwlimit_are_checked_at_start_up(tmp_path: Path) -> None:
+    conf = tmp_path / "s.conf"
+    base = "EXTERNAL_USER=u\nEXTERNAL_HOST=h\n"
+    conf.write_text(base + "COMPRESS=zlib\n")
+    with pytest.raises(ConfigError, match="COMPRESS must be auto, zstd, lz4 or none"):
+        load_site("s", conf)
+    conf.write_text(base + "BWLIMIT=fast\n")
+    with pytest.raises(ConfigError, match="BWLIMIT 'fast' is not a rate"):
+        load_site("s", conf)
+    conf.write_text(base + "BWLIMIT=400Mbit\nCOMPRESS=ZSTD\n")
+    site = load_site("s", conf)
+    assert isinstance(site, OpenStackSite)
+    assert (site.bwlimit, site.compress) == (50_000_000, "zstd")
+    conf.write_text(base + "BWLIMIT=51200\n")  # rsync's unit: KiB/s
+    assert load_site("s", conf).bwlimit == 50 * MiB  # type: ignore[union-attr]
+
+
+def _rate(stamps: list[tuple[float, int]]) -> float:
+    """Bytes per second between the times 10 % and 90 % of the bytes had passed."""
+    total = stamps[-1][1] - stamps[0][1]
+    t0, b0 = next((t, b) for t, b in stamps if b - stamps[0][1] >= 0.1 * total)
+    t1, b1 = next((t, b) for t, b in stamps if b - stamps[0][1] >= 0.9 * total)
+    return (b1 - b0) / (t1 - t0)
+
+
+class WireMeter:
+    """Samples the bytes sent to the destination host (its veth), or the tool's own progress.
+
+    On the two-host sandbox the bytes on the wire are counted (the rate between 10 % and
+    90 % of them); on loopback (shared with every other process) the sender's progress
+    reports stand in for them: their slope, leaving out the first and those printed in the
+    final flush (the buffers filling and draining).
+    """
+
+    def __init__(self, sb: Sandbox) -> None:
+        self.network = sb.network
+        self.stamps: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        assert self.network is not None
+        while not self._stop.is_set():
+            self.stamps.append((time.monotonic(), self.network.tx_bytes()))
+            time.sleep(0.05)
+
+    def progress(self, done: int) -> None:
+        if self.network is None:
+            self.stamps.append((time.monotonic(), done))
+
+    def __enter__(self) -> WireMeter:
+        if self.network is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.network is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def rate(self) -> float:
+        if self.network is None:
+            end = self.stamps[-1][0]
+            steady = [(t, b) for t, b in self.stamps[1:] if end - t > 0.1]
+            (t0, b0), (t1, b1) = steady[0], steady[-1]
+            return (b1 - b0) / (t1 - t0)
+        return _rate(self.stamps)
+
+
+CAP = 4 * MiB
+
+
+def test_bwlimit_caps_rsync(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "random.qcow2", virtual_size=64 * MiB, data_bytes=20 * MiB)
+    settings = settings_for(sb, tmp_path)
+    site = settings.site("site-b")
+    assert isinstance(site, OpenStackSite) and site.ssh is not None
+    sb.ssh.run_as_user("mkdir -p .migratio-staging", check=True)
+
+    with WireMeter(sb) as meter:
+        begin = time.monotonic()
+        result = rsync.push(
+            image,
+            site.ssh,
+            ".migratio-staging/capped",
+            sparse=False,
+            timeout=120,
+            on_progress=meter.progress,
+            bwlimit=CAP,
+        )
+    assert result.bytes_sent >= image.stat().st_size
+    assert time.monotonic() - begin > 4
+
+    assert 0.9 * CAP <= meter.rate() <= 1.1 * CAP, meter.rate() / CAP
+
+
+def test_bwlimit_caps_the_api_upload(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "random.qcow2", virtual_size=64 * MiB, data_bytes=16 * MiB)
+    settings = settings_for(sb, tmp_path)
+    site = settings.site("site-b-api")
+    assert isinstance(site, OpenStackSite) and site.api is not None
+    api = GlanceApi(site.api)
+    copy = api.create({"name": "capped", "disk_format": "qcow2", "container_format": "bare"})
+    digests = file_digests(image, ("md5",))
+    expected = Digests(size=image.stat().st_size, md5=digests["md5"])
+
+    with WireMeter(sb) as meter, image.open("rb") as stream:
+        api.upload(copy.id, ThrottledReader(stream, CAP), expected, meter.progress)
+
+    assert sb.destination.image(copy.id)["status"] == "active"
+    assert 0.9 * CAP <= meter.rate() <= 1.1 * CAP, meter.rate() / CAP
+
+
+def test_stream_count_follows_the_round_trip() -> None:
+    big = 4 << 30
+    assert stream_count(None, 0.0002, big) == 1  # a LAN: one stream is as fast as the cipher
+    assert stream_count(None, None, big) == 1  # not measurable: as before
+    assert stream_count(None, 0.020, big) == 3
+    assert stream_count(None, 0.040, big) == 5
+    assert stream_count(None, 0.500, big) == 8
+    assert stream_count(4, 0.0001, big) == 4  # STREAMS=4 forces it...
+    assert stream_count(4, 0.040, 20 * MiB) == 2  # ...but no range under 8 MiB
+
+
+def test_several_streams_deliver_the_image_and_resume(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "random.qcow2", virtual_size=512 * MiB, data_bytes=200 * MiB)
+    image_id = sb.source.upload_image(image, name="streams", disk_format="qcow2")
+    settings = settings_for(sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=3", "BWLIMIT=60M")})
+    staging = sb.ssh.home / ".migratio-staging"
+    cancel = threading.Event()
+
+    def cancel_midway() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not cancel.is_set():
+            pieces = list(staging.glob(f"{image_id}-*.part.*")) if staging.exists() else []
+            if len(pieces) == 3 and sum(p.stat().st_size for p in pieces) > 60 * MiB:
+                cancel.set()
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=cancel_midway)
+    watcher.start()
+    with pytest.raises(Cancelled):
+        migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines(), cancel=cancel)
+    watcher.join()
+    pieces = sorted(staging.glob(f"{image_id}-*.part.*"))
+    assert [p.name[-2:] for p in pieces] == [".0", ".1", ".2"]
+    kept = sum(p.stat().st_size for p in pieces)
+    assert 0 < kept < image.stat().st_size
+    assert sb.destination.find_by_property("source_uuid", image_id) == []
+    assert not list((tmp_path / "staging").glob("*/*")), "local range copies are removed"
+
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines())
+
+    assert result.outcome is Outcome.MIGRATED
+    assert result.bytes_sent < image.stat().st_size - kept // 2  # only what was missing
+    arrived = tmp_path / "arrived"
+    sb.destination.download_to(result.destination_image_id, arrived)
+    assert sha256_file(arrived) == sha256_file(image)
+    assert not any(p.exists() for p in pieces)
+
+
+def test_auto_takes_a_long_round_trip_for_a_wan(tmp_path: Path, os_like: Path) -> None:
+    assert choose("auto", os_like, None, 0.0002).algorithm == "lz4"
+    assert choose("auto", os_like, None, 0.020).algorithm == "zstd"
+    assert choose("auto", os_like, 800e6, 0.020).algorithm == "none"  # what it reached wins
