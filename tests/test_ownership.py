@@ -8,6 +8,7 @@ hostile tenant, who plants images that look like the copy in every way a user ca
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,12 +107,18 @@ def destination(
     sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Destination]:
     workdir = tmp_path_factory.mktemp("keystone-destination")
-    with KeystoneServer(workdir) as keystone:
+    keystone = KeystoneServer(workdir)
+    auth = KeystoneAuth("", SERVICE[0], SERVICE[1], SERVICE[2])
+    glance = GlanceServer(workdir, "site-k", keystone=auth)
+    if sandbox.network is not None:  # reachable from here and from the destination host
+        keystone.place(sandbox.network.host_address, [])
+        glance.place(sandbox.network.host_address, [])
+    with keystone:
         keystone.create_user(*SERVICE)
         keystone.create_user(*MIGRATIO)
         keystone.create_user(*OTHER)
-        auth = KeystoneAuth(keystone.auth_url, SERVICE[0], SERVICE[1], SERVICE[2])
-        with GlanceServer(workdir, "site-k", keystone=auth) as glance:
+        glance.keystone = dataclasses.replace(auth, auth_url=keystone.auth_url)
+        with glance:
             keystone.register_image_service(glance.endpoint)
             sandbox.ssh.write_home_file(REMOTE_CREDS, remote_creds(keystone))
             yield Destination(keystone, glance)
@@ -139,7 +146,8 @@ def remote_creds(keystone: KeystoneServer) -> str:
 
 
 def settings_with_sites(sb: Sandbox, dest: Destination, tmp_path: Path) -> Settings:
-    ssh = (sb.sites_dir / "site-b.conf").read_text() + f"export REMOTE_CREDS=~/{REMOTE_CREDS}\n"
+    ssh = (sb.sites_dir / "site-b.conf").read_text()
+    ssh += f"export REMOTE_CREDS={sb.ssh.home / REMOTE_CREDS}\n"  # a local ~ would be expanded
     api = "export REGISTER=api\n" + os_vars(dest.keystone)
     raw = "export DISK_FORMAT=raw\n"
     return settings_for(

@@ -58,7 +58,8 @@ def _why_not_converted(copy: ImageRecord, image: ImageRecord) -> str | None:
 
 
 class Owners:
-    """The project each destination registers into, remembered in ``directory`` across jobs.
+    """The project each destination registers into, remembered across jobs in ``directory``
+    (the staging directory, ``.owner-<site>.json``, beside :mod:`migratio.compression`'s).
 
     An entry is tied to the site file's contents: a changed file (other credentials, another
     host) is learned again. Every image migratio registers refreshes the entry.
@@ -68,7 +69,7 @@ class Owners:
         self.directory = directory
 
     def _path(self, site_id: str) -> Path:
-        return self.directory / f"{site_id}.json"
+        return self.directory / f".owner-{site_id}.json"
 
     @staticmethod
     def _key(site_file: Path) -> str:

@@ -88,7 +88,7 @@ class Migration:
     # 2
     @property
     def owners(self) -> Owners:
-        return Owners(self.settings.staging_dir / ".owners")
+        return Owners(self.settings.staging_dir)
 
     def own_project(self) -> str | None:
         """The project migratio registers into at the destination (learned once, then kept)."""
