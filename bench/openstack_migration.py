@@ -31,7 +31,7 @@ from tests.sandbox.site import Sandbox  # noqa: E402
 
 GiB = 1024**3
 MB = 1e6
-_SENT = re.compile(r"Transfered .*\((\d+\.\d) (MiB|GiB) sent\)")
+_SENT = re.compile(r"Transfered .*\((\d+\.\d) (MiB|GiB) sent[,)]")
 
 
 def timed(argv: list[str]) -> float:

@@ -266,3 +266,18 @@ def test_check_names_the_line_and_never_the_password(tmp_path: Path) -> None:
     assert done.stderr.startswith(f"configuration error: {tmp_path / 'creds'}, line 9: after")
     assert "OS_PASSWORD=…" in done.stderr
     assert secret not in done.stdout + done.stderr and "Traceback" not in done.stderr
+
+
+def test_unknown_config_yml_keys_are_warned_about(tmp_path: Path) -> None:
+    path = write_setup(tmp_path, "name: cyfronet-folsom\nredis_ur: redis://elsewhere:6379/0\n")
+    settings = load_settings(path)
+    assert settings.redis_url == "redis://localhost:6379"  # the typo did not set it
+    assert settings.warnings == (f"{path}: unknown key 'redis_ur' (did you mean redis_url?)",)
+    done = subprocess.run(
+        [sys.executable, "-m", "migratio", "check", "--config", str(path), "nowhere"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert (
+        f"warning  configuration: {path}: unknown key 'redis_ur' (did you mean redis_url?)"
+        in done.stdout.splitlines()
+    )

@@ -286,6 +286,7 @@ def test_enqueue_refuses_what_atmosphere_never_sends(tmp_path: Path) -> None:
         (["../../etc/passwd", "site-b"], "not an image id"),
         ([IMAGE, "../../etc/passwd"], "not a plain site name"),
         ([IMAGE, "nowhere"], "unknown destination site 'nowhere'"),
+        ([IMAGE, "site-b", "--amazon"], "site-b is an OpenStack site: drop --amazon"),
     ):
         done = migratio("enqueue", "--config", config, *args)
         assert done.returncode == 2, done

@@ -259,7 +259,12 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     settings = _settings(args)
     try:
         MigrationRequest(args.image_uuid, args.dest_site)
-        settings.site(args.dest_site)
+        kind = settings.site(args.dest_site).kind
+        if (kind == "amazon") != args.amazon:
+            raise ConfigError(
+                f"{args.dest_site} is an {'Amazon' if kind == 'amazon' else 'OpenStack'} site: "
+                + ("add --amazon" if kind == "amazon" else "drop --amazon")
+            )
     except MigratioError as exc:
         print(f"migratio enqueue: {exc.message}; nothing was pushed", file=sys.stderr)
         return EXIT_USAGE

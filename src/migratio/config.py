@@ -15,8 +15,8 @@ import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -34,6 +34,8 @@ DEFAULT_NAMESPACE = "air"
 DEFAULT_IMAGES_DIR = "/var/lib/glance/images"
 #: as the original's logrotate example: daily, 90 kept
 DEFAULT_LOG_KEEP_DAYS = 90
+#: seconds an unused staging cache entry is kept (for jobs of the same image that come later)
+DEFAULT_STAGING_KEEP = 3600.0
 DEFAULT_CIPHERS = (
     "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-ctr"
 )
@@ -243,6 +245,10 @@ class Settings:
     metrics_address: str = "127.0.0.1"
     #: daily log files kept (0: never rotate; leave it to logrotate)
     log_keep_days: int = DEFAULT_LOG_KEEP_DAYS
+    #: the staging cache's bound in bytes (None: only the disk's free space)
+    staging_max_bytes: int | None = None
+    #: seconds an unused staging cache entry is kept for later jobs
+    staging_keep: float = DEFAULT_STAGING_KEEP
 
     #: site files that failed to load: site id → the error (only that site's jobs fail)
     broken_sites: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
@@ -277,7 +283,7 @@ def default_config_path() -> Path:
 def load_settings(config_path: Path | None = None) -> Settings:
     """Load and validate every configuration file; raise :class:`ConfigError` on any problem."""
     path = (config_path or default_config_path()).expanduser()
-    raw = _read_yaml(path)
+    raw = _ReadKeys(_read_yaml(path))
     base = path.resolve().parent
 
     def key(name: str, default: Any = None) -> Any:
@@ -324,7 +330,7 @@ def load_settings(config_path: Path | None = None) -> Settings:
             "and the environment does not hold this site's OS_* credentials either"
         ) from None
     site_files = load_sites(sites_dir)
-    return Settings(
+    settings = Settings(
         name=name,
         config_path=path,
         redis_url=redis_url,
@@ -348,7 +354,17 @@ def load_settings(config_path: Path | None = None) -> Settings:
         metrics_port=_port(path, "metrics_port", raw.get("metrics_port")),
         metrics_address=_address(path, key("metrics_address", "127.0.0.1")),
         log_keep_days=_count(path, "log_keep_days", key("log_keep_days", DEFAULT_LOG_KEEP_DAYS)),
+        staging_max_bytes=_bytes(path, "staging_max_bytes", raw.get("staging_max_bytes")),
+        staging_keep=_number(path, "staging_keep", key("staging_keep", DEFAULT_STAGING_KEEP)),
     )
+    unknown = [
+        f"{path}: unknown key {name!r} ({_nearest(str(name), raw.read)})"
+        for name in raw
+        if name not in raw.read
+    ]
+    if unknown:
+        settings = replace(settings, warnings=(*unknown, *settings.warnings))
+    return settings
 
 
 @dataclass(frozen=True)
@@ -358,6 +374,27 @@ class SiteFiles:
     sites: dict[str, Site]
     broken: dict[str, str]
     warnings: list[str]
+
+
+class _ReadKeys(dict[str, Any]):
+    """config.yml's mapping, remembering which keys were asked for (the others are unknown)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(data)
+        self.read: set[str] = set()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.read.add(name)
+        return super().get(name, default)
+
+    def __getitem__(self, name: str) -> Any:
+        self.read.add(name)
+        return super().__getitem__(name)
+
+
+def _nearest(name: str, known: Iterable[str]) -> str:
+    near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"did you mean {near[0]}?" if near else "migratio does not use it"
 
 
 def load_sites(sites_dir: Path) -> SiteFiles:
@@ -417,9 +454,7 @@ def _load_site(site_id: str, path: Path) -> tuple[Site, list[str]]:
     unknown = []
     for key, line in sourced.assigned.items():
         if key not in SITE_KEYS:
-            near = difflib.get_close_matches(key, SITE_KEYS, n=1, cutoff=0.6)
-            hint = f"did you mean {near[0]}?" if near else "migratio does not use it"
-            unknown.append(f"{path}, line {line}: unknown key {key} ({hint})")
+            unknown.append(f"{path}, line {line}: unknown key {key} ({_nearest(key, SITE_KEYS)})")
     try:
         return _site_from_values(site_id, path, values), unknown + sourced.warnings
     except ConfigError as exc:
@@ -698,6 +733,23 @@ def _address(path: Path, value: Any) -> str:
             f"{path}: 'metrics_address' must be an IP address to listen on "
             f"(127.0.0.1, 0.0.0.0, ::), not {value!r}"
         ) from None
+
+
+_BYTE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _bytes(path: Path, name: str, value: Any) -> int | None:
+    """A size in bytes: a whole number, or one with a K/M/G/T suffix (powers of 1024)."""
+    if value is None:
+        return None
+    text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in _BYTE_UNITS else ""
+    number = text[: len(text) - len(unit)].strip()
+    if isinstance(value, bool) or not number.isdigit() or int(number) == 0:
+        raise ConfigError(
+            f"{path}: '{name}' must be a size in bytes such as 50G or 53687091200, not {value!r}"
+        )
+    return int(number) * _BYTE_UNITS[unit]
 
 
 def _count(path: Path, name: str, value: Any) -> int:

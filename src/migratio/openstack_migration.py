@@ -20,7 +20,8 @@ import shutil
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,7 +40,7 @@ from migratio.errors import (
 )
 from migratio.glance_api import GlanceApi
 from migratio.glance_cli import RemoteGlance, parse_table
-from migratio.hashing import Digests, file_digests
+from migratio.hashing import Digests
 from migratio.images import CONVERTED_HASH, LINK_PROPERTIES, SOURCE_HASH, ImageRecord
 from migratio.request import MigrationRequest, MigrationResult, Outcome
 from migratio.source_site import SourceSite
@@ -77,6 +78,8 @@ class Migration:
     destination: Destination
     workdir: Path
     cancel: threading.Event
+    #: the staging cache entries this run uses (held until the end of the run)
+    staged: ExitStack = field(default_factory=ExitStack)
 
     @property
     def me(self) -> str:
@@ -119,19 +122,16 @@ class Migration:
 
     # 5
     def convert(self, image: ImageRecord, local: Path, target_format: str) -> tuple[Path, Digests]:
-        target = self.workdir / f"{image.id}.{target_format}"
-        qemu_img.convert(
-            local,
-            str(image.disk_format),
-            target,
-            target_format,
-            timeout=self.settings.command_timeout,
-            cancel=self.cancel,
+        """The image in ``target_format``: one conversion shared by every job of the image."""
+        entry = self.staged.enter_context(
+            self.source.converted(image, local, target_format, self.cancel)
         )
-        digests = file_digests(target, ("md5", "sha512"))
-        size = target.stat().st_size
+        size = int(entry.meta["size"])
         self.status(f"Converted {image.disk_format} to {target_format} ({human_bytes(size)})")
-        return target, Digests(size, digests["md5"], "sha512", digests["sha512"])
+        sha512 = entry.meta.get("sha512")  # older cache entries have only md5
+        return entry.path, Digests(
+            size, str(entry.meta["md5"]), "sha512" if sha512 else None, sha512 or None
+        )
 
     # 7 (the record)
     def fields(self, image: ImageRecord, target_format: str) -> dict[str, Any]:
@@ -224,7 +224,7 @@ class Migration:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            local = self.source.inspected_bytes(image, self.workdir)
+            local = self.staged.enter_context(self.source.inspected_bytes(image, self.cancel))
             payload, digests = local, image.digests
             if target_format != image.disk_format:
                 payload, digests = self.convert(image, local, target_format)
@@ -238,6 +238,7 @@ class Migration:
                     self.destination, image, payload, digests, fields
                 )
         finally:
+            self.staged.close()  # the cache entries this job used may go now
             shutil.rmtree(self.workdir, ignore_errors=True)
         return MigrationResult(Outcome.MIGRATED, copy_id, sent)
 

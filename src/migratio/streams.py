@@ -92,6 +92,25 @@ def _copy_range(source: Path, target: Path, offset: int, length: int) -> None:
             copied += done
 
 
+class _Sum:
+    """Adds up the progress of the streams for one ``on_progress``."""
+
+    def __init__(self, count: int, on_progress: Callable[[int], None] | None) -> None:
+        self.done = [0] * count
+        self.lock = threading.Lock()
+        self.on_progress = on_progress
+
+    def of(self, k: int) -> Callable[[int], None]:
+        def report(count: int) -> None:
+            with self.lock:
+                self.done[k] = count
+                total = sum(self.done)
+            if self.on_progress is not None:
+                self.on_progress(total)
+
+        return report
+
+
 @contextmanager
 def _linked(cancel: threading.Event) -> Iterator[threading.Event]:
     """An event set when ``cancel`` is, or by whoever holds it (a stream that failed)."""
@@ -129,34 +148,32 @@ def push_ranges(
     length = range_size(size, streams)
     ranges = [(k, k * length, min(length, size - k * length)) for k in range(streams)]
     ranges = [r for r in ranges if r[2] > 0]
-    done = [0] * len(ranges)
-    lock = threading.Lock()
+    progress = _Sum(len(ranges), on_progress)
     begin = time.monotonic()
+    pieces = [workdir / f"{source.name}.{k}" for k, _, _ in ranges]
+    ready = [threading.Event() for _ in ranges]
 
-    def progress(k: int) -> Callable[[int], None]:
-        def report(count: int) -> None:
-            with lock:
-                done[k] = count
-                total = sum(done)
-            if on_progress is not None:
-                on_progress(total)
-
-        return report
-
-    def one(k: int, offset: int, count: int) -> rsync.RsyncResult:
-        piece = workdir / f"{source.name}.{k}"
-        try:
-            _copy_range(source, piece, offset, count)
+    def copy_all() -> None:
+        """Copy the ranges in order, so that the first stream starts after one range's copy."""
+        for (k, offset, count), piece in zip(ranges, pieces, strict=True):
             if stop.is_set():
-                raise Cancelled("stopped")
+                return
+            _copy_range(source, piece, offset, count)
+            ready[k].set()
+
+    def one(k: int) -> rsync.RsyncResult:
+        try:
+            while not ready[k].wait(0.1):
+                if stop.is_set():
+                    raise Cancelled("stopped")
             return rsync.push(
-                piece,
+                pieces[k],
                 target,
                 f"{remote_path}.{k}",
                 sparse=False,
                 timeout=timeout,
                 cancel=stop,
-                on_progress=progress(k),
+                on_progress=progress.of(k),
                 compress=compress,
                 bwlimit=None if bwlimit is None else max(1024, bwlimit // len(ranges)),
             )
@@ -164,16 +181,24 @@ def push_ranges(
             stop.set()
             raise
         finally:
-            piece.unlink(missing_ok=True)
+            pieces[k].unlink(missing_ok=True)
 
-    with _linked(cancel) as stop, ThreadPoolExecutor(len(ranges), "stream") as pool:
-        futures = [pool.submit(one, *r) for r in ranges]
+    with _linked(cancel) as stop, ThreadPoolExecutor(len(ranges) + 1, "stream") as pool:
+        copier = pool.submit(copy_all)
+        futures = [pool.submit(one, k) for k, _, _ in ranges]
         results, errors = [], []
+        try:
+            copier.result()
+        except BaseException as exc:
+            stop.set()
+            errors.append(exc)
         for future in futures:
             try:
                 results.append(future.result())
             except BaseException as exc:
                 errors.append(exc)
+    for piece in pieces:
+        piece.unlink(missing_ok=True)
     if cancel.is_set():
         raise Cancelled("rsync was stopped on request")
     if errors:
