@@ -70,11 +70,13 @@ def site(tmp_path: Path, redis_server: RedisServer) -> Settings:
 
 text = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)  # surrogates too
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | text
-json_values = st.recursive(
-    scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
-    max_leaves=12,
-)
+
+
+def containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4)
+
+
+json_values = st.recursive(scalars, containers, max_leaves=12)
 nasty = st.sampled_from(["../etc", "$(id)", "`id`", "a;b", "x\x00", "\ud800", "site-b/..", ""])
 
 

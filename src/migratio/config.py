@@ -36,6 +36,8 @@ DEFAULT_IMAGES_DIR = "/var/lib/glance/images"
 DEFAULT_LOG_KEEP_DAYS = 90
 #: seconds an unused staging cache entry is kept (for jobs of the same image that come later)
 DEFAULT_STAGING_KEEP = 3600.0
+#: migrations to one destination that run at once (a site file's MAX_PARALLEL)
+DEFAULT_MAX_PARALLEL = 2
 DEFAULT_CIPHERS = (
     "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-ctr"
 )
@@ -176,6 +178,8 @@ class OpenStackSite:
     bwlimit: int | None = None
     #: rsync streams at once over ranges of the file (None: auto, from the round trip)
     streams: int | None = None
+    #: migrations to this site that run at once, whatever the number of workers
+    max_parallel: int = DEFAULT_MAX_PARALLEL
     kind: Literal["openstack"] = "openstack"
 
 
@@ -212,6 +216,8 @@ class AmazonSite:
     snapshot_timeout: float = 3600.0
     import_timeout: float = 4 * 3600.0
     poll_interval: float = 15.0
+    #: migrations to this site that run at once, whatever the number of workers
+    max_parallel: int = DEFAULT_MAX_PARALLEL
     kind: Literal["amazon"] = "amazon"
 
 
@@ -438,6 +444,8 @@ SITE_KEYS = frozenset(
         "UPLOAD_METHOD", "UPLOAD_CONCURRENCY", "S3_BUCKET", "S3_PREFIX", "VMIMPORT_ROLE",
         "DEFAULT_ARCHITECTURE", "DEFAULT_BOOT_MODE", "VOLUME_TYPE", "SNAPSHOT_TIMEOUT",
         "IMPORT_TIMEOUT", "POLL_INTERVAL",
+        # both
+        "MAX_PARALLEL",
     }
 )  # fmt: skip
 
@@ -503,7 +511,17 @@ def _site_from_values(site_id: str, path: Path, values: Mapping[str, str]) -> Si
         compress=compress,  # type: ignore[arg-type]  # checked above
         bwlimit=bwlimit,
         streams=streams,
+        max_parallel=_max_parallel(values, path),
     )
+
+
+def _max_parallel(values: Mapping[str, str], path: Path) -> int:
+    text = values.get("MAX_PARALLEL") or str(DEFAULT_MAX_PARALLEL)
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise ConfigError(
+            f"{path}: MAX_PARALLEL must be a whole number from 1 to 1000, not {text!r}"
+        )
+    return int(text)
 
 
 _RATE = re.compile(r"(\d+(?:\.\d+)?)\s*(k|m|g|kbit|mbit|gbit)?(?:/s)?", re.IGNORECASE)
@@ -601,6 +619,7 @@ def _amazon_site(site_id: str, path: Path, values: Mapping[str, str]) -> AmazonS
         snapshot_timeout=number("SNAPSHOT_TIMEOUT", 3600, 0.1, 7 * 86400),
         import_timeout=number("IMPORT_TIMEOUT", 4 * 3600, 0.1, 7 * 86400),
         poll_interval=number("POLL_INTERVAL", 15, 0.01, 3600),
+        max_parallel=_max_parallel(values, path),
     )
 
 

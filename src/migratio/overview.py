@@ -13,6 +13,8 @@ A job is in exactly one of these states, in the order it passes through them:
 * ``canceled``: canceled with RQ's tools;
 
 and ``dead_letters``: payloads refused because they cannot be understood, with the reason.
+A job waiting for its destination's fair share (``MAX_PARALLEL``) is ``scheduled`` as
+``<job>-wN``; ``destinations`` lists, for each busy destination, what runs and what waits.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from rq.registry import BaseRegistry
 from rq.serializers import JSONSerializer
 
 from migratio.config import Settings
+from migratio.fair_share import DestinationShare
 from migratio.keys import Keys, migration_queue
 from migratio.metrics import queue_depths
 from migratio.redis_client import redacted
@@ -80,6 +83,9 @@ class Overview:
     counts: dict[str, int]
     jobs: list[JobView] = field(default_factory=list)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    #: the fair share of each busy destination: its MAX_PARALLEL, the first job ids of the
+    #: migrations to it that run, and those that wait for a slot (first arrived first)
+    destinations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """``migratio status --json``."""
@@ -111,6 +117,14 @@ class Overview:
         for entry in self.dead_letters:
             raw = str(entry.get("raw"))[:120]
             yield f"  {_when(entry.get('at'))}  {entry.get('reason')}: {raw}"
+        yield f"destinations with migrations running or waiting: {len(self.destinations)}"
+        for site_id, share in sorted(self.destinations.items()):
+            yield (
+                f"  {site_id}: {len(share['running'])} of MAX_PARALLEL={share['max_parallel']} "
+                f"running, {len(share['waiting'])} waiting"
+            )
+            for job_id in share["waiting"]:
+                yield f"    waits: {job_id}"
 
     def _detail(self, job: JobView) -> str:
         now = self.time
@@ -174,7 +188,24 @@ def overview(settings: Settings, redis: Redis, *, shown: int = SHOWN) -> Overvie
         counts={state: counts[state] for state in (*STATES, "dead_letters")},
         jobs=jobs,
         dead_letters=dead,
+        destinations=_shares(settings, redis),
     )
+
+
+def _shares(settings: Settings, redis: Redis) -> dict[str, dict[str, Any]]:
+    """The fair share of each destination with migrations running or waiting."""
+    keys = Keys(settings.namespace)
+    busy: dict[str, dict[str, Any]] = {}
+    for site_id, site in settings.sites.items():
+        share = DestinationShare(redis, keys, settings.name, site_id, site.max_parallel)
+        running, waiting = share.running(), share.waiting()
+        if running or waiting:
+            busy[site_id] = {
+                "max_parallel": site.max_parallel,
+                "running": running,
+                "waiting": waiting,
+            }
+    return busy
 
 
 def _registry_ids(registry: BaseRegistry, shown: int, *, newest_first: bool) -> list[str]:
