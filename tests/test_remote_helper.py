@@ -173,7 +173,6 @@ def test_the_helper_fails_closed(
         wait_for("Glance to receive the first half", saving)
         helpers = processes_of(sb.ssh.user, remote.name, "python")
         [feeder] = [pid for pid, parent in helpers.items() if parent not in helpers]
-        [guard] = [pid for pid, parent in helpers.items() if parent == feeder]
         if death == "SIGTERM":
             os.kill(feeder, signal.SIGTERM)
         elif death == "SIGKILL":
@@ -181,6 +180,7 @@ def test_the_helper_fails_closed(
         elif death == "exception":
             os.kill(feeder, signal.SIGINT)  # KeyboardInterrupt, raised mid-feed
         elif death == "guard SIGKILL":
+            [guard] = [pid for pid, parent in helpers.items() if parent == feeder]
             os.kill(guard, signal.SIGKILL)
         else:
             follower.popen.kill()  # the local ssh: the connection drops
