@@ -34,8 +34,8 @@ from tests.support import redis_only_settings
 
 from migratio.config import Settings
 from migratio.intake import Intake
-from migratio.overview import overview
 from migratio.keys import FEEDBACK_QUEUE, OPENSTACK_MIGRATOR, Keys, migration_queue
+from migratio.overview import overview
 from migratio.service import Service, rq_queue
 from migratio.sidekiq import MAX_NESTING, MAX_PAYLOAD_BYTES, BadPayload, parse_job
 
