@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from functools import cache
 
 from redis.exceptions import RedisError
 from rq import get_current_job
+from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from migratio import metrics
 from migratio.config import Settings, load_settings
 from migratio.errors import MigratioError
+from migratio.fair_share import DestinationShare, first_job, wait_off_worker
 from migratio.feedback import AtmosphereSink
 from migratio.keys import Keys
 from migratio.logs import job_context, job_tag, mark_logged
 from migratio.migration import migrate
 from migratio.request import MigrationRequest
 from migratio.rq_worker import record_failure
-from migratio.status import FanOut, LogSink
+from migratio.status import FanOut, LogSink, StatusSink
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,35 @@ def _no_more_retries() -> None:
         job.save()
 
 
+def _destination_turn(
+    job: Job, settings: Settings, destination: str, sink: StatusSink
+) -> AbstractContextManager[None] | None:
+    """A slot to ``destination`` (see :mod:`migratio.fair_share`), or None: the job waits.
+
+    A destination that cannot be loaded has no cap here: the migration says what is wrong.
+    """
+    try:
+        cap = settings.site(destination).max_parallel
+    except MigratioError:
+        return nullcontext()
+    share = DestinationShare(
+        job.connection, Keys(settings.namespace), settings.name, destination, cap
+    )
+    first, arrival = first_job(job)
+    turn = share.take(first, arrival)
+    if turn.took:
+        return share.held(first)
+    reason = (
+        f"{turn.running} migrations to {destination} are running (MAX_PARALLEL={cap}), "
+        f"{turn.ahead} waiting ahead of this one"
+    )
+    again = wait_off_worker(job, reason)
+    log.info("waiting for a slot: %s; again as job %s", reason, again.id)
+    if not job.meta.get("waits"):
+        sink(f"Waiting: {reason}")
+    return None
+
+
 def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> str:
     """Run one of Atmosphere's migration jobs; status lines go to Atmosphere and the log."""
     settings = worker_settings()
@@ -70,9 +102,13 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
         except MigratioError as exc:
             sink(exc.status_line())
             raise
-        result = migrate(
-            settings, request, sink, kind="amazon" if kind == "amazon" else "openstack"
-        )
+        turn = _destination_turn(job, settings, destination, sink)
+        if turn is None:
+            return "waiting"
+        with turn:
+            result = migrate(
+                settings, request, sink, kind="amazon" if kind == "amazon" else "openstack"
+            )
     except MigratioError as exc:
         if not exc.retryable:
             _no_more_retries()

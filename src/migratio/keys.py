@@ -51,6 +51,18 @@ class Keys:
         """migratio's dead-letter list: payloads it could not understand, with the reason."""
         return self.key(f"migratio:dead:{site_id}")
 
+    def running(self, site_id: str, destination: str) -> str:
+        """The migrations to ``destination`` running now (a sorted set: job → slot expiry)."""
+        return self.key(f"migratio:running:{site_id}:{destination}")
+
+    def waiting(self, site_id: str, destination: str) -> str:
+        """The migrations to ``destination`` waiting for a slot (a sorted set: job → arrival)."""
+        return self.key(f"migratio:waiting:{site_id}:{destination}")
+
+    def waiting_seen(self, site_id: str, destination: str) -> str:
+        """When each waiting migration to ``destination`` last asked for a slot."""
+        return self.key(f"migratio:waiting-seen:{site_id}:{destination}")
+
     def metrics(self, site_id: str) -> str:
         """migratio's counters for Prometheus (a hash every worker process adds to)."""
         return self.key(f"migratio:metrics:{site_id}")
