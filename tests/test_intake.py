@@ -35,6 +35,7 @@ from tests.support import redis_only_settings
 from migratio.config import Settings
 from migratio.intake import Intake
 from migratio.keys import FEEDBACK_QUEUE, OPENSTACK_MIGRATOR, Keys, migration_queue
+from migratio.overview import overview
 from migratio.service import Service, rq_queue
 from migratio.sidekiq import MAX_NESTING, MAX_PAYLOAD_BYTES, BadPayload, parse_job
 
@@ -70,11 +71,13 @@ def site(tmp_path: Path, redis_server: RedisServer) -> Settings:
 
 text = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)  # surrogates too
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | text
-json_values = st.recursive(
-    scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
-    max_leaves=12,
-)
+
+
+def containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4)
+
+
+json_values = st.recursive(scalars, containers, max_leaves=12)
 nasty = st.sampled_from(["../etc", "$(id)", "`id`", "a;b", "x\x00", "\ud800", "site-b/..", ""])
 
 
@@ -547,3 +550,19 @@ def test_refused_payloads_are_not_kept_in_memory(redis: Redis, site: Settings) -
         gc.enable()
     assert redis.llen(keys.dead(site.name)) == 40
     assert held < 4 * MiB, f"{held / MiB:.0f} MiB still held after refusing 60 MiB of payloads"
+
+
+def test_status_never_prints_a_payload_raw(redis: Redis, site: Settings) -> None:
+    """A refused payload's terminal escapes reach `status` as inert text, in both forms."""
+    keys = Keys(site.namespace)
+    hostile = b'\x1b[2J\x1b]0;owned\x07{"class":"x","args":[]}'
+    redis.lpush(keys.queue(migration_queue(site.name)), hostile)
+    Service(site, redis).run_once(timeout=1)
+    assert redis.llen(keys.dead(site.name)) == 1
+    snapshot = overview(site, redis)
+    text = "\n".join(snapshot.lines())
+    assert "\\x1b[2J" in text
+    assert all(line.isprintable() for line in text.splitlines())
+    encoded = snapshot.to_json()
+    assert encoded.isascii() and "\x1b" not in encoded
+    assert json.loads(encoded)["dead_letters"][0]["raw"].startswith("\x1b[2J")

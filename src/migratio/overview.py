@@ -37,7 +37,7 @@ from migratio.keys import Keys, migration_queue
 from migratio.metrics import queue_depths
 from migratio.redis_client import redacted
 from migratio.service import rq_queue
-from migratio.sidekiq import BadPayload, parse_job
+from migratio.sidekiq import BadPayload, parse_job, printable
 
 #: jobs listed per state (the counts are always complete)
 SHOWN = 20
@@ -90,10 +90,14 @@ class Overview:
     def to_json(self) -> str:
         """``migratio status --json``."""
         data = {"version": JSON_VERSION, **asdict(self)}
-        return json.dumps(data, indent=2, ensure_ascii=False)
+        # ASCII escapes: a payload's lone surrogate or terminal escape stays inert text
+        return json.dumps(data, indent=2)
 
     def lines(self) -> Iterator[str]:
-        """``migratio status``, for people."""
+        """``migratio status``, for people: every line printable, whatever a payload held."""
+        return (printable(line) for line in self._lines())
+
+    def _lines(self) -> Iterator[str]:
         yield f"site {self.site}, Redis {self.redis}, at {_when(self.time)}"
         titles = {
             "waiting": f"waiting in Atmosphere's queue ({self.queues['waiting']})",

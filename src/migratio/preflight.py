@@ -13,6 +13,7 @@ from migratio.aws import AwsClients, aws_errors, known_regions
 from migratio.config import AmazonSite, OpenStackSite, Settings
 from migratio.errors import AwsError, MigratioError, RedisFailure
 from migratio.glance_api import GlanceApi
+from migratio.glance_cli import follow_upload_source
 from migratio.ssh import SshClient
 from migratio.status import human_bytes
 
@@ -125,7 +126,11 @@ def _check_openstack(site: OpenStackSite) -> Iterator[Check]:
         return
     remote = [
         ("remote rsync", ["rsync", "--version"], False),
-        (f"remote {site.remote_python}", [site.remote_python, "-c", "import hashlib"], False),
+        (  # the upload helper itself, in a mode that touches nothing
+            f"remote {site.remote_python}",
+            [site.remote_python, "-c", follow_upload_source(), "--check"],
+            False,
+        ),
         (
             "remote staging dir",
             ["sh", "-c", 'mkdir -p -- "$1" && test -w "$1"', "sh", site.remote_staging_dir],

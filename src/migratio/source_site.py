@@ -113,7 +113,7 @@ class SourceSite:
         """``local`` (the image's inspected bytes) converted to ``target_format``, cached.
 
         The conversion is made once per image, content and format on this host; its entry
-        records the ``size`` and ``md5`` of the converted bytes.
+        records the ``size``, ``md5`` and ``sha512`` of the converted bytes.
         """
 
         def convert(target: Path) -> dict[str, Any]:
@@ -125,8 +125,8 @@ class SourceSite:
                 timeout=self.settings.command_timeout,
                 cancel=cancel,
             )
-            md5 = file_digests(target, ("md5",))["md5"]
-            return {"image": image.id, "source_hash": image.source_hash, "md5": md5}
+            digests = file_digests(target, ("md5", "sha512"))  # sha512: converted_hash
+            return {"image": image.id, "source_hash": image.source_hash, **digests}
 
         name = entry_name(image.id, image.source_hash, target_format)
         with self.cache.use(
