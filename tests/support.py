@@ -35,3 +35,45 @@ class Lines(list[str]):
 
     def __call__(self, text: str) -> None:
         self.append(text)
+
+
+def no_work_left(staging_dir: Path) -> bool:
+    """Nothing in staging but complete cache entries (no work dir, no half-made entry).
+
+    Dot files (the link history of :mod:`migratio.compression`) do not count.
+    """
+    others = [p.name for p in staging_dir.iterdir() if p.name != "cache" and p.name[0] != "."]
+    partial = list((staging_dir / "cache").glob("*.partial"))
+    return others == [] and partial == []
+
+
+def redis_only_settings(
+    tmp_path: Path, redis_url: str, *, namespace: str = "atmosphere", yaml: str = ""
+) -> Settings:
+    """Settings for site ``site-a`` that need only Redis: no Glance, no sshd, no moto.
+
+    Destinations ``site-b`` (ssh), ``site-b-api`` (api) and ``aws-eu`` exist as site files, so
+    the intake accepts jobs for them; nothing listens where they point (port 9 of loopback), so
+    these settings are for tests of the intake and the service, never of a migration.
+    """
+    sites = tmp_path / "sites"
+    sites.mkdir(exist_ok=True)
+    (sites / "site-b.conf").write_text(
+        "export EXTERNAL_USER=nobody\nexport EXTERNAL_HOST=127.0.0.1\n"
+    )
+    (sites / "site-b-api.conf").write_text(
+        "export REGISTER=api\nexport OS_AUTH_TOKEN=t\nexport OS_IMAGE_URL=http://127.0.0.1:9\n"
+    )
+    (sites / "aws-eu.conf").write_text(
+        "export AWS_REGION=eu-west-1\nexport EC2_URL=http://127.0.0.1:9\n"
+        "export AWS_ACCESS_KEY=k\nexport AWS_SECRET_KEY=s\n"
+    )
+    creds = tmp_path / "creds"
+    creds.write_text("export OS_AUTH_TOKEN=t\nexport OS_IMAGE_URL=http://127.0.0.1:9\n")
+    config = tmp_path / "config.yml"
+    config.write_text(
+        f"name: site-a\nredis_url: {redis_url}\nnamespace: {namespace}\n"
+        f"credentials_file: {creds}\nsites_dir: {sites}\n"
+        f"staging_dir: {tmp_path / 'staging'}\nlog_dir: {tmp_path / 'log'}\n" + yaml
+    )
+    return load_settings(config)

@@ -21,7 +21,7 @@ from botocore.stub import ANY, Stubber
 from tests.sandbox.images import make_qcow2, make_raw
 from tests.sandbox.moto_server import MotoServer
 from tests.sandbox.site import Sandbox
-from tests.support import Lines, settings_for
+from tests.support import Lines, no_work_left, settings_for
 
 from migratio import status
 from migratio.amazon_migration import ami_name, migrate_to_amazon, register_params
@@ -216,7 +216,7 @@ def test_ebs_upload_end_to_end_then_skipped(
     link["source_t"] = "site-a"
     assert tag_map(ami) == link
     assert tag_map(snapshot) == link
-    assert not any(settings.staging_dir.iterdir())
+    assert no_work_left(settings.staging_dir)
 
     again = Lines()
     second = migrate_to_amazon(settings, MigrationRequest(image_id, SITE), again)
@@ -308,7 +308,7 @@ def test_stopped_halfway_leaves_nothing_and_the_retry_finishes(
     assert any(line.startswith("Uploading:") for line in lines)
     assert our_snapshots(moto, image_id) == []
     assert our_amis(moto, image_id) == []
-    assert not any(settings.staging_dir.iterdir())
+    assert no_work_left(settings.staging_dir)
 
     result = migrate_to_amazon(settings, MigrationRequest(image_id, SITE), Lines())
     assert result.outcome is Outcome.MIGRATED
@@ -507,7 +507,7 @@ def test_vm_import_end_to_end(
     )  # fmt: skip
     assert compared.returncode == 0, compared.stdout
     assert s3_keys(moto) == []  # deleted after the import
-    assert not any(settings.staging_dir.iterdir())
+    assert no_work_left(settings.staging_dir)
 
 
 def test_vm_import_failed_task(

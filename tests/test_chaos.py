@@ -114,8 +114,8 @@ def test_chaos(
     redis_server: RedisServer,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    seed = int(os.environ.get("MIGRATIO_CHAOS_SEED") or random.randrange(10**9))  # noqa: S311
-    rng = random.Random(seed)  # noqa: S311  # a replayable test, not a secret
+    seed = int(os.environ.get("MIGRATIO_CHAOS_SEED") or random.randrange(10**9))
+    rng = random.Random(seed)  # a replayable test, not a secret
     with capsys.disabled():
         print(f"\nchaos seed {seed} (replay: MIGRATIO_CHAOS_SEED={seed})", flush=True)
     sb = clean_sandbox

@@ -22,7 +22,7 @@ from tests.sandbox.images import make_qcow2, sha256_file
 from tests.sandbox.moto_server import MotoServer
 from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
-from tests.support import settings_for
+from tests.support import redis_only_settings, settings_for
 
 from migratio.cli import main
 from migratio.config import Settings
@@ -57,6 +57,12 @@ def redis(redis_server: RedisServer) -> Redis:
 @pytest.fixture
 def settings(clean_sandbox: Sandbox, tmp_path: Path, redis_server: RedisServer) -> Settings:
     return settings_for(clean_sandbox, tmp_path, yaml=f"redis_url: {redis_server.url}\n")
+
+
+@pytest.fixture
+def redis_settings(tmp_path: Path, redis_server: RedisServer) -> Settings:
+    """Settings for tests that need only Redis (they run, and pass, without the sandbox)."""
+    return redis_only_settings(tmp_path, redis_server.url)
 
 
 @pytest.fixture
@@ -113,17 +119,11 @@ def test_keys_are_exactly_what_sidekiq_uses() -> None:
     assert AMAZON_MIGRATOR == "Migratio::Worker::OpenstackAmazonMigrator"
 
 
-@pytest.mark.parametrize("namespace_yaml", ["namespace: atmosphere\n", "namespace:\n"])
+@pytest.mark.parametrize("namespace", ["atmosphere", ""])
 def test_real_sidekiq_jobs_are_taken_in_order(
-    clean_sandbox: Sandbox,
-    tmp_path: Path,
-    redis_server: RedisServer,
-    redis: Redis,
-    namespace_yaml: str,
+    tmp_path: Path, redis_server: RedisServer, redis: Redis, namespace: str
 ) -> None:
-    settings = settings_for(
-        clean_sandbox, tmp_path, yaml=f"redis_url: {redis_server.url}\n{namespace_yaml}"
-    )
+    settings = redis_only_settings(tmp_path, redis_server.url, namespace=namespace)
     assert settings.namespace in {"atmosphere", "air"}
     images = [f"6f3c9a0e-1111-2222-3333-44445555666{i}" for i in range(3)]
     jids = [push(settings, [image, "site-b"]) for image in images]
@@ -150,7 +150,8 @@ LEGACY_PAYLOADS = {
 }  # fmt: skip
 
 
-def test_legacy_payload_shapes_are_accepted(settings: Settings, redis: Redis) -> None:
+def test_legacy_payload_shapes_are_accepted(redis_settings: Settings, redis: Redis) -> None:
+    settings = redis_settings
     keys = Keys(settings.namespace)
     for body in LEGACY_PAYLOADS.values():
         redis.lpush(keys.queue(migration_queue("site-a")), json.dumps(body))
@@ -182,8 +183,9 @@ MALFORMED = [
 
 
 def test_malformed_payloads_are_dead_lettered_and_reported(
-    settings: Settings, redis: Redis, atmosphere: sidekiq.FeedbackServer
+    redis_settings: Settings, redis: Redis, atmosphere: sidekiq.FeedbackServer
 ) -> None:
+    settings = redis_settings
     keys = Keys(settings.namespace)
     source = keys.queue(migration_queue("site-a"))
     for raw, _, _ in MALFORMED:
@@ -211,8 +213,9 @@ def test_malformed_payloads_are_dead_lettered_and_reported(
 
 
 def test_status_lines_reach_a_real_sidekiq_server(
-    settings: Settings, redis: Redis, atmosphere: sidekiq.FeedbackServer
+    redis_settings: Settings, redis: Redis, atmosphere: sidekiq.FeedbackServer
 ) -> None:
+    settings = redis_settings
     sink = AtmosphereSink(redis, Keys(settings.namespace), IMAGE, "site-a", "site-b")
     texts = ["Migration started", "Transferring: 5% (x)", "Transferring: 8% (x)",
              "Transferring: 50% (x)", "Transfered", "Registered", "zażółć ✓"]  # fmt: skip
@@ -251,11 +254,9 @@ def test_recovers_a_job_taken_but_not_handed_over(
     assert sum(text.startswith("Migration started") for text in received) == 1
 
 
-def test_redis_restart_is_waited_out(
-    clean_sandbox: Sandbox, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_redis_restart_is_waited_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with RedisServer(tmp_path / "redis") as server:
-        settings = settings_for(clean_sandbox, tmp_path, yaml=f"redis_url: {server.url}\n")
+        settings = redis_only_settings(tmp_path, server.url)
         service = Service(settings, server.client(), sleep=lambda s: time.sleep(min(s, 0.05)))
         service.run_once()
         server.stop()
@@ -329,7 +330,8 @@ def test_a_job_end_to_end_through_the_service(
     )
 
 
-def test_sigterm_stops_the_service(settings: Settings, redis: Redis) -> None:
+def test_sigterm_stops_the_service(redis_settings: Settings, redis: Redis) -> None:
+    settings = redis_settings  # needs only Redis
     env = {**os.environ, "MIGRATIO_CONFIG": str(settings.config_path)}
     proc = subprocess.Popen([sys.executable, "-m", "migratio", "run"], env=env)
     try:

@@ -259,11 +259,14 @@ def assert_never_two_at_once(redis: Redis, settings: Settings) -> int:
 
 
 def staged(where: Path) -> list[str]:
-    """What is in a staging directory, but for ``.link-<site>.json`` (what the transfers learnt
-    about the link, kept on purpose)."""
+    """What is in a staging directory but for what is kept there on purpose: the dot-files
+    (what was learnt about a link, a destination's project) and the shared cache of downloads
+    and conversions (:mod:`migratio.staging`, which evicts its own entries)."""
     if not where.exists():
         return []
-    return sorted(p.name for p in where.iterdir() if not p.name.startswith(".link-"))
+    return sorted(
+        p.name for p in where.iterdir() if not p.name.startswith(".") and p.name != "cache"
+    )
 
 
 def assert_no_staging(sb: Sandbox, settings: Settings) -> None:

@@ -221,6 +221,11 @@ def test_check_proves_redis(tmp_path: Path, tls_redis: RedisServer) -> None:
     [failed] = [line for line in done.stdout.splitlines() if line.startswith("FAILED   Redis")]
     assert "(BLMOVE): permission denied" in failed and "'blmove'" in failed
     assert PASSWORD not in done.stdout + done.stderr
+    # run stops at once on it, with that line (waiting would not fix an ACL)
+    done = migratio("--config", str(config), "run")
+    assert done.returncode == 69
+    assert "(BLMOVE): permission denied" in done.stderr and "Traceback" not in done.stderr
+    assert PASSWORD not in done.stdout + done.stderr
 
 
 # -- Atmosphere and migratio on the same TLS + ACL Redis -------------------------------------

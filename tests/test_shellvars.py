@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from migratio.errors import ConfigError
 from migratio.shellvars import parse_shell_file
@@ -192,3 +195,67 @@ def test_what_would_run_is_refused_without_echoing_values(
     assert SECRET not in info.value.message
     assert "zq9" not in info.value.message
     assert not marker.exists()
+
+
+# -- generated files: the same meaning as bash, line after line ------------------------------
+
+_PLAIN = st.text(alphabet="abcXYZ019/._:,=+-@%^", min_size=1, max_size=6)
+_REF = st.sampled_from(["$FOO", "${FOO}", "$SPACED", "$EMPTY", "$UNSET", "${UNSET:-d}",
+                        "${FOO:-d}", "${EMPTY-d}", "${FOO:+a}", "$A", "${B}", "$HOME"])  # fmt: skip
+_SINGLE = st.text(alphabet='ab $`\\"#;&|()~*\n', max_size=6).map(lambda t: f"'{t}'")
+_DOUBLE = st.lists(
+    st.one_of(
+        st.text(alphabet="ab #';&|()~*{},\n", min_size=1, max_size=4),
+        st.sampled_from(["\\$", '\\"', "\\\\", "\\a", "\\\n", "$FOO", "${UNSET:-x y}", "$"]),
+    ),
+    max_size=4,
+).map(lambda parts: '"' + "".join(parts) + '"')
+_ESCAPED = st.sampled_from(["\\ ", "\\#", "\\$", "\\'", '\\"', "\\\\", "\\;", "\\~", "\\*"])
+_ANSI_C = st.sampled_from(["$'a\\tb'", "$'\\x41\\101\\7'", "$'it\\'s'", "$'\\\\ \\q'", "$''"])
+_VALUE = st.lists(
+    st.one_of(
+        _PLAIN,
+        _REF,
+        _SINGLE,
+        _DOUBLE,
+        _ESCAPED,
+        _ANSI_C,
+        st.sampled_from(["~", "~/", ":~/x", "#", "~root", "~root/x"]),
+    ),
+    max_size=5,
+).map("".join)
+_ASSIGN = st.tuples(st.sampled_from(["A", "B", "OS_PASSWORD", "PATH", "FOO"]),
+                    st.sampled_from(["=", "+="]), _VALUE).map("".join)  # fmt: skip
+_LINE = st.one_of(
+    st.lists(_ASSIGN, min_size=1, max_size=3).map(" ".join),
+    st.lists(_ASSIGN, min_size=1, max_size=3).map(lambda a: "export " + " ".join(a)),
+    st.sampled_from(["unset A", "unset FOO B", "export A", "# comment", "", "  \t"]),
+    st.tuples(_ASSIGN, st.sampled_from([" # note", " #x", "#x"])).map("".join),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(_LINE, min_size=1, max_size=4))
+def test_generated_files_mean_what_they_mean_to_bash(lines: list[str]) -> None:
+    """Whatever the parser accepts, bash gives the same environment (bash runs with no PATH in
+    an empty directory, so a line the parser wrongly took for settings could run nothing)."""
+    text = "\n".join(lines) + "\n"
+    environ = {**ENVIRON, "PATH": ""}
+    try:
+        parsed = parse_shell_file(text, source="f", environ=environ)
+    except ConfigError:
+        return  # refused: never given to bash (it might run something)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "creds"
+        path.write_text(text)
+        done = subprocess.run(
+            ["/bin/bash", "-c", 'set -a; . "$1" && /usr/bin/env -0', "bash", str(path)],
+            env=environ,
+            cwd=tmp,
+            capture_output=True,
+            check=False,
+        )
+    assert done.returncode == 0, (text, done.stderr)
+    pairs = (entry.split("=", 1) for entry in done.stdout.decode().split("\0") if entry)
+    expected = {key: value for key, value in pairs if key not in BASH_OWN}
+    assert parsed.environment == expected, text

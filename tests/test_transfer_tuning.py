@@ -94,12 +94,16 @@ def test_auto_does_not_compress_random_data(clean_sandbox: Sandbox, tmp_path: Pa
 def test_auto_chooses_by_the_link_rate_it_reached(tmp_path: Path, os_like: Path) -> None:
     history = LinkHistory(tmp_path)
     assert history.rate("site-x") is None
-    assert choose("auto", os_like, None).algorithm == "lz4"
-    history.record("site-x", 400 * MiB, 10.0, capped=False)  # 42 MB/s: a WAN
-    assert choose("auto", os_like, history.rate("site-x")).algorithm == "zstd"
-    history.record("site-x", 4000 * MiB, 5.0, capped=False)  # 840 MB/s: a LAN
+    assert choose("auto", os_like, None, idle_cores=2).algorithm == "lz4"
+    history.record("site-x", 400 * MiB, 10.0, capped=False, compressed=False)  # 42 MB/s: a WAN
+    assert choose("auto", os_like, history.rate("site-x"), idle_cores=2).algorithm == "zstd"
+    # ... but not on a machine without a core to spare
+    busy = choose("auto", os_like, history.rate("site-x"), idle_cores=0.3)
+    assert busy.algorithm == "lz4" and "no core to spare" in busy.reason
+    history.record("site-x", 4000 * MiB, 5.0, capped=False, compressed=False)  # a LAN
     assert choose("auto", os_like, history.rate("site-x")).algorithm == "none"
-    history.record("site-x", 40 * MiB, 10.0, capped=True)  # held back by BWLIMIT: ignored
+    history.record("site-x", 40 * MiB, 10.0, capped=True, compressed=False)  # BWLIMIT: ignored
+    history.record("site-x", 40 * MiB, 10.0, capped=False, compressed=True)  # the compressor's
     assert history.rate("site-x") == pytest.approx(4000 * MiB / 5.0)
     assert choose("zstd", tmp_path / "not-read", 1e12).algorithm == "zstd"
 
@@ -271,6 +275,6 @@ def test_several_streams_deliver_the_image_and_resume(
 
 
 def test_auto_takes_a_long_round_trip_for_a_wan(tmp_path: Path, os_like: Path) -> None:
-    assert choose("auto", os_like, None, 0.0002).algorithm == "lz4"
-    assert choose("auto", os_like, None, 0.020).algorithm == "zstd"
-    assert choose("auto", os_like, 800e6, 0.020).algorithm == "none"  # what it reached wins
+    assert choose("auto", os_like, None, 0.0002, idle_cores=2).algorithm == "lz4"
+    assert choose("auto", os_like, None, 0.020, idle_cores=2).algorithm == "zstd"
+    assert choose("auto", os_like, 800e6, 0.020, idle_cores=2).algorithm == "none"

@@ -29,7 +29,7 @@ from tests.sandbox.images import make_qcow2
 from tests.sandbox.ports import free_port, wait_port
 from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
-from tests.support import settings_for
+from tests.support import redis_only_settings, settings_for
 
 from migratio import metrics
 from migratio.cli import main
@@ -333,9 +333,9 @@ def test_metrics_endpoint_during_a_real_migration(
 
 
 def test_metrics_collector_reads_counters_from_every_process(
-    tmp_path: Path, clean_sandbox: Sandbox, redis_server: RedisServer, redis: Redis
+    tmp_path: Path, redis_server: RedisServer, redis: Redis
 ) -> None:
-    settings = settings_for(clean_sandbox, tmp_path, yaml=f"redis_url: {redis_server.url}\n")
+    settings = redis_only_settings(tmp_path, redis_server.url)
     keys = Keys(settings.namespace)
     for seconds in (5.0, 45.0, 50000.0):  # as three work-horses would, each its own client
         metrics.count_attempt(
@@ -383,24 +383,22 @@ def test_metrics_collector_reads_counters_from_every_process(
         ("log_keep_days: -1\n", "'log_keep_days' must be a whole number"),
     ],
 )
-def test_bad_metrics_and_log_settings(
-    clean_sandbox: Sandbox, tmp_path: Path, yaml: str, reason: str
-) -> None:
+def test_bad_metrics_and_log_settings(tmp_path: Path, yaml: str, reason: str) -> None:
     with pytest.raises(ConfigError, match=reason):
-        settings_for(clean_sandbox, tmp_path, yaml=yaml)
+        redis_only_settings(tmp_path, "redis://127.0.0.1:6379/0", yaml=yaml)
 
 
-def test_metrics_default_off_and_busy_port_is_a_config_error(
-    clean_sandbox: Sandbox, tmp_path: Path
-) -> None:
-    settings = settings_for(clean_sandbox, tmp_path)
+def test_metrics_default_off_and_busy_port_is_a_config_error(tmp_path: Path) -> None:
+    settings = redis_only_settings(tmp_path, "redis://127.0.0.1:6379/0")
     assert settings.metrics_port is None and settings.log_keep_days == 90
     metrics.serve(settings)  # off: nothing listens, nothing fails
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        settings = settings_for(clean_sandbox, tmp_path, yaml=f"metrics_port: {taken}\n")
+        settings = redis_only_settings(
+            tmp_path, "redis://127.0.0.1:6379/0", yaml=f"metrics_port: {taken}\n"
+        )
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{taken}"):
             metrics.serve(settings)
 

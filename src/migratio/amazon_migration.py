@@ -22,6 +22,7 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,6 +152,8 @@ class AmazonMigration:
     made_image: str | None = None
     #: raises when this attempt may no longer touch the site (see migratio.lease)
     fence: Callable[[], None] = lambda: None
+    #: the staging cache entries this run uses (held until the end of the run)
+    staged: ExitStack = field(default_factory=ExitStack)
 
     @property
     def me(self) -> str:
@@ -283,7 +286,7 @@ class AmazonMigration:
         self.remove_leftover_snapshots(image)
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            local = self.source.inspected_bytes(image, self.workdir)
+            local = self.staged.enter_context(self.source.inspected_bytes(image, self.cancel))
             if self.site.upload_method == "vmimport":
                 ami_id, sent = self.by_vm_import(image, local)
             else:
@@ -292,6 +295,7 @@ class AmazonMigration:
             self.clean_up()
             raise
         finally:
+            self.staged.close()  # the cache entries this job used may go now
             shutil.rmtree(self.workdir, ignore_errors=True)
         self.status(f"{status.REGISTERED_IMAGE} {ami_id} in {self.site.region}")
         return MigrationResult(Outcome.MIGRATED, ami_id, sent)
@@ -305,22 +309,16 @@ class AmazonMigration:
                 quietly(self.delete_snapshot, snapshot_id)
 
     def convert(self, image: ImageRecord, local: Path, target_format: str) -> Path:
-        """``local`` as ``target_format``: a new file in the work dir (``local`` if already raw).
+        """``local`` as ``target_format`` (``local`` if already raw), from the staging cache.
 
-        A VMDK is always written anew: VM Import wants the stream-optimized kind.
+        A VMDK is always written anew from the image: VM Import wants the stream-optimized kind.
         """
         if image.disk_format == target_format == "raw":
             return local
-        target = self.workdir / f"{image.id}.{target_format}"
-        qemu_img.convert(
-            local,
-            str(image.disk_format),
-            target,
-            target_format,
-            timeout=self.settings.command_timeout,
-            cancel=self.cancel,
+        entry = self.staged.enter_context(
+            self.source.converted(image, local, target_format, self.cancel)
         )
-        return target
+        return entry.path
 
     # 4, EBS direct APIs
     def by_ebs_snapshot(self, image: ImageRecord, local: Path) -> tuple[str, int]:

@@ -23,7 +23,7 @@ from migratio.lease import Lease
 from migratio.logs import setup_logging
 from migratio.operations import retry_failed
 from migratio.overview import overview
-from migratio.redis_client import check_version, describe, is_outage, redis_errors, version
+from migratio.redis_client import describe, is_outage, probe, redis_errors
 from migratio.request import MigrationRequest, Outcome
 from migratio.service import (
     Service,
@@ -272,13 +272,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``migratio run`` (also ``migratio-run``)."""
     settings = _settings(args, log_level=logging.INFO)
     redis = connect(settings)
-    try:
-        with redis_errors(settings.redis_url, "starting"):
-            found = version(redis)
-        check_version(found, settings.redis_url)
+    try:  # what check proves of Redis: login, version, the keys, BLMOVE
+        for _ in probe(redis, settings.redis_url, settings.namespace, settings.name):
+            pass
     except RedisFailure as exc:
         if not is_outage(exc.__cause__):
-            raise  # a password, a certificate, an old Redis: waiting will not fix it
+            raise  # a password, a certificate, an ACL, an old Redis: waiting will not fix it
         # unreachable: the service waits it out (and says so once)
     for warning in settings.warnings:
         log.warning("%s", warning)

@@ -34,6 +34,10 @@ DEFAULT_NAMESPACE = "air"
 DEFAULT_IMAGES_DIR = "/var/lib/glance/images"
 #: as the original's logrotate example: daily, 90 kept
 DEFAULT_LOG_KEEP_DAYS = 90
+#: seconds an unused staging cache entry is kept (for jobs of the same image that come later)
+DEFAULT_STAGING_KEEP = 3600.0
+#: migrations to one destination that run at once (a site file's MAX_PARALLEL)
+DEFAULT_MAX_PARALLEL = 2
 DEFAULT_CIPHERS = (
     "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-gcm@openssh.com,aes128-ctr"
 )
@@ -174,6 +178,8 @@ class OpenStackSite:
     bwlimit: int | None = None
     #: rsync streams at once over ranges of the file (None: auto, from the round trip)
     streams: int | None = None
+    #: migrations to this site that run at once, whatever the number of workers
+    max_parallel: int = DEFAULT_MAX_PARALLEL
     kind: Literal["openstack"] = "openstack"
 
 
@@ -210,6 +216,8 @@ class AmazonSite:
     snapshot_timeout: float = 3600.0
     import_timeout: float = 4 * 3600.0
     poll_interval: float = 15.0
+    #: migrations to this site that run at once, whatever the number of workers
+    max_parallel: int = DEFAULT_MAX_PARALLEL
     kind: Literal["amazon"] = "amazon"
 
 
@@ -243,6 +251,10 @@ class Settings:
     metrics_address: str = "127.0.0.1"
     #: daily log files kept (0: never rotate; leave it to logrotate)
     log_keep_days: int = DEFAULT_LOG_KEEP_DAYS
+    #: the staging cache's bound in bytes (None: only the disk's free space)
+    staging_max_bytes: int | None = None
+    #: seconds an unused staging cache entry is kept for later jobs
+    staging_keep: float = DEFAULT_STAGING_KEEP
 
     #: site files that failed to load: site id → the error (only that site's jobs fail)
     broken_sites: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
@@ -348,6 +360,8 @@ def load_settings(config_path: Path | None = None) -> Settings:
         metrics_port=_port(path, "metrics_port", raw.get("metrics_port")),
         metrics_address=_address(path, key("metrics_address", "127.0.0.1")),
         log_keep_days=_count(path, "log_keep_days", key("log_keep_days", DEFAULT_LOG_KEEP_DAYS)),
+        staging_max_bytes=_bytes(path, "staging_max_bytes", raw.get("staging_max_bytes")),
+        staging_keep=_number(path, "staging_keep", key("staging_keep", DEFAULT_STAGING_KEEP)),
     )
     unknown = [
         f"{path}: unknown key {name!r} ({_nearest(str(name), raw.read)})"
@@ -430,6 +444,8 @@ SITE_KEYS = frozenset(
         "UPLOAD_METHOD", "UPLOAD_CONCURRENCY", "S3_BUCKET", "S3_PREFIX", "VMIMPORT_ROLE",
         "DEFAULT_ARCHITECTURE", "DEFAULT_BOOT_MODE", "VOLUME_TYPE", "SNAPSHOT_TIMEOUT",
         "IMPORT_TIMEOUT", "POLL_INTERVAL",
+        # both
+        "MAX_PARALLEL",
     }
 )  # fmt: skip
 
@@ -495,7 +511,17 @@ def _site_from_values(site_id: str, path: Path, values: Mapping[str, str]) -> Si
         compress=compress,  # type: ignore[arg-type]  # checked above
         bwlimit=bwlimit,
         streams=streams,
+        max_parallel=_max_parallel(values, path),
     )
+
+
+def _max_parallel(values: Mapping[str, str], path: Path) -> int:
+    text = values.get("MAX_PARALLEL") or str(DEFAULT_MAX_PARALLEL)
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise ConfigError(
+            f"{path}: MAX_PARALLEL must be a whole number from 1 to 1000, not {text!r}"
+        )
+    return int(text)
 
 
 _RATE = re.compile(r"(\d+(?:\.\d+)?)\s*(k|m|g|kbit|mbit|gbit)?(?:/s)?", re.IGNORECASE)
@@ -593,6 +619,7 @@ def _amazon_site(site_id: str, path: Path, values: Mapping[str, str]) -> AmazonS
         snapshot_timeout=number("SNAPSHOT_TIMEOUT", 3600, 0.1, 7 * 86400),
         import_timeout=number("IMPORT_TIMEOUT", 4 * 3600, 0.1, 7 * 86400),
         poll_interval=number("POLL_INTERVAL", 15, 0.01, 3600),
+        max_parallel=_max_parallel(values, path),
     )
 
 
@@ -725,6 +752,23 @@ def _address(path: Path, value: Any) -> str:
             f"{path}: 'metrics_address' must be an IP address to listen on "
             f"(127.0.0.1, 0.0.0.0, ::), not {value!r}"
         ) from None
+
+
+_BYTE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _bytes(path: Path, name: str, value: Any) -> int | None:
+    """A size in bytes: a whole number, or one with a K/M/G/T suffix (powers of 1024)."""
+    if value is None:
+        return None
+    text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in _BYTE_UNITS else ""
+    number = text[: len(text) - len(unit)].strip()
+    if isinstance(value, bool) or not number.isdigit() or int(number) == 0:
+        raise ConfigError(
+            f"{path}: '{name}' must be a size in bytes such as 50G or 53687091200, not {value!r}"
+        )
+    return int(number) * _BYTE_UNITS[unit]
 
 
 def _count(path: Path, name: str, value: Any) -> int:

@@ -127,6 +127,10 @@ class Cancelled(MigratioError):
     retryable = True
 
 
+class StagingFullError(MigratioError):
+    """The image does not fit in the staging cache (``staging_max_bytes``) or its disk."""
+
+
 class AwsError(MigratioError):
     """An Amazon Web Services call failed (EC2, EBS direct APIs, S3, VM Import)."""
 

@@ -22,7 +22,8 @@ from keystoneauth1 import session, token_endpoint
 from keystoneauth1.identity import generic
 
 from migratio.config import OpenStackCredentials
-from migratio.errors import GlanceError, VerificationError
+from migratio.copies import PROBE_FIELDS
+from migratio.errors import GlanceError, VerificationError, quietly
 from migratio.hashing import BLOCK, Digests, Readable, VerifyingReader
 from migratio.images import ImageRecord
 
@@ -85,7 +86,8 @@ class GlanceApi:
 
         self.creds = creds
         self.where = creds.image_url or creds.auth_url or creds.source
-        kwargs: dict[str, Any] = {"session": make_session(creds, timeout=timeout)}
+        self.session = make_session(creds, timeout=timeout)
+        kwargs: dict[str, Any] = {"session": self.session}
         if not creds.uses_token:
             kwargs["interface"] = creds.interface
             if creds.region_name:
@@ -183,6 +185,19 @@ class GlanceApi:
         reader = VerifyingReader(stream, expected, on_progress)
         with self._errors(f"uploading the data of image {image_id}"):
             self.client.images.upload(image_id, reader, image_size=expected.size)
+
+    def own_project(self) -> str | None:
+        """The project images made here belong to: the session's, else a probe image's."""
+        if not self.creds.uses_token:
+            with self._errors("asking Keystone for the project"):
+                project = self.session.get_project_id()
+            if project:
+                return str(project)
+        probe = self.create(PROBE_FIELDS)
+        try:
+            return probe.owner
+        finally:
+            quietly(self.delete, probe.id)
 
     def check_fields(self, image_id: str, fields: Mapping[str, Any]) -> None:
         """Nothing to refuse: the API carries any name and property exactly."""

@@ -12,7 +12,8 @@ from typing import Any
 
 from migratio import processes
 from migratio.config import OpenStackSite
-from migratio.errors import MetadataError, RemoteError
+from migratio.copies import PROBE_FIELDS
+from migratio.errors import MetadataError, RemoteError, quietly
 from migratio.images import ImageRecord
 from migratio.ssh import SshClient
 
@@ -130,6 +131,15 @@ class RemoteGlance:
             args.append(f"--property-filter={key}={value}")
         ids = parse_ids(self._run("image-list", *args).stdout)
         return [image for image in (self.get(i) for i in ids) if image is not None]
+
+    def own_project(self) -> str | None:
+        """The project images made there belong to: a probe image's (made and deleted)."""
+        made = self._run("image-create", *self.create_args(PROBE_FIELDS))  # stdin closed: no data
+        probe = ImageRecord.from_glance(parse_table(made.stdout))
+        try:
+            return probe.owner
+        finally:
+            quietly(self.delete, probe.id)
 
     def check_fields(self, image_id: str, fields: Mapping[str, Any]) -> None:
         """Refuse, before anything is sent, what ``--property KEY=VALUE`` cannot carry."""

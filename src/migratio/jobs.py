@@ -5,18 +5,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import timedelta
+from contextlib import AbstractContextManager, nullcontext
 from functools import cache
 
 from redis.exceptions import RedisError
-from rq import Queue, Retry, get_current_job
+from rq import get_current_job
 from rq.job import Job
-from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
 from migratio import metrics
 from migratio.config import Settings, load_settings
 from migratio.errors import MigratioError
+from migratio.fair_share import DestinationShare, first_job, wait_off_worker
 from migratio.feedback import AtmosphereSink
 from migratio.keys import Keys
 from migratio.lease import Lease
@@ -63,31 +63,33 @@ def _no_more_retries() -> None:
         job.save()
 
 
-def wait_for_pair(job: Job, holder: str | None, delay: int = BUSY_DELAY) -> Job:
-    """Run ``job`` again in ``delay`` seconds as a new job (the pair's lease is taken).
+def _destination_turn(
+    job: Job, settings: Settings, destination: str, sink: StatusSink
+) -> AbstractContextManager[None] | None:
+    """A slot to ``destination`` (see :mod:`migratio.fair_share`), or None: the job waits.
 
-    The new job keeps the kind, arguments, timeouts and retries left; its id is the first
-    job's id with ``-wN`` (the N-th wait), so ``migratio status`` shows what it waits for.
+    A destination that cannot be loaded has no cap here: the migration says what is wrong.
     """
-    waits = int(job.meta.get("waits", 0)) + 1
-    first = str(job.meta.get("first_job", job.id))
-    queue = Queue(job.origin, connection=job.connection, serializer=JSONSerializer)
-    retry = None
-    if job.retries_left:
-        retry = Retry(max=job.retries_left, interval=list(job.retry_intervals or [0]))
-    meta = {k: v for k, v in job.meta.items() if k not in {"status", "status_at", "error"}}
-    return queue.enqueue_in(
-        timedelta(seconds=delay),
-        "migratio.jobs.run_migration",
-        kwargs=job.kwargs,
-        job_id=f"{first}-w{waits}",
-        description=job.description,
-        job_timeout=job.timeout,
-        result_ttl=job.result_ttl,
-        failure_ttl=job.failure_ttl,
-        retry=retry,
-        meta={**meta, "waits": waits, "first_job": first, "waiting_for": holder},
+    try:
+        cap = settings.site(destination).max_parallel
+    except MigratioError:
+        return nullcontext()
+    share = DestinationShare(
+        job.connection, Keys(settings.namespace), settings.name, destination, cap
     )
+    first, arrival = first_job(job)
+    turn = share.take(first, arrival)
+    if turn.took:
+        return share.held(first)
+    reason = (
+        f"{turn.running} migrations to {destination} are running (MAX_PARALLEL={cap}), "
+        f"{turn.ahead} waiting ahead of this one"
+    )
+    again = wait_off_worker(job, reason)
+    log.info("waiting for a slot: %s; again as job %s", reason, again.id)
+    if not job.meta.get("waits"):
+        sink(f"Waiting: {reason}")
+    return None
 
 
 def run_sweep() -> str:
@@ -103,19 +105,30 @@ def run_sweep() -> str:
 def _leased(
     job: Job, settings: Settings, request: MigrationRequest, kind: str, sink: StatusSink
 ) -> MigrationResult | None:
-    """Migrate under the pair's lease; None when another attempt holds it (the job waits)."""
+    """Migrate under the pair's lease and in the destination's turn; None when the job waits
+    for either (off its worker: it is run again later)."""
     image_id, destination = request.image_id, request.destination
     keys = Keys(settings.namespace)
     lease = Lease(job.connection, keys, settings.name, image_id, destination, job_id=job.id)
     if not lease.acquire():
         holder = lease.holder()
-        wait_for_pair(job, holder)
-        log.info("%s to %s is being migrated (%s); waiting", image_id, destination, holder)
+        again = wait_off_worker(job, f"the migration {holder} of the same image", BUSY_DELAY)
+        log.info(
+            "%s to %s is being migrated (%s); again as %s", image_id, destination, holder, again.id
+        )
         if not job.meta.get("waits"):
             sink(f"Waiting: another migration of image {image_id} to {destination} is running")
         return None
+    try:
+        turn = _destination_turn(job, settings, destination, sink)
+    except BaseException:
+        lease.release()
+        raise
+    if turn is None:
+        lease.release()
+        return None
     cancel = threading.Event()
-    with lease.held(cancel) as held:
+    with lease.held(cancel) as held, turn:
         return migrate(
             settings,
             request,

@@ -59,6 +59,18 @@ class Keys:
         """A stream of every lease taken, renewed, released or lost (for operators and tests)."""
         return self.key(f"migratio:leases:{site_id}")
 
+    def running(self, site_id: str, destination: str) -> str:
+        """The migrations to ``destination`` running now (a sorted set: job → slot expiry)."""
+        return self.key(f"migratio:running:{site_id}:{destination}")
+
+    def waiting(self, site_id: str, destination: str) -> str:
+        """The migrations to ``destination`` waiting for a slot (a sorted set: job → arrival)."""
+        return self.key(f"migratio:waiting:{site_id}:{destination}")
+
+    def waiting_seen(self, site_id: str, destination: str) -> str:
+        """When each waiting migration to ``destination`` last asked for a slot."""
+        return self.key(f"migratio:waiting-seen:{site_id}:{destination}")
+
     def metrics(self, site_id: str) -> str:
         """migratio's counters for Prometheus (a hash every worker process adds to)."""
         return self.key(f"migratio:metrics:{site_id}")

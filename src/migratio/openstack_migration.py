@@ -20,7 +20,8 @@ import shutil
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +29,7 @@ from migratio import compression, qemu_img, rsync, status
 from migratio.bandwidth import ThrottledReader
 from migratio.compression import LinkHistory
 from migratio.config import OpenStackSite, Settings
+from migratio.copies import Owners, why_not_ours
 from migratio.errors import (
     ConfigError,
     MetadataError,
@@ -38,8 +40,8 @@ from migratio.errors import (
 )
 from migratio.glance_api import GlanceApi
 from migratio.glance_cli import RemoteGlance, parse_table
-from migratio.hashing import Digests, file_digests
-from migratio.images import LINK_PROPERTIES, SOURCE_HASH, ImageRecord
+from migratio.hashing import Digests
+from migratio.images import CONVERTED_HASH, LINK_PROPERTIES, SOURCE_HASH, ImageRecord
 from migratio.request import MigrationRequest, MigrationResult, Outcome
 from migratio.source_site import SourceSite
 from migratio.status import Progress, StatusSink, human_bytes
@@ -59,6 +61,7 @@ class Destination(Protocol):
     def get(self, image_id: str) -> ImageRecord | None: ...
     def find(self, **filters: str) -> list[ImageRecord]: ...
     def delete(self, image_id: str) -> None: ...
+    def own_project(self) -> str | None: ...
     def check_fields(self, image_id: str, fields: Mapping[str, Any]) -> None: ...
     def readback(self, text: str) -> str: ...
 
@@ -77,6 +80,8 @@ class Migration:
     cancel: threading.Event
     #: raises when this attempt may no longer touch the destination (see migratio.lease)
     fence: Callable[[], None] = lambda: None
+    #: the staging cache entries this run uses (held until the end of the run)
+    staged: ExitStack = field(default_factory=ExitStack)
 
     @property
     def me(self) -> str:
@@ -92,52 +97,49 @@ class Migration:
         return fenced
 
     # 2
+    @property
+    def owners(self) -> Owners:
+        return Owners(self.settings.staging_dir)
+
+    def own_project(self) -> str | None:
+        """The project migratio registers into at the destination (learned once, then kept)."""
+        return self.owners.get(self.site.site_id, self.site.path, self.destination.own_project)
+
     def existing_copy(self, image: ImageRecord, target_format: str) -> ImageRecord | None:
-        converting = target_format != image.disk_format
-        by_hash = not converting and image.os_hash_value
-        # the lookups are independent: on a remote CLI each costs a Python start-up
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            linked = pool.submit(self.destination.find, source_uuid=image.id)
-            same_hash = (
-                pool.submit(self.destination.find, os_hash_value=str(image.os_hash_value))
-                if by_hash
-                else None
-            )
-            copies = linked.result()
-            hash_copies = same_hash.result() if same_hash is not None else []
-        self.delete_leftovers(copies)
-        for copy in copies:
-            if copy.status != "active":
-                continue
-            if converting:
-                same = (
-                    copy.disk_format == target_format
-                    and copy.properties.get(SOURCE_HASH) == image.source_hash
+        """Our proven copy of the image there (:mod:`migratio.copies`), or None.
+
+        Unfinished copies an interrupted attempt of ours left are deleted on the way.
+        """
+        candidates = self.destination.find(source_uuid=image.id)
+        if not candidates:
+            return None
+        owner = self.own_project()
+        self.delete_leftovers(candidates)
+        found = None
+        for copy in candidates:
+            if copy.status in LEFTOVER_STATES and copy.owner == owner:
+                continue  # deleted above
+            why = why_not_ours(copy, image, me=self.me, owner=owner, target_format=target_format)
+            if why is None and found is None:
+                found = copy
+            elif why is not None:
+                log.info(
+                    "image %s at %s is not taken as the copy: %s", copy.id, self.site.site_id, why
                 )
-            else:
-                same = copy.digests.matches(image.digests)
-            if same:
-                return copy
-        for copy in hash_copies:
-            if copy.status == "active" and copy.digests.matches(image.digests):
-                return copy
-        return None
+        return found
 
     # 5
     def convert(self, image: ImageRecord, local: Path, target_format: str) -> tuple[Path, Digests]:
-        target = self.workdir / f"{image.id}.{target_format}"
-        qemu_img.convert(
-            local,
-            str(image.disk_format),
-            target,
-            target_format,
-            timeout=self.settings.command_timeout,
-            cancel=self.cancel,
+        """The image in ``target_format``: one conversion shared by every job of the image."""
+        entry = self.staged.enter_context(
+            self.source.converted(image, local, target_format, self.cancel)
         )
-        digests = file_digests(target, ("md5",))
-        size = target.stat().st_size
+        size = int(entry.meta["size"])
         self.status(f"Converted {image.disk_format} to {target_format} ({human_bytes(size)})")
-        return target, Digests(size=size, md5=digests["md5"])
+        sha512 = entry.meta.get("sha512")  # older cache entries have only md5
+        return entry.path, Digests(
+            size, str(entry.meta["md5"]), "sha512" if sha512 else None, sha512 or None
+        )
 
     # 7 (the record)
     def fields(self, image: ImageRecord, target_format: str) -> dict[str, Any]:
@@ -174,6 +176,7 @@ class Migration:
         if problem is not None or copy is None:
             self.destination.delete(image_id)
             raise VerificationError(f"the copy at {self.site.site_id} was deleted: {problem}")
+        self.owners.remember(self.site.site_id, self.site.path, copy.owner)
         different = self.metadata_difference(copy, fields)
         if different is not None:
             self.destination.delete(image_id)
@@ -233,10 +236,11 @@ class Migration:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            local = self.source.inspected_bytes(image, self.workdir)
+            local = self.staged.enter_context(self.source.inspected_bytes(image, self.cancel))
             payload, digests = local, image.digests
             if target_format != image.disk_format:
                 payload, digests = self.convert(image, local, target_format)
+                fields[CONVERTED_HASH] = digests.to_text()
             if self.site.register == "api":
                 assert isinstance(self.destination, GlanceApi)
                 copy_id, sent = self.stream_to_api(payload, digests, fields)
@@ -246,6 +250,7 @@ class Migration:
                     self.destination, image, payload, digests, fields
                 )
         finally:
+            self.staged.close()  # the cache entries this job used may go now
             shutil.rmtree(self.workdir, ignore_errors=True)
         return MigrationResult(Outcome.MIGRATED, copy_id, sent)
 
@@ -322,6 +327,7 @@ class Migration:
             result.bytes_sent,
             result.seconds,
             capped=self.site.bwlimit is not None,
+            compressed=result.compress != "none",
         )
         return result
 
@@ -397,11 +403,17 @@ class Migration:
     def delete_leftovers(self, copies: list[ImageRecord]) -> None:
         """Delete unfinished copies that an interrupted attempt of ours left behind.
 
-        Only while this attempt holds the pair's lease (the fence): then no other attempt of
-        the pair is running, and every unfinished copy of ours is a dead attempt's.
+        Only in migratio's own project: another project's image is never deleted.
         """
+        if not any(copy.status in LEFTOVER_STATES for copy in copies):
+            return
+        owner = self.own_project()
         for copy in copies:
-            if copy.status in LEFTOVER_STATES and copy.properties.get("source_cs") == self.me:
+            if (
+                copy.status in LEFTOVER_STATES
+                and copy.properties.get("source_cs") == self.me
+                and copy.owner == owner
+            ):
                 self.fence()
                 log.info("deleting %s copy %s left by an interrupted attempt", copy.status, copy.id)
                 self.destination.delete(copy.id)

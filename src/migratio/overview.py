@@ -13,6 +13,8 @@ A job is in exactly one of these states, in the order it passes through them:
 * ``canceled``: canceled with RQ's tools;
 
 and ``dead_letters``: payloads refused because they cannot be understood, with the reason.
+A job waiting for its destination's fair share (``MAX_PARALLEL``) is ``scheduled`` as
+``<job>-wN``; ``destinations`` lists, for each busy destination, what runs and what waits.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from rq.registry import BaseRegistry
 from rq.serializers import JSONSerializer
 
 from migratio.config import Settings
+from migratio.fair_share import DestinationShare
 from migratio.keys import Keys, migration_queue
 from migratio.metrics import queue_depths
 from migratio.redis_client import redacted
 from migratio.service import rq_queue
-from migratio.sidekiq import BadPayload, parse_job
+from migratio.sidekiq import BadPayload, parse_job, printable
 
 #: jobs listed per state (the counts are always complete)
 SHOWN = 20
@@ -80,14 +83,21 @@ class Overview:
     counts: dict[str, int]
     jobs: list[JobView] = field(default_factory=list)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    #: the fair share of each busy destination: its MAX_PARALLEL, the first job ids of the
+    #: migrations to it that run, and those that wait for a slot (first arrived first)
+    destinations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """``migratio status --json``."""
         data = {"version": JSON_VERSION, **asdict(self)}
-        return json.dumps(data, indent=2, ensure_ascii=False)
+        # ASCII escapes: a payload's lone surrogate or terminal escape stays inert text
+        return json.dumps(data, indent=2)
 
     def lines(self) -> Iterator[str]:
-        """``migratio status``, for people."""
+        """``migratio status``, for people: every line printable, whatever a payload held."""
+        return (printable(line) for line in self._lines())
+
+    def _lines(self) -> Iterator[str]:
         yield f"site {self.site}, Redis {self.redis}, at {_when(self.time)}"
         titles = {
             "waiting": f"waiting in Atmosphere's queue ({self.queues['waiting']})",
@@ -111,6 +121,14 @@ class Overview:
         for entry in self.dead_letters:
             raw = str(entry.get("raw"))[:120]
             yield f"  {_when(entry.get('at'))}  {entry.get('reason')}: {raw}"
+        yield f"destinations with migrations running or waiting: {len(self.destinations)}"
+        for site_id, share in sorted(self.destinations.items()):
+            yield (
+                f"  {site_id}: {len(share['running'])} of MAX_PARALLEL={share['max_parallel']} "
+                f"running, {len(share['waiting'])} waiting"
+            )
+            for job_id in share["waiting"]:
+                yield f"    waits: {job_id}"
 
     def _detail(self, job: JobView) -> str:
         now = self.time
@@ -174,7 +192,24 @@ def overview(settings: Settings, redis: Redis, *, shown: int = SHOWN) -> Overvie
         counts={state: counts[state] for state in (*STATES, "dead_letters")},
         jobs=jobs,
         dead_letters=dead,
+        destinations=_shares(settings, redis),
     )
+
+
+def _shares(settings: Settings, redis: Redis) -> dict[str, dict[str, Any]]:
+    """The fair share of each destination with migrations running or waiting."""
+    keys = Keys(settings.namespace)
+    busy: dict[str, dict[str, Any]] = {}
+    for site_id, site in settings.sites.items():
+        share = DestinationShare(redis, keys, settings.name, site_id, site.max_parallel)
+        running, waiting = share.running(), share.waiting()
+        if running or waiting:
+            busy[site_id] = {
+                "max_parallel": site.max_parallel,
+                "running": running,
+                "waiting": waiting,
+            }
+    return busy
 
 
 def _registry_ids(registry: BaseRegistry, shown: int, *, newest_first: bool) -> list[str]:

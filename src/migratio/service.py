@@ -98,7 +98,6 @@ class Service:
         self.clock = clock
         self.sleep = sleep
         self.stop_requests = 0
-        self.recovered = False
         self.next_cleanup = 0.0
         self.retry_at = 0.0
         self.backoff = BACKOFF_START
@@ -124,10 +123,7 @@ class Service:
             self.sleep(min(self.retry_at - now, timeout))
             return
         try:
-            if not self.recovered:
-                self.intake.recover()
-                self.recovered = True
-            self.intake.run_once(timeout)
+            self.intake.run_once(timeout)  # first hands over again what an error left in flight
             if now >= self.next_cleanup:
                 self.maintain()
                 self.next_cleanup = now + CLEANUP_INTERVAL
@@ -137,6 +133,11 @@ class Service:
         except RedisError:
             # Redis answered, but not as expected: a bug, not an outage; say so loudly
             log.exception("unexpected Redis error; retrying in %.0f s", self.backoff)
+            self._back_off()
+            return
+        except Exception:
+            # a bug; the loop must go on (the intake hands over what is in flight next time)
+            log.exception("internal error in the service loop; retrying in %.0f s", self.backoff)
             self._back_off()
             return
         if self.outage_since is not None:

@@ -425,6 +425,8 @@ class _Parser:
             )
 
     def export(self, words: list[tuple[int, list[Piece], str]], line: int) -> None:
+        # bash expands every argument before export runs: `export A= B=$A` sees the old A
+        values: list[tuple[str, bool, str, int]] = []
         for word_line, pieces, raw in words:
             key = _assignment(pieces)
             if key:
@@ -434,7 +436,7 @@ class _Parser:
                         "several words; quote it",
                         word_line,
                     )
-                self.assign(pieces, word_line)
+                values.append((*self.evaluate(pieces, word_line), word_line))
                 continue
             plain = _plain(pieces)
             if plain is not None and plain.startswith("-"):
@@ -446,6 +448,8 @@ class _Parser:
                     word_line,
                 )
             # export NAME: already exported here (bash: set -a); nothing changes
+        for key, append, value, word_line in values:
+            self.store(key, append, value, word_line)
 
     def unset(self, words: list[tuple[int, list[Piece], str]], line: int) -> None:
         for word_line, pieces, _ in words:
@@ -463,6 +467,10 @@ class _Parser:
             self.result.unset.add(plain)
 
     def assign(self, pieces: list[Piece], line: int) -> None:
+        self.store(*self.evaluate(pieces, line), line)
+
+    def evaluate(self, pieces: list[Piece], line: int) -> tuple[str, bool, str]:
+        """An assignment word's variable, whether it appends (``+=``), and its value."""
         head = pieces[0]
         assert isinstance(head, Lit)
         match = _ASSIGNMENT.match(head.text)
@@ -477,7 +485,9 @@ class _Parser:
             raise self.error(
                 f"the value of {key}: {exc}; write the directory itself", line
             ) from None
-        value = self.expand(value_pieces, line, key)
+        return key, append, self.expand(value_pieces, line, key)
+
+    def store(self, key: str, append: bool, value: str, line: int) -> None:
         env = self.result.environment
         env[key] = env.get(key, "") + value if append else value
         self.result.assigned.pop(key, None)

@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from migratio import qemu_img
 from migratio.config import Settings
 from migratio.errors import ImageNotFoundError
 from migratio.glance_api import GlanceApi
+from migratio.hashing import file_digests
 from migratio.images import ImageRecord
 from migratio.inspection import inspect_image
+from migratio.staging import Entry, StagingCache, entry_name
 from migratio.status import Progress, StatusSink, human_bytes
 
 log = logging.getLogger(__name__)
@@ -45,8 +52,17 @@ class SourceSite:
             raise ImageNotFoundError(f"image {image.id} on site {self.name} has no data")
         return image
 
-    def local_bytes(self, image: ImageRecord, workdir: Path) -> Path:
-        """The image's file in the local file store, else a verified download into ``workdir``."""
+    @property
+    def cache(self) -> StagingCache:
+        """This host's staging cache, shared by every job (see :mod:`migratio.staging`)."""
+        return StagingCache(
+            self.settings.staging_dir / "cache",
+            self.settings.staging_max_bytes,
+            self.settings.staging_keep,
+        )
+
+    def stored_file(self, image: ImageRecord) -> Path | None:
+        """The image's file in the local file store, if it is there and readable."""
         stored = self.settings.images_dir / image.id
         try:
             if stored.is_file() and os.access(stored, os.R_OK):
@@ -56,17 +72,73 @@ class SourceSite:
                 log.warning("%s has the wrong size; downloading from Glance instead", stored)
         except OSError as exc:
             log.info("cannot use %s (%s); downloading from Glance", stored, exc)
-        path = workdir / f"{image.id}.{image.disk_format}"
-        size = image.size or 0
-        self.status(f"Downloading {human_bytes(size)} from Glance at {self.name}")
-        progress = Progress(
-            self.status, "Downloading", size, interval=self.settings.progress_interval
-        )
-        self.api.download_to(image, path, progress)
-        return path
+        return None
 
-    def inspected_bytes(self, image: ImageRecord, workdir: Path) -> Path:
+    @contextmanager
+    def local_bytes(self, image: ImageRecord, cancel: threading.Event) -> Iterator[Path]:
+        """The image's file in the file store, else a verified download in the staging cache.
+
+        The download is shared with every other job of the same image (and content) on this
+        host, and kept in the cache while the block runs.
+        """
+        stored = self.stored_file(image)
+        if stored is not None:
+            yield stored
+            return
+        size = image.size or 0
+
+        def download(target: Path) -> dict[str, Any]:
+            self.status(f"Downloading {human_bytes(size)} from Glance at {self.name}")
+            progress = Progress(
+                self.status, "Downloading", size, interval=self.settings.progress_interval
+            )
+            self.api.download_to(image, target, progress)
+            return {"image": image.id, "source_hash": image.source_hash, "made": "download"}
+
+        name = entry_name(image.id, image.source_hash, str(image.disk_format))
+        with self.cache.use(name, size, download, cancel=cancel) as entry:
+            yield entry.path
+
+    @contextmanager
+    def inspected_bytes(self, image: ImageRecord, cancel: threading.Event) -> Iterator[Path]:
         """:meth:`local_bytes`, checked to be what Glance says they are and safe to open."""
-        path = self.local_bytes(image, workdir)
-        inspect_image(path, str(image.disk_format))
-        return path
+        with self.local_bytes(image, cancel) as path:
+            inspect_image(path, str(image.disk_format))
+            yield path
+
+    @contextmanager
+    def converted(
+        self, image: ImageRecord, local: Path, target_format: str, cancel: threading.Event
+    ) -> Iterator[Entry]:
+        """``local`` (the image's inspected bytes) converted to ``target_format``, cached.
+
+        The conversion is made once per image, content and format on this host; its entry
+        records the ``size``, ``md5`` and ``sha512`` of the converted bytes.
+        """
+
+        def convert(target: Path) -> dict[str, Any]:
+            qemu_img.convert(
+                local,
+                str(image.disk_format),
+                target,
+                target_format,
+                timeout=self.settings.command_timeout,
+                cancel=cancel,
+            )
+            digests = file_digests(target, ("md5", "sha512"))  # sha512: converted_hash
+            return {"image": image.id, "source_hash": image.source_hash, **digests}
+
+        name = entry_name(image.id, image.source_hash, target_format)
+        with self.cache.use(
+            name, conversion_estimate(local, target_format), convert, cancel=cancel
+        ) as entry:
+            yield entry
+
+
+def conversion_estimate(local: Path, target_format: str) -> int:
+    """Disk space a conversion of ``local`` may take: a sparse raw file holds its data only.
+
+    Not exact (qcow2 compression, zero clusters): the cache counts the real size once made.
+    """
+    stat = local.stat()
+    return max(stat.st_size, stat.st_blocks * 512)

@@ -101,10 +101,14 @@ class Sweeper:
         from migratio.openstack_migration import destination_for  # noqa: PLC0415 (heavy)
 
         destination = destination_for(site, self.settings)
+        owner: str | None = None
         for copy in destination.find(source_cs=self.settings.name):
             image_id = copy.properties.get("source_uuid", "")
             if copy.status not in UNFINISHED or not image_id:
                 continue
+            owner = owner or destination.own_project()
+            if copy.owner != owner:
+                continue  # another project's image is never deleted
             with self.pair(image_id, site.site_id) as mine:
                 if mine:
                     destination.delete(copy.id)

@@ -47,7 +47,7 @@ def _data_runs(virtual_size: int, data_bytes: int) -> list[tuple[int, int]]:
 def make_raw(path: Path, *, virtual_size: int, data_bytes: int, seed: int = 0) -> Path:
     """A sparse raw disk of ``virtual_size`` bytes holding ``data_bytes`` of random data."""
     path = Path(path)
-    rng = random.Random(seed)  # noqa: S311 (reproducible test data, not crypto)
+    rng = random.Random(seed)
     with path.open("wb") as out:
         out.truncate(virtual_size)
         for offset, length in _data_runs(virtual_size, data_bytes):

@@ -15,7 +15,6 @@ from urllib.parse import urlencode
 
 from ._process import PortDaemon, child_env, spawn_logged, tail, wait_ready
 from .glance_server import glance_venv
-from .ports import LOOPBACK
 
 DEFAULT_KEYSTONE_VENV = Path("/opt/migratio-sandbox/keystone-venv")
 REGION = "RegionOne"
@@ -197,8 +196,9 @@ enabled = false
         wait for the API; return '' when ready, else an error text."""
         self._bootstrap()
         argv = [
+            *self._exec_prefix,
             str(self.venv / "bin" / "uwsgi"),
-            "--http-socket", f"{LOOPBACK}:{self.port}",
+            "--http-socket", f"{self.address}:{self.port}",
             "--module", "keystone.wsgi.api:application",
             "--master", "--processes", "1", "--threads", "4", "--enable-threads",
             "--die-on-term", "--need-app", "--lazy-apps",
@@ -222,7 +222,7 @@ enabled = false
         )
 
     def _ready(self) -> bool:
-        conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=2)
+        conn = http.client.HTTPConnection(self.address, self.port, timeout=2)
         try:
             conn.request("GET", "/v3")
             return conn.getresponse().status == 200

@@ -1,0 +1,176 @@
+"""MAX_PARALLEL: a fair share of the workers for each destination (real Redis, real service)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis
+from tests.sandbox import sidekiq
+from tests.sandbox.glance_server import TOKEN
+from tests.sandbox.images import make_raw
+from tests.sandbox.redis_server import RedisServer
+from tests.sandbox.site import Sandbox
+from tests.support import settings_for
+
+from migratio.cli import main
+from migratio.fair_share import DestinationShare
+from migratio.keys import OPENSTACK_MIGRATOR, Keys, migration_queue
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> Redis:
+    client = redis_server.client()
+    client.flushall()
+    return client
+
+
+def test_slots_are_capped_given_in_arrival_order_and_freed_by_expiry(redis: Redis) -> None:
+    share = DestinationShare(redis, Keys("atmosphere"), "site-a", "site-b", 2, slot_ttl=1.0)
+    assert share.take("j1", 1.0).took
+    assert share.take("j2", 2.0).took
+    later, earlier = share.take("j4", 4.0), share.take("j3", 3.0)
+    assert not later.took and not earlier.took
+    assert share.waiting() == ["j3", "j4"]  # by arrival, not by when they asked
+    assert earlier.running == 2
+    share.release("j1")
+    assert not share.take("j4", 4.0).took  # j3 arrived first: the free slot is its
+    assert share.take("j3", 3.0).took
+    assert sorted(share.running()) == ["j2", "j3"]
+    # a holder that stops renewing (its worker was killed) loses the slot by itself
+    time.sleep(1.2)
+    assert share.take("j4", 4.0).took
+    assert share.waiting() == []
+    assert share.take("j4", 4.0).took  # the same job again (a re-run after a kill) keeps it
+
+
+def attempts(log: str, images: list[str]) -> dict[str, list[tuple[float, float]]]:
+    """Per image: (start, end) of each attempt at migrating it (from worker.log).
+
+    An attempt starts at "Migration started" and ends at "Registered" (site-c, the source's own
+    Glance, finds the image itself there: "Requested image was uploaded") or an "Error" (the
+    sandbox Glance, on SQLite, refuses some concurrent uploads with a 500: those are retried).
+    """
+    stamp = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) "
+    pattern = (
+        stamp
+        + r".*\[job \S+ image (\S+)\] status: "
+        + r"(Migration started|Registered|Requested image was uploaded|Error)"
+    )
+    found: dict[str, list[tuple[float, float]]] = {image: [] for image in images}
+    started: dict[str, float] = {}
+    for when, image, what in re.findall(pattern, log):
+        if image not in found:
+            continue
+        at = datetime.strptime(when, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if what == "Migration started":
+            started[image] = at
+        elif image in started:
+            found[image].append((started.pop(image), at))
+    return found
+
+
+def active(images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [image for image in images if image["status"] == "active"]
+
+
+@pytest.mark.slow
+def test_max_parallel_through_the_service(
+    redis_server: RedisServer,
+    redis: Redis,
+    clean_sandbox: Sandbox,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sb = clean_sandbox
+    settings = settings_for(
+        sb,
+        tmp_path,
+        yaml=f"redis_url: {redis_server.url}\nworkers: 4\nretry_delays: [1, 1, 1, 1, 1, 1]\n",
+        **{
+            "site-b-api": sb.site_api_conf.read_text() + "export MAX_PARALLEL=2\n",
+            "site-c": (
+                "export REGISTER=api\n"
+                f"export OS_AUTH_TOKEN={TOKEN}\nexport OS_IMAGE_URL={sb.source.endpoint}\n"
+            ),
+        },
+    )
+    images = []
+    for i in range(10):
+        raw = make_raw(tmp_path / f"i{i}.raw", virtual_size=2 * MiB, data_bytes=MiB, seed=i)
+        images.append(sb.source.upload_image(raw, name=f"t{i}", disk_format="raw"))
+    crowded, other = images[:8], images[8:]
+    queue = migration_queue(settings.name)
+    for image_id in crowded:
+        sidekiq.push(
+            settings.redis_url,
+            settings.namespace,
+            queue,
+            OPENSTACK_MIGRATOR,
+            [image_id, "site-b-api"],
+        )
+    for image_id in other:
+        sidekiq.push(
+            settings.redis_url, settings.namespace, queue, OPENSTACK_MIGRATOR, [image_id, "site-c"]
+        )
+    env = {**os.environ, "MIGRATIO_CONFIG": str(settings.config_path)}
+    service = subprocess.Popen([sys.executable, "-m", "migratio", "run"], env=env)
+    share = DestinationShare(redis, Keys(settings.namespace), settings.name, "site-b-api", 2)
+    seen_waiting = False
+    shown = ""
+    try:
+        deadline = time.monotonic() + 400
+        while len(active(sb.destination.find_by_property("source_cs", "site-a"))) < len(crowded):
+            assert time.monotonic() < deadline, "the migrations did not finish in time"
+            assert len(share.running()) <= 2
+            if share.waiting() and not seen_waiting:
+                seen_waiting = True
+                capsys.readouterr()
+                assert main(["status", "--config", str(settings.config_path)]) == 0
+                shown = capsys.readouterr().out
+            time.sleep(0.2)
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(60)
+    assert seen_waiting
+    # migratio status said what waits for which destination
+    assert re.search(r"site-b-api: [0-2] of MAX_PARALLEL=2 running, [1-8] waiting", shown)
+    assert re.search(r"waits: migratio-\S+", shown)
+    log = (settings.log_dir / "worker.log").read_text()
+    to_b, to_c = attempts(log, crowded), attempts(log, other)
+    assert all(to_b.values()) and all(to_c.values())
+    # at no moment more than two migrations to site-b-api
+    spans = [span for spans in to_b.values() for span in spans]
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    assert peak <= 2
+    # the other destination did not wait for site-b-api's queue to drain
+    first_start = {image: min(s for s, _ in spans) for image, spans in {**to_b, **to_c}.items()}
+    assert max(first_start[i] for i in other) < max(first_start[i] for i in crowded)
+    # those that waited started in the order they arrived: a later one never before an earlier
+    # one, except by the moment two jobs let in at the same look (one 15 s scheduler round
+    # apart from the next) take to log their first line
+    late = crowded[4:]
+    for n, earlier in enumerate(late):
+        for later in late[n + 1 :]:
+            assert first_start[later] > first_start[earlier] - 3.0
