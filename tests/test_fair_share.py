@@ -167,6 +167,10 @@ def test_max_parallel_through_the_service(
     # the other destination did not wait for site-b-api's queue to drain
     first_start = {image: min(s for s, _ in spans) for image, spans in {**to_b, **to_c}.items()}
     assert max(first_start[i] for i in other) < max(first_start[i] for i in crowded)
-    # those that waited started in the order they arrived
+    # those that waited started in the order they arrived: a later one never before an earlier
+    # one, except by the moment two jobs let in at the same look (one 15 s scheduler round
+    # apart from the next) take to log their first line
     late = crowded[4:]
-    assert sorted(late, key=first_start.__getitem__) == late
+    for n, earlier in enumerate(late):
+        for later in late[n + 1 :]:
+            assert first_start[later] > first_start[earlier] - 3.0

@@ -22,11 +22,13 @@ from tests.sandbox.images import make_qcow2, sha256_file
 from tests.sandbox.moto_server import MotoServer
 from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
-from tests.support import no_work_left, settings_for
+from tests.support import no_work_left, redis_only_settings, settings_for
 
 from migratio.config import Settings
 from migratio.errors import StagingFullError
 from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, migration_queue
+from migratio.preflight import Level
+from migratio.preflight import _check_staging as check_staging
 from migratio.service import Service
 from migratio.staging import StagingCache, entry_name
 
@@ -280,3 +282,17 @@ def test_three_destinations_one_download_one_conversion(
     sb.destination.download_to(str(copy["id"]), arrived)
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(other), str(raw)], check=True)
     assert sha256_file(arrived) == sha256_file(raw)
+
+
+def test_check_reports_the_staging_dir(tmp_path: Path) -> None:
+    settings = redis_only_settings(tmp_path, "redis://127.0.0.1:9", yaml="staging_max_bytes: 1T\n")
+    assert settings.staging_max_bytes == 2**40
+    check = check_staging(settings)
+    assert "writable" in check.detail and "staging_max_bytes 1.0 TiB" in check.detail
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    settings = redis_only_settings(
+        tmp_path, "redis://127.0.0.1:9", yaml=f"staging_dir: {blocked}\n"
+    )
+    check = check_staging(settings)
+    assert check.level is Level.FAIL and "not writable" in check.detail

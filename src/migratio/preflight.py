@@ -15,6 +15,7 @@ from migratio.errors import AwsError, MigratioError, RedisFailure
 from migratio.glance_api import GlanceApi
 from migratio.glance_cli import follow_upload_source
 from migratio.ssh import SshClient
+from migratio.status import human_bytes
 
 
 class Level(Enum):
@@ -59,6 +60,7 @@ def run_checks(settings: Settings, site_ids: Sequence[str] = ()) -> Iterator[Che
         else f"{images} not readable: images will be downloaded from Glance (slower); "
         "add this user to the glance group",
     )
+    yield _check_staging(settings)
     for site_id in site_ids or sorted({*settings.sites, *settings.broken_sites}):
         try:
             site = settings.site(site_id)
@@ -69,6 +71,25 @@ def run_checks(settings: Settings, site_ids: Sequence[str] = ()) -> Iterator[Che
             yield from _check_amazon(site, AwsClients(site, settings.aws), settings.name)
         else:
             yield from _check_openstack(site)
+
+
+def _check_staging(settings: Settings) -> Check:
+    """``staging_dir`` is writable here; its free space and the cache's bound."""
+    staging = settings.staging_dir
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        probe = staging / f".check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        stat = os.statvfs(staging)
+    except OSError as exc:
+        return Check(Level.FAIL, "staging", f"{staging} is not writable: {exc}")
+    free = stat.f_bavail * stat.f_frsize
+    bound = settings.staging_max_bytes
+    limit = "no staging_max_bytes" if bound is None else f"staging_max_bytes {human_bytes(bound)}"
+    level = Level.WARN if bound is not None and bound > free else Level.OK
+    more = "; the disk has less free than the bound" if level is Level.WARN else ""
+    return Check(level, "staging", f"{staging} writable, {human_bytes(free)} free, {limit}{more}")
 
 
 def _check_redis(settings: Settings) -> Iterator[Check]:
