@@ -507,11 +507,11 @@ def test_a_job_over_its_time_limit_has_one_error_line(
     log = settings.log_dir / "worker.log"
     [error] = error_lines(log)
     assert f"[job migratio-{jid} image {image_id}]" in error
-    assert "the job took longer than job_timeout (1 s) (not retried)" in error
+    assert "the migration ran longer than job_timeout (1 s) (not retried)" in error
     assert "Traceback" not in log.read_text()
     [job] = status_json(settings, capsys)["jobs"]  # type: ignore[misc]
     assert job["state"] == "failed"
-    assert job["error"] == "the job took longer than job_timeout (1 s)"
+    assert job["error"] == "the migration ran longer than job_timeout (1 s)"
     assert not sb.destination.find_by_property("source_uuid", image_id)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +150,8 @@ class AmazonMigration:
     #: what this attempt made, removed again if it fails
     made_snapshots: list[str] = field(default_factory=list)
     made_image: str | None = None
+    #: raises when this attempt may no longer touch the site (see migratio.lease)
+    fence: Callable[[], None] = lambda: None
     #: the staging cache entries this run uses (held until the end of the run)
     staged: ExitStack = field(default_factory=ExitStack)
 
@@ -157,8 +159,14 @@ class AmazonMigration:
     def me(self) -> str:
         return self.settings.name
 
-    def progress(self, label: str, total: int) -> Progress:
-        return Progress(self.status, label, total, interval=self.settings.progress_interval)
+    def progress(self, label: str, total: int) -> Callable[[int], None]:
+        report = Progress(self.status, label, total, interval=self.settings.progress_interval)
+
+        def fenced(done: int) -> None:
+            self.fence()
+            report(done)
+
+        return fenced
 
     def link(self, image_id: str) -> dict[str, str]:
         """The tags that say a resource is this site's copy of the image (what we look for)."""
@@ -196,6 +204,7 @@ class AmazonMigration:
             if state == "deregistered":
                 continue  # gone while we waited
             if state in BROKEN_STATES:
+                self.fence()
                 log.info("removing AMI %s (%s) left by an earlier attempt", ami_id, state)
                 self.remove_image(ami_id, _snapshots_of(ami))
                 continue
@@ -206,7 +215,11 @@ class AmazonMigration:
         return None
 
     def remove_leftover_snapshots(self, image: ImageRecord) -> None:
-        """Delete snapshots of ours for the image that no AMI uses (an interrupted upload's)."""
+        """Delete snapshots of ours for the image that no AMI uses (an interrupted upload's).
+
+        Only while this attempt holds the pair's lease: every such snapshot is a dead attempt's.
+        """
+        self.fence()
         with aws_errors("looking for unfinished snapshots"):
             leftovers = self.aws.ec2.describe_snapshots(
                 OwnerIds=["self"],
@@ -267,6 +280,7 @@ class AmazonMigration:
             qemu_img.check_convertible(image.disk_format, target_format)
         existing = self.existing_image(image)
         if existing is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)  # a killed attempt's
             self.status(f"{status.ALREADY_UPLOADED} {self.site.site_id} has it as {existing}")
             return MigrationResult(Outcome.ALREADY_THERE, existing)
         self.remove_leftover_snapshots(image)
@@ -336,6 +350,7 @@ class AmazonMigration:
         params = register_params(
             image, self.site, self.me, uploaded.snapshot_id, uploaded.volume_size_gib
         )
+        self.fence()
         with aws_errors(f"registering an AMI from {uploaded.snapshot_id}"):
             self.made_image = self.aws.ec2.register_image(**params)["ImageId"]
         self.tag([self.made_image, uploaded.snapshot_id], image)
@@ -406,6 +421,7 @@ class AmazonMigration:
                 on_progress=self.progress("Uploading", size),
             )
             self.status(f"{status.IMAGE_TRANSFERED}: {human_bytes(sent)} to s3://{bucket}/{key}")
+            self.fence()
             task_id = start_import(
                 self.aws.ec2,
                 bucket=bucket,
@@ -431,6 +447,26 @@ class AmazonMigration:
         return imported.image_id
 
 
+def unused_snapshots(ec2: Any, source_site: str) -> list[tuple[str, str]]:
+    """(image id, snapshot id) of this site's snapshots that no AMI of the account uses, for
+    images that have no AMI of ours at all: what interrupted uploads left (for the sweep)."""
+    with aws_errors("looking for unfinished snapshots"):
+        snapshots = ec2.describe_snapshots(
+            OwnerIds=["self"], Filters=tag_filters({"source_t": source_site})
+        )["Snapshots"]
+        amis = ec2.describe_images(Owners=["self"])["Images"]
+    used = {snapshot for ami in amis for snapshot in _snapshots_of(ami)}
+    has_ami = {tag_dict(ami).get("source_uuid") for ami in amis} | {
+        str(ami.get("Name", "")).split(" ")[0] for ami in amis
+    }
+    found = []
+    for snapshot in snapshots:
+        image_id = tag_dict(snapshot).get("source_uuid")
+        if image_id and snapshot["SnapshotId"] not in used and image_id not in has_ami:
+            found.append((image_id, str(snapshot["SnapshotId"])))
+    return found
+
+
 def _snapshots_of(ami: Mapping[str, Any]) -> list[str]:
     return [
         str(mapping["Ebs"]["SnapshotId"])
@@ -446,6 +482,7 @@ def migrate_to_amazon(
     *,
     cancel: threading.Event | None = None,
     clients: AwsClients | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> MigrationResult:
     """Migrate one image to an Amazon site, reporting each step to ``sink``.
 
@@ -466,6 +503,8 @@ def migrate_to_amazon(
             workdir=settings.staging_dir / f"{request.image_id}-{site.site_id}",
             cancel=cancel or threading.Event(),
         )
+        if fence is not None:
+            migration.fence = fence
         return migration.run()
     except MigratioError as exc:
         sink(exc.status_line())

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
+from redis.exceptions import RedisError
+
 from migratio import __version__, metrics
 from migratio.config import Settings, default_config_path, load_settings
-from migratio.errors import ConfigError, MigratioError, RedisFailure
+from migratio.errors import Cancelled, ConfigError, MigratioError, RedisFailure
 from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
+from migratio.lease import Lease
 from migratio.logs import setup_logging
 from migratio.operations import retry_failed
 from migratio.overview import overview
-from migratio.redis_client import is_outage, probe, redis_errors
+from migratio.redis_client import describe, is_outage, probe, redis_errors
 from migratio.request import MigrationRequest, Outcome
 from migratio.service import (
     Service,
@@ -28,7 +33,7 @@ from migratio.service import (
     worker_command,
 )
 from migratio.sidekiq import payload, push
-from migratio.status import FanOut, LogSink
+from migratio.status import FanOut, LogSink, StatusSink
 
 log = logging.getLogger("migratio")
 
@@ -184,7 +189,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         # operator commands should not pay
         from migratio.migration import migrate  # noqa: PLC0415
 
-        result = migrate(settings, request, sink, cancel=cancel)
+        with leased(settings, request, cancel, sink) as fence:
+            result = migrate(settings, request, sink, cancel=cancel, fence=fence)
     except MigratioError as exc:
         log.debug("migration failed", exc_info=True)
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILED
@@ -195,6 +201,57 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if result.outcome is Outcome.ALREADY_THERE:
         log.info("image %s was already at %s", args.image_uuid, args.dest_site)
     return EXIT_OK
+
+
+@contextmanager
+def leased(
+    settings: Settings, request: MigrationRequest, cancel: threading.Event, sink: StatusSink
+) -> Iterator[Callable[[], None]]:
+    """The pair's lease for a migration in the foreground (waits while a job holds it).
+
+    Yields the fence for :func:`migratio.migration.migrate`. Without Redis it says so and
+    runs unfenced (a first try by hand need not have Redis yet). Errors go to ``sink``.
+    """
+    try:
+        settings.site(request.destination)
+    except MigratioError as exc:
+        sink(exc.status_line())
+        raise
+    try:
+        lease = Lease(
+            connect(settings),
+            Keys(settings.namespace),
+            settings.name,
+            request.image_id,
+            request.destination,
+            job_id=f"cli-{os.getpid()}",
+        )
+        waiting = False
+        while not lease.acquire():
+            if not waiting:
+                waiting = True
+                sink(
+                    f"Waiting: another migration of image {request.image_id} to "
+                    f"{request.destination} is running ({lease.holder()})"
+                )
+            if cancel.wait(2):
+                error = Cancelled("stopped while waiting for another migration of the image")
+                sink(error.status_line())
+                raise error
+    except (RedisError, RedisFailure) as exc:
+        problem = (
+            exc.message
+            if isinstance(exc, RedisFailure)
+            else describe(exc, settings.redis_url).message
+        )
+        sink(
+            f"Warning: {problem}; migrating without the lease that keeps this image to "
+            f"{request.destination} to one migration at a time"
+        )
+        yield lambda: None
+        return
+    with lease.held(cancel) as held:
+        yield held.fence
 
 
 def cmd_check(args: argparse.Namespace) -> int:

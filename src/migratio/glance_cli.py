@@ -217,6 +217,30 @@ class RemoteGlance:
         if done.returncode != 0 and "No image with" not in done.stderr + done.stdout:
             raise RemoteError(f"glance image-delete {image_id} failed: {done.tail()}")
 
+    def list_parts(self, remote_dir: str, *, older_than_minutes: int = 0) -> list[str]:
+        """Names of the staging files there (last written more than the minutes given ago)."""
+        age = ["-mmin", f"+{older_than_minutes}"] if older_than_minutes > 0 else []
+        done = self.ssh.run(
+            ["find", remote_dir, "-maxdepth", "1", "-type", "f", "-name", "*.part*", *age,
+             "-printf", "%f\\n"],
+            what="list remote staging files",
+            creds=False,
+            check=False,
+        )  # fmt: skip
+        if done.returncode != 0 and "No such file" in done.stderr:
+            return []
+        if done.returncode != 0:
+            raise RemoteError(f"listing {remote_dir} at {self.site.site_id} failed: {done.tail()}")
+        return [name for name in done.stdout.splitlines() if _UUID.match(name)]
+
+    def remove_parts(self, remote_dir: str, image_id: str) -> None:
+        """Remove the staging files of ``image_id`` there (any attempt's, any format, pieces)."""
+        self.ssh.run(
+            ["find", remote_dir, "-maxdepth", "1", "-name", f"{image_id}-*.part*", "-delete"],
+            what="remove remote staging files",
+            creds=False,
+        )
+
     def remove_file(self, remote_path: str) -> None:
         """Remove a staging file there."""
         self.ssh.run(["rm", "-f", "--", remote_path], what="remove remote file", creds=False)

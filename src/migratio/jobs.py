@@ -1,8 +1,9 @@
-"""The functions RQ workers run: a thin call into the migrations."""
+"""The functions RQ workers run: a thin call into the migrations, under the pair's lease."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
 from functools import cache
@@ -18,13 +19,17 @@ from migratio.errors import MigratioError
 from migratio.fair_share import DestinationShare, first_job, wait_off_worker
 from migratio.feedback import AtmosphereSink
 from migratio.keys import Keys
+from migratio.lease import Lease
 from migratio.logs import job_context, job_tag, mark_logged
 from migratio.migration import migrate
-from migratio.request import MigrationRequest
+from migratio.request import MigrationRequest, MigrationResult
 from migratio.rq_worker import record_failure
 from migratio.status import FanOut, LogSink, StatusSink
 
 log = logging.getLogger(__name__)
+
+#: seconds a job whose pair is busy waits before it looks again (it leaves its worker meanwhile)
+BUSY_DELAY = 10
 
 
 @cache
@@ -34,7 +39,10 @@ def worker_settings() -> Settings:
 
 
 class JobMetaSink:
-    """Keeps a job's latest status line in its RQ metadata, for ``migratio status``."""
+    """Keeps a job's latest status line in its RQ metadata, for ``migratio status``.
+
+    Only a convenience: a Redis error here is logged, never raised into the migration.
+    """
 
     def __call__(self, text: str) -> None:
         job = get_current_job()
@@ -84,31 +92,93 @@ def _destination_turn(
     return None
 
 
+def run_sweep() -> str:
+    """The periodic sweep of leftovers (see :mod:`migratio.sweep`); returns what it did."""
+    from migratio.sweep import sweep  # noqa: PLC0415 (only this job needs it)
+
+    job = get_current_job()
+    assert job is not None, "run_sweep runs inside an RQ worker"
+    report = sweep(worker_settings(), job.connection)
+    return f"removed {len(report.removed)}, busy {len(report.busy)}"
+
+
+def _leased(
+    job: Job, settings: Settings, request: MigrationRequest, kind: str, sink: StatusSink
+) -> MigrationResult | None:
+    """Migrate under the pair's lease and in the destination's turn; None when the job waits
+    for either (off its worker: it is run again later)."""
+    image_id, destination = request.image_id, request.destination
+    keys = Keys(settings.namespace)
+    lease = Lease(job.connection, keys, settings.name, image_id, destination, job_id=job.id)
+    if not lease.acquire():
+        holder = lease.holder()
+        again = wait_off_worker(job, f"the migration {holder} of the same image", BUSY_DELAY)
+        log.info(
+            "%s to %s is being migrated (%s); again as %s", image_id, destination, holder, again.id
+        )
+        if not job.meta.get("waits"):
+            sink(f"Waiting: another migration of image {image_id} to {destination} is running")
+        return None
+    try:
+        turn = _destination_turn(job, settings, destination, sink)
+    except BaseException:
+        lease.release()
+        raise
+    if turn is None:
+        lease.release()
+        return None
+    cancel = threading.Event()
+    with lease.held(cancel) as held, turn:
+        return migrate(
+            settings,
+            request,
+            sink,
+            kind="amazon" if kind == "amazon" else "openstack",
+            cancel=cancel,
+            fence=held.fence,
+        )
+
+
+def _unexpected(exc: Exception) -> tuple[str, str, str]:
+    """(status line, message, reason) of a failure migratio did not raise on purpose.
+
+    Redis going away under a job (a restart) is not a bug: RQ runs the job again.
+    """
+    if isinstance(exc, RedisError):
+        message = f"lost contact with Redis ({exc}); the job will be tried again"
+        return f"Error: {message}", message, "RedisError"
+    return (
+        "Error: internal error in migratio; the traceback is in its log",
+        f"internal error ({type(exc).__name__}: {exc}); the traceback is in worker.log",
+        "InternalError",
+    )
+
+
 def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> str:
-    """Run one of Atmosphere's migration jobs; status lines go to Atmosphere and the log."""
+    """Run one of Atmosphere's migration jobs; status lines go to Atmosphere and the log.
+
+    The migration runs under its pair's lease; while another attempt holds it, the job is
+    put back to wait (without a worker) and says so once.
+    """
     settings = worker_settings()
     job = get_current_job()
     assert job is not None, "run_migration runs inside an RQ worker"
     job_context.set(job_tag(job.id, image_id))
     started = time.monotonic()
-    atmosphere = AtmosphereSink(
-        job.connection, Keys(settings.namespace), image_id, settings.name, destination
-    )
+    keys = Keys(settings.namespace)
+    atmosphere = AtmosphereSink(job.connection, keys, image_id, settings.name, destination)
     sink = FanOut(atmosphere, LogSink(log), JobMetaSink())
     log.info("job %s (jid %s): %s migration of %s to %s", job.id, jid, kind, image_id, destination)
     try:
         try:
             request = MigrationRequest(image_id, destination)
+            settings.site(destination)
         except MigratioError as exc:
             sink(exc.status_line())
             raise
-        turn = _destination_turn(job, settings, destination, sink)
-        if turn is None:
+        result = _leased(job, settings, request, kind, sink)
+        if result is None:
             return "waiting"
-        with turn:
-            result = migrate(
-                settings, request, sink, kind="amazon" if kind == "amazon" else "openstack"
-            )
     except MigratioError as exc:
         if not exc.retryable:
             _no_more_retries()
@@ -117,24 +187,26 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
         mark_logged(exc)
         raise
     except JobTimeoutException as exc:
-        message = f"the job took longer than job_timeout ({settings.job_timeout:.0f} s)"
+        # a time limit the operator set: running it again would run out of it again
+        _no_more_retries()
+        message = f"the migration ran longer than job_timeout ({settings.job_timeout:.0f} s)"
         atmosphere(f"Error: {message}")
         then = record_failure(job, settings, message, "JobTimeout")
         log.error("job %s failed: %s (%s)", job.id, message, then)
         mark_logged(exc)
         raise
     except Exception as exc:
-        atmosphere("Error: internal error in migratio; the traceback is in its log")
-        message = f"internal error ({type(exc).__name__}: {exc}); the traceback is in worker.log"
-        then = record_failure(job, settings, message, "InternalError")
-        log.exception("job %s failed with an internal error (%s)", job.id, then)
+        line, message, reason = _unexpected(exc)
+        atmosphere(line)
+        then = record_failure(job, settings, message, reason)
+        log.error("job %s failed: %s (%s)", job.id, message, then, exc_info=reason != "RedisError")
         mark_logged(exc)
         raise
     finally:
         atmosphere.flush()
     metrics.count_attempt(
         job.connection,
-        Keys(settings.namespace),
+        keys,
         settings.name,
         outcome="succeeded",
         kind=kind,

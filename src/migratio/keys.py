@@ -51,6 +51,14 @@ class Keys:
         """migratio's dead-letter list: payloads it could not understand, with the reason."""
         return self.key(f"migratio:dead:{site_id}")
 
+    def lease(self, site_id: str, image_id: str, destination: str) -> str:
+        """The lease that lets one attempt at a time migrate ``image_id`` to ``destination``."""
+        return self.key(f"migratio:lease:{site_id}:{image_id}:{destination}")
+
+    def lease_history(self, site_id: str) -> str:
+        """A stream of every lease taken, renewed, released or lost (for operators and tests)."""
+        return self.key(f"migratio:leases:{site_id}")
+
     def running(self, site_id: str, destination: str) -> str:
         """The migrations to ``destination`` running now (a sorted set: job → slot expiry)."""
         return self.key(f"migratio:running:{site_id}:{destination}")
@@ -66,6 +74,10 @@ class Keys:
     def metrics(self, site_id: str) -> str:
         """migratio's counters for Prometheus (a hash every worker process adds to)."""
         return self.key(f"migratio:metrics:{site_id}")
+
+    def sweep(self, site_id: str) -> str:
+        """Set while the last sweep of leftovers is recent (its expiry times the next one)."""
+        return self.key(f"migratio:sweep:{site_id}")
 
     def rq_queue_name(self, site_id: str) -> str:
         """The RQ queue that migratio's workers take this site's migrations from."""

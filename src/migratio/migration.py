@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Literal
 
 from migratio.amazon_migration import migrate_to_amazon
@@ -22,11 +23,13 @@ def migrate(
     *,
     kind: Literal["openstack", "amazon"] | None = None,
     cancel: threading.Event | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> MigrationResult:
     """Migrate one image to its destination, OpenStack or Amazon, reporting to ``sink``.
 
     ``kind`` is what the job asked for (Atmosphere's job class); a destination of the other
-    kind is refused. Failures are reported to ``sink`` and raised.
+    kind is refused. Failures are reported to ``sink`` and raised. ``fence`` raises when this
+    attempt may no longer touch the destination (its lease is lost, see :mod:`migratio.lease`).
     """
     try:
         site = settings.site(request.destination)
@@ -39,5 +42,5 @@ def migrate(
         sink(exc.status_line())
         raise
     if site.kind == "amazon":
-        return migrate_to_amazon(settings, request, sink, cancel=cancel)
-    return migrate_to_openstack(settings, request, sink, cancel=cancel)
+        return migrate_to_amazon(settings, request, sink, cancel=cancel, fence=fence)
+    return migrate_to_openstack(settings, request, sink, cancel=cancel, fence=fence)

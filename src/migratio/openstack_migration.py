@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -78,6 +78,8 @@ class Migration:
     destination: Destination
     workdir: Path
     cancel: threading.Event
+    #: raises when this attempt may no longer touch the destination (see migratio.lease)
+    fence: Callable[[], None] = lambda: None
     #: the staging cache entries this run uses (held until the end of the run)
     staged: ExitStack = field(default_factory=ExitStack)
 
@@ -85,8 +87,14 @@ class Migration:
     def me(self) -> str:
         return self.settings.name
 
-    def progress(self, label: str, total: int) -> Progress:
-        return Progress(self.status, label, total, interval=self.settings.progress_interval)
+    def progress(self, label: str, total: int) -> Callable[[int], None]:
+        report = Progress(self.status, label, total, interval=self.settings.progress_interval)
+
+        def fenced(done: int) -> None:
+            self.fence()
+            report(done)
+
+        return fenced
 
     # 2
     @property
@@ -217,6 +225,10 @@ class Migration:
             if staging is not None:
                 staging.result()
         if existing is not None:
+            if isinstance(self.destination, RemoteGlance):
+                # a worker killed just after its transfer left the file; the copy is in Glance
+                quietly(self.destination.remove_parts, self.remote_dir, image.id)
+            shutil.rmtree(self.workdir, ignore_errors=True)  # a killed attempt's
             self.status(
                 f"{status.ALREADY_UPLOADED} {self.site.site_id} has it as image {existing.id}"
             )
@@ -248,6 +260,7 @@ class Migration:
     ) -> tuple[str, int]:
         api = self.destination
         assert isinstance(api, GlanceApi)
+        self.fence()
         copy = api.create(fields)
         try:
             with payload.open("rb") as stream:
@@ -340,6 +353,7 @@ class Migration:
         rtt = measure_rtt(ssh.host, ssh.port)
         count = 1 if target_format == "raw" else stream_count(self.site.streams, rtt, digests.size)
         segment = range_size(digests.size, count) if count > 1 else None
+        self.fence()
         follower = cli.start_follow_create(
             fields, remote_path, digests.size, algo, digest, FOLLOW_IDLE, segment
         )
@@ -374,11 +388,14 @@ class Migration:
             if copy is None:
                 raise RemoteError(f"glance image-create at {self.site.site_id} printed no image")
             self.verify(copy.id, digests, fields)
-        except BaseException:
+        except BaseException as exc:
             if copy is not None:
                 quietly(cli.delete, copy.id)
             else:
                 quietly(lambda: self.delete_leftovers(cli.find(source_uuid=image.id)))
+            if not (isinstance(exc, MigratioError) and exc.retryable):
+                # nothing will resume this transfer: the staged file goes now, not at the sweep
+                quietly(cli.remove_parts, self.remote_dir, image.id)
             raise
         self.status(f"{status.REGISTERED} as image {copy.id} at {self.site.site_id}")
         return copy.id, sent
@@ -397,6 +414,7 @@ class Migration:
                 and copy.properties.get("source_cs") == self.me
                 and copy.owner == owner
             ):
+                self.fence()
                 log.info("deleting %s copy %s left by an interrupted attempt", copy.status, copy.id)
                 self.destination.delete(copy.id)
 
@@ -415,6 +433,7 @@ def migrate_to_openstack(
     sink: StatusSink,
     *,
     cancel: threading.Event | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> MigrationResult:
     """Migrate one image to an OpenStack site, reporting each step to ``sink``.
 
@@ -434,6 +453,8 @@ def migrate_to_openstack(
             workdir=settings.staging_dir / f"{request.image_id}-{site.site_id}",
             cancel=cancel or threading.Event(),
         )
+        if fence is not None:
+            migration.fence = fence
         return migration.run()
     except MigratioError as exc:
         sink(exc.status_line())

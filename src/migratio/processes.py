@@ -174,14 +174,18 @@ class Child:
 class Daemon:
     """A long-running child (a worker process) sharing migratio's stdout and stderr.
 
-    It gets the signals migratio forwards to it, not migratio's own (its own session).
+    It gets the signals migratio forwards to it, not migratio's own (its own session), and
+    SIGTERM (a warm stop) if migratio dies.
     """
 
     def __init__(self, argv: Sequence[str], *, what: str) -> None:
         self.what = what
         try:
             self.popen = subprocess.Popen(
-                tuple(argv), stdin=subprocess.DEVNULL, start_new_session=True
+                tuple(argv),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509  # as in Child
             )
         except OSError as exc:
             raise ToolError(f"{what}: cannot start {argv[0]!r}: {exc}") from exc

@@ -5,29 +5,94 @@ logged the failure by then (one line for an expected failure, a traceback for a 
 worker adds nothing for those; anything else RQ catches is logged with its traceback. A run
 that ends without the job function seeing it (its work-horse killed, or the whole worker lost)
 gets the same one line, the same record for ``migratio status`` and the same metrics.
+
+RQ's worker forks a work-horse per job into its own process group. Here:
+
+* the work-horse gets SIGKILL when its worker dies (``PR_SET_PDEATHSIG``), so a worker killed
+  on its own (the OOM killer, ``kill -9 PID``) never leaves a horse migrating on under PID 1
+  while the job is re-queued; the horse's tools get SIGTERM in turn (see
+  :mod:`migratio.processes`);
+* the first SIGTERM is a warm stop (the running migration finishes), every later one — at any
+  time, not only a second after — a cold stop: the horse and its tools are killed, the lease
+  is released and the job goes back to the front of the queue, without using up a retry.
+  SIGUSR1 is a cold stop at once: the service passes a cold stop on with it, because two
+  SIGTERMs sent close together reach a process as one;
+* a job whose horse died (killed, or its worker died: see :func:`interrupted`) is run again
+  without using up a retry, up to :data:`MAX_INTERRUPTIONS` times; then it fails with a
+  status line that says why.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
+import sys
 import time
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
+from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Worker
-from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.registry import StartedJobRegistry
-from rq.serializers import JSONSerializer
 
 from migratio import metrics
 from migratio.config import Settings
 from migratio.keys import Keys
+from migratio.lease import release_job
 from migratio.logs import job_context, job_tag, was_logged
+from migratio.sidekiq import push_status
 
 log = logging.getLogger(__name__)
+
+
+#: times a job may lose its process (killed horse, killed worker) before it is failed
+MAX_INTERRUPTIONS = 5
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_worker() -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def interrupted(settings: Settings, redis: Redis, job: Job, *, horse_reaped: bool) -> None:
+    """Book-keep a job that lost its process, before RQ retries or fails it.
+
+    The lease is released only when the horse is known dead (``horse_reaped``: its worker
+    waited for it); otherwise it expires by itself. Up to :data:`MAX_INTERRUPTIONS` times the
+    job gets its retry back; after that Atmosphere is told why it failed.
+    """
+    try:
+        meta = job.get_meta(refresh=True)
+    except RedisError:
+        meta = job.meta
+    count = int(meta.get("interruptions", 0)) + 1
+    job.meta["interruptions"] = count
+    kwargs = job.kwargs
+    image_id, destination = str(kwargs.get("image_id")), str(kwargs.get("destination"))
+    keys = Keys(settings.namespace)
+    if horse_reaped:
+        release_job(redis, keys, settings.name, image_id, destination, job.id)
+    if count <= MAX_INTERRUPTIONS:
+        job.retries_left = (job.retries_left or 0) + 1
+        log.info("job %s lost its process (%d time(s)); it will run again", job.id, count)
+    else:
+        job.retries_left = 0
+        push_status(
+            redis,
+            keys,
+            image_id,
+            settings.name,
+            destination,
+            f"Error: the migration's process was killed {count} times (out of memory?); "
+            "given up — see the worker log",
+        )
+    job.save_meta()  # type: ignore[no-untyped-call]
 
 
 def record_failure(job: Job, settings: Settings, message: str, reason: str) -> str:
@@ -60,23 +125,21 @@ def record_failure(job: Job, settings: Settings, message: str, reason: str) -> s
 
 
 def reclaim_abandoned(queue: Queue, settings: Settings) -> None:
-    """Hand RQ the jobs whose worker stopped answering (it retries or fails them), with a line."""
-    registry = StartedJobRegistry(queue=queue)
-    for job_id in registry.get_expired_job_ids():
-        try:
-            job = Job.fetch(job_id, connection=queue.connection, serializer=JSONSerializer)
-        except NoSuchJobError:
-            continue
-        if job.get_status(refresh=False) != JobStatus.STARTED:
-            continue  # it ended; only its registry entry is left
+    """Hand RQ the jobs whose worker stopped answering, with a line; RQ runs them again (see
+    :func:`interrupted`: without using up a retry) or fails them."""
+
+    def handler(job: Job, *exc_info: Any) -> bool:
         token = job_context.set(job_tag(job.id, _image_of(job)))
         try:
+            interrupted(settings, queue.connection, job, horse_reaped=False)
             message = "its worker stopped answering (killed, or its host is down)"
             then = record_failure(job, settings, message, "WorkerLost")
             log.error("job %s failed: %s (%s)", job.id, message, then)
         finally:
             job_context.reset(token)
-    registry.cleanup()
+        return True
+
+    StartedJobRegistry(queue=queue).cleanup(exception_handlers=[handler])
 
 
 class _Routine(logging.Filter):
@@ -95,7 +158,8 @@ class _Routine(logging.Filter):
 
 
 class MigratioWorker(Worker):
-    """An RQ worker whose log lines carry the job and image, with no duplicate tracebacks."""
+    """An RQ worker whose log lines carry the job and image, with no duplicate tracebacks,
+    whose horse dies with it, and whose cold stop re-queues the job."""
 
     log_result_lifespan = False  # "result is kept for 604800 seconds" after every job
 
@@ -104,6 +168,56 @@ class MigratioWorker(Worker):
         self.settings = settings
         if not any(isinstance(f, _Routine) for f in self.log.filters):
             self.log.addFilter(_Routine())
+        self.worker_pid = os.getpid()
+        self.cold = False
+
+    def _install_signal_handlers(self) -> None:
+        super()._install_signal_handlers()  # type: ignore[no-untyped-call]
+        signal.signal(signal.SIGUSR1, self.request_force_stop)
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        if not self.cold:  # a SIGTERM after a cold stop (SIGUSR1) changes nothing
+            super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+    def main_work_horse(self, job: Job, queue: Queue) -> None:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        _die_with_worker()
+        if os.getppid() != self.worker_pid:  # the worker died before the line above
+            os._exit(1)
+        super().main_work_horse(job, queue)
+
+    def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
+        """Cold stop: kill the horse, release its lease, put its job back first in line."""
+        if self.cold:
+            return
+        self.cold = True
+        log.warning("worker %s: cold stop", self.name)
+        job = self.get_current_job() if self.horse_pid else None
+        if self.horse_pid:
+            self.kill_horse()
+            self.wait_for_horse()
+        if job is not None:
+            try:
+                self.requeue(job)
+            except RedisError:
+                # the job stays STARTED without a heartbeat: the service re-queues it later
+                log.exception("cannot re-queue job %s now", job.id)
+        raise SystemExit(0)
+
+    def requeue(self, job: Job) -> None:
+        kwargs = job.kwargs
+        release_job(
+            self.connection,
+            Keys(self.settings.namespace),
+            self.settings.name,
+            str(kwargs.get("image_id")),
+            str(kwargs.get("destination")),
+            job.id,
+        )
+        queue = Queue(job.origin, connection=self.connection, serializer=self.serializer)
+        StartedJobRegistry(queue=queue).remove_executions(job)
+        queue.enqueue_job(job, at_front=True)
+        log.warning("job %s put back on the queue", job.id)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Run ``job`` in a work-horse; the horse and this process tag their lines with it."""
@@ -135,6 +249,7 @@ class MigratioWorker(Worker):
         else:
             how = f"exit status {os.WEXITSTATUS(ret_val)}"
         message = f"the process running it died ({how})"
+        interrupted(self.settings, self.connection, job, horse_reaped=True)
         then = record_failure(job, self.settings, message, "WorkerLost")
         log.error("job %s failed: %s (%s)", job.id, message, then)
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)  # type: ignore[no-untyped-call]

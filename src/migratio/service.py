@@ -4,7 +4,8 @@ The loop is ``while not stopping: run_once()``; :meth:`Service.run_once` is what
 It takes Atmosphere's jobs (see :mod:`migratio.intake`), keeps the RQ worker processes alive,
 and re-queues jobs whose worker died. Redis being down is an outage to wait out with capped
 exponential backoff, logged once, never a crash. Signal handlers only count requests: the first
-SIGTERM is a warm stop (workers finish their current job), the second a cold one.
+SIGTERM is a warm stop (workers finish their current job), every later one a cold one (see
+:mod:`migratio.rq_worker`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from rq import Queue
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
-from migratio import processes, redis_client
+from migratio import processes, redis_client, sweep
 from migratio.config import Settings
 from migratio.intake import Intake
 from migratio.keys import Keys
@@ -101,6 +102,8 @@ class Service:
         self.retry_at = 0.0
         self.backoff = BACKOFF_START
         self.outage_since: float | None = None
+        #: the sweep's timer was started by this service (the first sweep waits one interval)
+        self.sweep_timer_set = False
         #: Redis outages seen since start (for the metrics endpoint)
         self.outages = 0
 
@@ -144,15 +147,28 @@ class Service:
         self.supervise()
 
     def maintain(self) -> None:
-        """Re-queue jobs whose worker died; start retries that are due.
+        """Re-queue jobs whose worker died; start retries that are due; queue the sweep.
 
         RQ's own cycle for this is 10 minutes, and a scheduler lock held by a killed worker
-        would block retries for longer; here it is every CLEANUP_INTERVAL seconds.
+        would block retries for longer; here it is every CLEANUP_INTERVAL seconds. The sweep
+        of leftovers (:mod:`migratio.sweep`) is queued every sweep.INTERVAL seconds (the
+        first one that long after start), by whichever service of the site gets there first.
         """
         reclaim_abandoned(self.queue, self.settings)
         self.scheduler.acquire_locks()  # type: ignore[no-untyped-call]
         if self.scheduler.acquired_locks:
             self.scheduler.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
+        keys = Keys(self.settings.namespace)
+        due = self.redis.set(keys.sweep(self.settings.name), "1", nx=True, ex=sweep.INTERVAL)
+        if due and self.sweep_timer_set:
+            self.queue.enqueue(
+                "migratio.jobs.run_sweep",
+                job_id=f"migratio-sweep-{int(time.time())}",
+                description="sweep of what dead attempts left behind",
+                result_ttl=sweep.INTERVAL * 6,
+                failure_ttl=sweep.INTERVAL * 6,
+            )
+        self.sweep_timer_set = True
 
     def _outage(self, exc: RedisError) -> None:
         if self.outage_since is None:
@@ -180,16 +196,21 @@ class Service:
             self.workers[index] = processes.Daemon(self.worker_argv, what=f"worker {index}")
 
     def shutdown(self) -> None:
-        """Stop the workers: warm (finish the current job), cold on a second request."""
+        """Stop the workers: warm (finish the current job), cold on any later request.
+
+        The first request goes on as SIGTERM, every later one as SIGUSR1, which a worker takes
+        as a cold stop (it kills its work-horse and puts the job back on the queue): two
+        SIGTERMs sent close together would reach a worker as one.
+        """
         forwarded = 0
         while any(w is not None and w.poll() is None for w in self.workers):
-            while forwarded < min(self.stop_requests, 2):
+            while forwarded < self.stop_requests:
                 forwarded += 1
                 log.warning("%s stop: telling the workers", "warm" if forwarded == 1 else "cold")
                 for worker in self.workers:
                     if worker is not None:
-                        worker.signal(signal.SIGTERM)
-            self.sleep(0.2)
+                        worker.signal(signal.SIGTERM if forwarded == 1 else signal.SIGUSR1)
+            self.sleep(0.1)
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the exit code."""

@@ -1,9 +1,10 @@
-"""A throw-away redis-server on a free loopback port (nothing kept on disk).
+"""A throw-away redis-server on a free loopback port (nothing kept on disk unless asked).
 
 With ``tls=True`` it speaks only TLS, with certificates made by ``openssl`` for the occasion
 (a CA, a server certificate for 127.0.0.1, a client certificate it requires), and with
 ``users`` it has ACL users instead of the default user, as a production Redis shared with
-Atmosphere would.
+Atmosphere would. With ``persistent=True`` it keeps its data across restarts as production
+runs it (an append-only file, fsync on every write).
 """
 
 from __future__ import annotations
@@ -80,11 +81,13 @@ class RedisServer(Service):
         *,
         tls: bool = False,
         users: dict[str, tuple[str, str]] | None = None,
+        persistent: bool = False,
     ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.tls = make_tls_files(workdir / "tls") if tls else None
         self.users = users or {}
+        self.persistent = persistent
         self._proc: subprocess.Popen[bytes] | None = None
 
     def url_for(self, user: str | None = None, password: str | None = None) -> str:
@@ -105,7 +108,8 @@ class RedisServer(Service):
     def start(self) -> Self:
         """Start it and wait until it answers."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        lines = ["bind 127.0.0.1", 'save ""', "appendonly no", f"dir {self.workdir}"]
+        appendonly = "appendonly yes\nappendfsync always" if self.persistent else "appendonly no"
+        lines = ["bind 127.0.0.1", 'save ""', appendonly, f"dir {self.workdir}"]
         if self.tls:
             lines += [
                 "port 0",
@@ -146,6 +150,13 @@ class RedisServer(Service):
         """Stop it (its data is gone)."""
         stop_process(self._proc)
         self._proc = None
+
+    def crash(self) -> None:
+        """SIGKILL it, as the OOM killer would (a persistent one keeps what it acknowledged)."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+        self.stop()
 
     def client_options(self) -> dict[str, Any]:
         """redis-py's TLS options for this server (empty without TLS)."""

@@ -1,0 +1,624 @@
+"""Exactly one migration per (image, destination): twins, killed processes and every kind of stop.
+
+Real Redis, real RQ workers under ``migratio run``, real Glance, sshd, rsync, moto and Sidekiq.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from tests.sandbox import sidekiq
+from tests.sandbox.images import make_qcow2, sha256_file
+from tests.sandbox.moto_server import MotoServer
+from tests.sandbox.redis_server import RedisServer
+from tests.sandbox.site import Sandbox
+from tests.support import settings_for
+
+from migratio import lease
+from migratio.config import OpenStackSite, Settings, load_settings
+from migratio.glance_cli import RemoteGlance
+from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
+from migratio.raw_blocks import BLOCK_SIZE
+from migratio.status import ALREADY_UPLOADED
+from migratio.sweep import sweep
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis"), persistent=True) as server:
+        yield server
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> Redis:
+    client = redis_server.client()
+    client.flushall()
+    return client
+
+
+@pytest.fixture
+def atmosphere(
+    tmp_path: Path, redis_server: RedisServer, redis: Redis
+) -> Iterator[sidekiq.FeedbackServer]:
+    with sidekiq.FeedbackServer(tmp_path / "sidekiq", redis_server.url, "atmosphere") as server:
+        yield server
+
+
+def site_settings(
+    sb: Sandbox, tmp_path: Path, redis_url: str, workers: int = 2, **sites: str
+) -> Settings:
+    yaml = f"redis_url: {redis_url}\nworkers: {workers}\nretry_delays: [1, 1, 1]\n"
+    return settings_for(sb, tmp_path, yaml=yaml, **sites)
+
+
+def push(settings: Settings, image_id: str, destination: str, job_class: str) -> str:
+    [jid] = sidekiq.push(
+        settings.redis_url,
+        settings.namespace,
+        migration_queue(settings.name),
+        job_class,
+        [image_id, destination],
+    )
+    return jid
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def children_of() -> dict[int, list[int]]:
+    found: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            found.setdefault(ppid, []).append(int(entry.name))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``."""
+    children = children_of()
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def started_at(pid: int) -> str | None:
+    """The process's start time (ticks since boot): tells it from a later one with its pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def still_there(processes: dict[int, str | None]) -> list[int]:
+    """Which of ``processes`` (pid: start time) still run (not another process reusing a pid)."""
+    return [p for p, start in processes.items() if alive(p) and started_at(p) == start]
+
+
+def wait_left(processes: dict[int, str | None], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and still_there(processes):
+        time.sleep(0.05)
+    return still_there(processes)
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+class Service:
+    """``migratio run`` as systemd runs it; ``seen`` collects every process it ever had."""
+
+    def __init__(self, settings: Settings) -> None:
+        env = {**os.environ, "MIGRATIO_CONFIG": str(settings.config_path)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "migratio", "run"], env=env)
+        self.seen: dict[int, str | None] = {}
+
+    def tree(self) -> list[int]:
+        found = descendants(self.proc.pid)
+        for pid in found:
+            self.seen.setdefault(pid, started_at(pid))
+        return found
+
+    def workers(self) -> list[int]:
+        return children_of().get(self.proc.pid, [])
+
+    def horse(self, timeout: float = 60) -> tuple[int, int]:
+        """(worker pid, horse pid) of a worker that is running a job."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.tree()
+            kids = children_of()
+            for worker in kids.get(self.proc.pid, []):
+                for horse in kids.get(worker, []):
+                    return worker, horse
+            time.sleep(0.05)
+        raise AssertionError("no work-horse started")
+
+    def kill_group(self) -> None:
+        """SIGKILL the service and everything below it at once (systemd's stop timeout)."""
+        pids = [self.proc.pid, *self.tree()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> int:
+        deadline = time.monotonic() + 30  # up: its signal handlers are in place
+        while not self.workers() and self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.tree()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.kill_group()
+        return self.proc.returncode
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.kill_group()
+
+
+# -- what the destination and Redis say ------------------------------------------------------
+
+
+def wait_final(redis: Redis, jid: str, timeout: float) -> Job:
+    """The last job of Atmosphere's request ``jid`` (through its waits), once it has ended."""
+    deadline = time.monotonic() + timeout
+    last: Job | None = None
+    while time.monotonic() < deadline:
+        job_id, n = f"migratio-{jid}", 0
+        while True:
+            try:
+                last = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+            except NoSuchJobError:
+                break
+            if last.get_status() != "finished" or last.return_value() != "waiting":
+                break
+            n += 1
+            job_id = f"migratio-{jid}-w{n}"
+        if last is not None and last.get_status() in {"finished", "failed"}:
+            if last.get_status() == "failed" and last.retries_left:
+                time.sleep(0.5)
+                continue
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"request {jid} did not end in {timeout}s (last: {last and last.id})")
+
+
+def lease_intervals(redis: Redis, settings: Settings) -> dict[str, list[tuple[int, int, str]]]:
+    """Per pair: (start ms, end ms, attempt) of every attempt, from the lease history.
+
+    An attempt ends when it released its lease, else (its holder died) when the lease could
+    expire at the earliest: its last renewal + the lease's TTL.
+    """
+    attempts: dict[str, dict[str, list[int]]] = {}
+    pairs: dict[str, str] = {}
+    for entry_id, fields in redis.xrange(Keys(settings.namespace).lease_history(settings.name)):
+        ms = int(entry_id.decode().split("-")[0])
+        event = fields[b"event"].decode()
+        attempt = fields[b"attempt"].decode()
+        pairs[attempt] = fields[b"pair"].decode()
+        span = attempts.setdefault(attempt, [ms, ms + int(lease.TTL * 1000)])
+        if event.startswith("released") or event == "lost":
+            span[1] = ms
+        else:
+            span[1] = max(span[1], ms + int(lease.TTL * 1000))
+    by_pair: dict[str, list[tuple[int, int, str]]] = {}
+    for attempt, (start, end) in attempts.items():
+        by_pair.setdefault(pairs[attempt], []).append((start, end, attempt))
+    return {pair: sorted(spans) for pair, spans in by_pair.items()}
+
+
+def assert_never_two_at_once(redis: Redis, settings: Settings) -> int:
+    """No two attempts of a pair overlapped; returns how many attempts there were."""
+    count = 0
+    for pair, spans in lease_intervals(redis, settings).items():
+        count += len(spans)
+        for (_, end, first), (start, _, second) in itertools.pairwise(spans):
+            assert start >= end, f"{pair}: attempt {second} began while {first} held the lease"
+    return count
+
+
+def staged(where: Path) -> list[str]:
+    """What is in a staging directory but for what is kept there on purpose: the dot-files
+    (what was learnt about a link, a destination's project) and the shared cache of downloads
+    and conversions (:mod:`migratio.staging`, which evicts its own entries)."""
+    if not where.exists():
+        return []
+    return sorted(
+        p.name for p in where.iterdir() if not p.name.startswith(".") and p.name != "cache"
+    )
+
+
+def assert_no_staging(sb: Sandbox, settings: Settings) -> None:
+    remote, local = staged(sb.remote_staging), staged(settings.staging_dir)
+    assert remote == [], f"left in the destination's staging: {remote}"
+    assert local == [], f"left in local staging: {local}"
+
+
+def assert_one_copy(sb: Sandbox, image_id: str, image: Path, tmp_path: Path) -> None:
+    copies = sb.destination.find_by_property("source_uuid", image_id)
+    assert [c["status"] for c in copies] == ["active"], copies
+    arrived = tmp_path / "arrived"
+    sb.destination.download_to(str(copies[0]["id"]), arrived)
+    assert sha256_file(arrived) == sha256_file(image)
+
+
+def assert_one_ami(moto: MotoServer, image_id: str, image: Path, tmp_path: Path) -> None:
+    ec2, ebs = moto.client("ec2"), moto.client("ebs")
+    link = [{"Name": "tag:source_uuid", "Values": [image_id]}]
+    amis = ec2.describe_images(Owners=["self"], Filters=link)["Images"]
+    assert [a["State"] for a in amis] == ["available"]
+    snapshots = ec2.describe_snapshots(OwnerIds=["self"], Filters=link)["Snapshots"]
+    # one snapshot: no other attempt's (moto names the AMI's mapping differently, so by tag)
+    assert len(snapshots) == 1, snapshots
+    used = [snapshots[0]["SnapshotId"]]
+    raw_path = tmp_path / "expected.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw_path)], check=True
+    )
+    raw = raw_path.read_bytes()
+    blocks = ebs.list_snapshot_blocks(SnapshotId=used[0])["Blocks"]
+    expected = [
+        i // BLOCK_SIZE
+        for i in range(0, len(raw), BLOCK_SIZE)
+        if raw[i : i + BLOCK_SIZE].strip(b"\0")
+    ]
+    assert sorted(b["BlockIndex"] for b in blocks) == expected
+    for block in blocks:
+        got = ebs.get_snapshot_block(
+            SnapshotId=used[0], BlockIndex=block["BlockIndex"], BlockToken=block["BlockToken"]
+        )["BlockData"].read()
+        start = block["BlockIndex"] * BLOCK_SIZE
+        assert got == raw[start : start + BLOCK_SIZE]
+
+
+def lines_for(atmosphere: sidekiq.FeedbackServer, image_id: str, destination: str) -> list[str]:
+    return [
+        line[3] for line in atmosphere.received() if line[0] == image_id and line[2] == destination
+    ]
+
+
+def assert_nothing_waiting(redis: Redis, settings: Settings) -> None:
+    keys = Keys(settings.namespace)
+    assert redis.llen(keys.queue(migration_queue(settings.name))) == 0
+    assert redis.llen(keys.inflight(settings.name)) == 0
+
+
+# -- the same request twice --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gap", [0.0, 2.0], ids=["at-once", "2s-apart"])
+@pytest.mark.parametrize("destination", ["site-b", "site-b-api", "aws-eu"])
+def test_the_same_request_twice_makes_one_copy(
+    clean_sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis: Redis,
+    atmosphere: sidekiq.FeedbackServer,
+    moto: MotoServer,
+    destination: str,
+    gap: float,
+) -> None:
+    sb = clean_sandbox
+    settings = site_settings(sb, tmp_path, redis_server.url, **{"aws-eu": moto.site_conf()})
+    image = make_qcow2(tmp_path / "t.qcow2", virtual_size=256 * MiB, data_bytes=64 * MiB)
+    image_id = sb.source.upload_image(image, name="twice", disk_format="qcow2")
+    job_class = AMAZON_MIGRATOR if destination == "aws-eu" else OPENSTACK_MIGRATOR
+    first = push(settings, image_id, destination, job_class)
+    if gap:
+        service = Service(settings)
+        service.horse()
+        time.sleep(gap)
+        second = push(settings, image_id, destination, job_class)
+    else:
+        second = push(settings, image_id, destination, job_class)
+        service = Service(settings)
+    with service:
+        finals = [wait_final(redis, jid, timeout=240) for jid in (first, second)]
+        assert service.stop() == 0
+    assert sorted(job.return_value() for job in finals) == ["already there", "migrated"]
+    if destination == "aws-eu":
+        assert_one_ami(moto, image_id, image, tmp_path)
+    else:
+        assert_one_copy(sb, image_id, image, tmp_path)
+    lines = lines_for(atmosphere, image_id, destination)
+    assert sum(line.startswith("Registered") for line in lines) == 1, lines
+    assert sum(line.startswith(ALREADY_UPLOADED) for line in lines) == 1, lines
+    assert not [line for line in lines if line.startswith("Error")], lines
+    assert_never_two_at_once(redis, settings)
+    assert_no_staging(sb, settings)
+    assert_nothing_waiting(redis, settings)
+
+
+# -- a worker killed on its own ----------------------------------------------------------------
+
+
+def wait_for_part(sb: Sandbox, image_id: str, size: int, timeout: float = 120) -> None:
+    """Wait until the transfer has written ``size`` bytes there (the file or its pieces)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        staging = sb.remote_staging
+        parts = list(staging.glob(f"{image_id}-*.part*")) if staging.exists() else []
+        written = 0
+        for part in parts:
+            with contextlib.suppress(OSError):
+                written += part.stat().st_blocks * 512  # pieces are sparse until written
+        if written > size:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the transfer never got going")
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_worker_alone_never_makes_twins(
+    clean_sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis: Redis,
+    atmosphere: sidekiq.FeedbackServer,
+) -> None:
+    sb = clean_sandbox
+    settings = site_settings(sb, tmp_path, redis_server.url, workers=1)
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=1024 * MiB, data_bytes=300 * MiB)
+    image_id = sb.source.upload_image(image, name="big", disk_format="qcow2")
+    jid = push(settings, image_id, "site-b", OPENSTACK_MIGRATOR)
+    with Service(settings) as service:
+        worker, horse = service.horse()
+        wait_for_part(sb, image_id, 30 * MiB)
+        os.kill(worker, signal.SIGKILL)  # the OOM killer's way: the worker's main process only
+        assert wait_gone([horse], timeout=5) == [], "the work-horse outlived its worker"
+        horse_gone_ms = time.time() * 1000
+        final = wait_final(redis, jid, timeout=300)
+        assert service.stop() == 0
+    assert final.return_value() == "migrated"
+    assert final.meta.get("interruptions") == 1
+    assert_one_copy(sb, image_id, image, tmp_path)
+    [_, (second_start, _, _)] = lease_intervals(redis, settings)[f"{image_id}:site-b"]
+    assert second_start >= horse_gone_ms  # the second attempt began after the first was dead
+    assert assert_never_two_at_once(redis, settings) == 2
+    lines = lines_for(atmosphere, image_id, "site-b")
+    assert sum(line.startswith("Migration started") for line in lines) == 2
+    assert lines[-1].startswith("Registered")
+    assert_no_staging(sb, settings)
+    assert wait_left(service.seen, timeout=10) == []
+
+
+# -- stops -------------------------------------------------------------------------------------
+
+STOPS = {
+    "warm": [],
+    "cold-after-0.1s": [0.1],
+    "cold-after-1s": [1.0],
+    "cold-after-10s": [10.0],
+    "three-sigterms": [0.3, 0.3],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [*STOPS, "sigkill-of-the-group"])
+def test_stops_lose_nothing_and_leave_nothing(
+    clean_sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis: Redis,
+    atmosphere: sidekiq.FeedbackServer,
+    stop: str,
+) -> None:
+    sb = clean_sandbox
+    settings = site_settings(sb, tmp_path, redis_server.url, workers=1)
+    with (settings.sites_dir / "site-b.conf").open("a") as conf:
+        conf.write("\nBWLIMIT=30M\n")  # ~20 s of transfer: still running at each stop
+    settings = load_settings(settings.config_path)
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=2048 * MiB, data_bytes=600 * MiB)
+    image_id = sb.source.upload_image(image, name="big", disk_format="qcow2")
+    jid = push(settings, image_id, "site-b", OPENSTACK_MIGRATOR)
+    with Service(settings) as service:
+        _, horse = service.horse()
+        wait_for_part(sb, image_id, 20 * MiB)
+        if stop == "sigkill-of-the-group":
+            service.kill_group()
+        else:
+            service.proc.send_signal(signal.SIGTERM)
+            for n, delay in enumerate(STOPS[stop]):
+                time.sleep(delay)
+                if n == 0:
+                    assert alive(horse), "the migration ended before the cold stop: make it longer"
+                service.proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert service.proc.wait(timeout=300) == 0
+            if STOPS[stop]:
+                assert time.monotonic() - started < 15  # cold: gone within seconds
+        assert wait_left(service.seen, timeout=10) == [], "processes left behind"
+    job = Job.fetch(f"migratio-{jid}", connection=redis, serializer=JSONSerializer)
+    if stop == "warm":
+        assert job.get_status() == "finished"
+    elif stop != "sigkill-of-the-group":
+        assert job.get_status() == "queued"  # put back, first in line
+    # the re-run (systemd starting the service again) finishes it: nothing lost, nothing twice
+    with Service(settings) as again:
+        final = wait_final(redis, jid, timeout=400)
+        assert again.stop() == 0
+        assert wait_left(again.seen, timeout=10) == []
+    assert final.return_value() in {"migrated", "already there"}
+    assert_one_copy(sb, image_id, image, tmp_path)
+    assert_never_two_at_once(redis, settings)
+    assert_no_staging(sb, settings)
+    assert_nothing_waiting(redis, settings)
+    lines = lines_for(atmosphere, image_id, "site-b")
+    assert lines[-1].startswith(("Registered", ALREADY_UPLOADED)), lines
+
+
+# -- the lease itself, and the sweep -----------------------------------------------------------
+
+
+def test_lease_keys_are_exact() -> None:
+    keys = Keys("atmosphere")
+    image = "6f3c9a0e-1111-2222-3333-444455556666"
+    assert (
+        keys.lease("site-a", image, "site-b") == f"atmosphere:migratio:lease:site-a:{image}:site-b"
+    )
+    assert keys.lease_history("site-a") == "atmosphere:migratio:leases:site-a"
+    assert keys.sweep("site-a") == "atmosphere:migratio:sweep:site-a"
+
+
+def test_one_holder_renewed_fenced_and_released(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lease, "RENEW_EVERY", 0.05)
+    keys, image = Keys("atmosphere"), "6f3c9a0e-1111-2222-3333-444455556666"
+    first = lease.Lease(redis, keys, "site-a", image, "site-b", job_id="job-1")
+    second = lease.Lease(redis, keys, "site-a", image, "site-b", job_id="job-2")
+    assert first.acquire()
+    assert not second.acquire()
+    assert (first.holder() or "").startswith("job-1 ")
+    cancel = threading.Event()
+    with first.held(cancel) as held:
+        redis.pexpire(first.key, 200)
+        time.sleep(0.5)  # renewed meanwhile: it did not expire
+        assert not second.acquire()
+        held.fence()
+        redis.set(first.key, "someone else")  # taken over (as after an expiry)
+        deadline = time.monotonic() + 5
+        while not cancel.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cancel.is_set()  # the attempt's transfers are told to stop
+        with pytest.raises(lease.LeaseLost, match="lost its lease"):
+            held.fence()
+    assert redis.get(first.key) == b"someone else"  # a lost lease is not released
+    redis.delete(first.key)
+    # Redis lost the key (a restart without it) while the holder was in time: taken again
+    with first.held(threading.Event()) as held:
+        assert first.acquire() is True
+        redis.delete(first.key)
+        time.sleep(0.3)
+        assert (first.holder() or "").startswith("job-1 ")
+        held.fence()
+    assert first.holder() is None
+    # a worker whose horse died releases the horse's lease by job id
+    assert second.acquire()
+    assert lease.release_job(redis, keys, "site-a", image, "site-b", "job-1") is False
+    assert lease.release_job(redis, keys, "site-a", image, "site-b", "job-2") is True
+    events = [f[b"event"] for _, f in redis.xrange(keys.lease_history("site-a"))]
+    assert events[0] == b"acquired" and b"lost" in events and b"retaken" in events
+    assert events[-1] == b"released for a dead process"
+
+
+def test_the_sweep_removes_only_what_free_pairs_left(
+    clean_sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis: Redis,
+    moto: MotoServer,
+) -> None:
+    sb = clean_sandbox
+    settings = site_settings(sb, tmp_path, redis_server.url, **{"aws-eu": moto.site_conf()})
+    keys = Keys(settings.namespace)
+    dead, busy, queued, snapped = (f"6f3c9a0e-1111-2222-3333-44445555666{i}" for i in range(4))
+    for image_id in (dead, busy):
+        workdir = settings.staging_dir / f"{image_id}-site-b"
+        workdir.mkdir(parents=True)
+        (workdir / "x.qcow2").write_bytes(b"x" * 1000)
+    site = settings.sites["site-b"]
+    assert isinstance(site, OpenStackSite)
+    remote = RemoteGlance(site)
+    remote.make_dir(".migratio-staging")
+    for image_id in (dead, busy):
+        remote.ssh.run(["truncate", "-s", "1M", f".migratio-staging/{image_id}-abc.raw.part"],
+                       what="make a part", creds=False)  # fmt: skip
+    made = sb.destination.client().images.create(
+        name="half", disk_format="raw", container_format="bare",
+        source_uuid=queued, source_cs="site-a", source_t="site-a",
+    )  # fmt: skip
+    ec2 = moto.client("ec2")
+    volume = ec2.create_volume(Size=1, AvailabilityZone="eu-west-1a")["VolumeId"]
+    snapshot = ec2.create_snapshot(VolumeId=volume)["SnapshotId"]
+    link = {"source_uuid": snapped, "source_t": "site-a"}
+    ec2.create_tags(Resources=[snapshot], Tags=[{"Key": k, "Value": v} for k, v in link.items()])
+    holder = lease.Lease(redis, keys, "site-a", busy, "site-b", job_id="running")
+    assert holder.acquire()
+
+    report = sweep(settings, redis, min_age=0)
+
+    assert sorted(p.name for p in settings.staging_dir.iterdir()) == [f"{busy}-site-b"]
+    assert sorted(p.name for p in sb.remote_staging.iterdir()) == [f"{busy}-abc.raw.part"]
+    assert sb.destination.find_by_property("source_uuid", queued) == []
+    assert snapshot not in [s["SnapshotId"] for s in ec2.describe_snapshots()["Snapshots"]]
+    assert len(report.removed) == 4, report.removed
+    assert report.busy == [f"{busy} to site-b", f"{busy} to site-b"]
+    assert made["id"] not in [i["id"] for i in sb.destination.images()]
+    assert holder.holder() is not None  # the busy pair's lease is untouched
+    # a second sweep finds nothing more
+    assert sweep(settings, redis, min_age=0).removed == []
+    # files younger than the retry window are left for the retry
+    assert sweep(settings, redis).busy == []
+
+
+def test_migrate_by_hand_waits_for_the_running_attempt(
+    clean_sandbox: Sandbox, tmp_path: Path, redis_server: RedisServer, redis: Redis
+) -> None:
+    sb = clean_sandbox
+    settings = site_settings(sb, tmp_path, redis_server.url)
+    image = make_qcow2(tmp_path / "t.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+    image_id = sb.source.upload_image(image, name="by-hand", disk_format="qcow2")
+    running = lease.Lease(
+        redis, Keys(settings.namespace), "site-a", image_id, "site-b", job_id="migratio-job"
+    )
+    assert running.acquire()
+    argv = [sys.executable, "-m", "migratio", "migrate", "--config", str(settings.config_path)]
+    proc = subprocess.Popen([*argv, image_id, "site-b"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith(f"Waiting: another migration of image {image_id} to site-b")
+        assert "migratio-job" in first
+        time.sleep(1)
+        assert sb.destination.find_by_property("source_uuid", image_id) == []
+        running.release()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert out.splitlines()[-1].startswith("Registered")
+    assert_one_copy(sb, image_id, image, tmp_path)
