@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings as hypothesis_settings
+from redis import Redis
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # make `tests.sandbox` importable under any import mode
@@ -20,6 +21,7 @@ if str(ROOT) not in sys.path:  # make `tests.sandbox` importable under any impor
 
 from tests.sandbox.glance_server import glance_venv_missing  # noqa: E402
 from tests.sandbox.moto_server import MotoServer  # noqa: E402
+from tests.sandbox.redis_server import RedisServer  # noqa: E402
 from tests.sandbox.site import Sandbox  # noqa: E402
 
 # property-based tests: no example database in the checkout; under CI the same examples every
@@ -64,6 +66,21 @@ def clean_sandbox(sandbox: Sandbox) -> Sandbox:
     """The sandbox with no images on either Glance and empty staging areas."""
     sandbox.reset()
     return sandbox
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A throw-away redis-server for one test module."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> Redis:
+    """A client of the module's Redis, emptied for this test."""
+    client = redis_server.client()
+    client.flushall()
+    return client
 
 
 @pytest.fixture(scope="session")

@@ -41,19 +41,6 @@ MiB = 1024 * 1024
 IMAGE = "6f3c9a0e-1111-2222-3333-444455556666"
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture
-def redis(redis_server: RedisServer) -> Redis:
-    client = redis_server.client()
-    client.flushall()
-    return client
-
-
 @pytest.fixture
 def settings(clean_sandbox: Sandbox, tmp_path: Path, redis_server: RedisServer) -> Settings:
     return settings_for(clean_sandbox, tmp_path, yaml=f"redis_url: {redis_server.url}\n")

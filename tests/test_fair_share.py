@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,19 +26,6 @@ from migratio.fair_share import DestinationShare
 from migratio.keys import OPENSTACK_MIGRATOR, Keys, migration_queue
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture
-def redis(redis_server: RedisServer) -> Redis:
-    client = redis_server.client()
-    client.flushall()
-    return client
 
 
 def test_slots_are_capped_given_in_arrival_order_and_freed_by_expiry(redis: Redis) -> None:

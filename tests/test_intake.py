@@ -14,7 +14,6 @@ import socket
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,19 +46,6 @@ BIG = [
     b"[" * (5 * MiB),
     json.dumps({"class": "x" * (MAX_PAYLOAD_BYTES + 1)}).encode(),
 ]
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture
-def redis(redis_server: RedisServer) -> Redis:
-    client = redis_server.client()
-    client.flushall()
-    return client
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,19 +39,6 @@ from migratio.logs import DailyFile
 from migratio.service import Service
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture
-def redis(redis_server: RedisServer) -> Redis:
-    client = redis_server.client()
-    client.flushall()
-    return client
 
 
 def push(settings: Settings, image_id: str, destination: str) -> str:
