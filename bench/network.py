@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._measure import verdict  # noqa: E402
+from bench._measure import PeakRss, verdict  # noqa: E402
 from tests.sandbox.images import make_os_like_qcow2, make_qcow2  # noqa: E402
 from tests.sandbox.network import TwoHostNetwork, network_missing  # noqa: E402
 from tests.sandbox.site import Sandbox  # noqa: E402
@@ -150,28 +150,13 @@ def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float |
             stdout=subprocess.PIPE,
             text=True,
         )
-        peak = 0
-        status = Path(f"/proc/{proc.pid}/status")
-
-        def watch() -> None:
-            nonlocal peak
-            while proc.poll() is None:
-                try:
-                    for line in status.read_text().splitlines():
-                        if line.startswith("VmHWM:"):
-                            peak = max(peak, int(line.split()[1]) * 1024)
-                except OSError:
-                    break
-                time.sleep(0.05)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
+        peak = PeakRss(proc, interval=0.05)
         assert proc.stdout is not None
         out = proc.stdout.read()
         _, code, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(code)
         seconds = time.perf_counter() - begin
-        watcher.join()
+        peak.join()
     if proc.returncode != 0:
         raise SystemExit(f"migratio migrate {site} failed:\n{out}")
     copies = sb.destination.find_by_property("source_uuid", image_id)
@@ -186,7 +171,7 @@ def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float |
         wire=meter.wire / size,
         utilisation=meter.rate() / link if link else 0.0,
         decision=decision.group(1) if decision else "-",
-        peak_rss=peak / MB,
+        peak_rss=peak.bytes / MB,
         cpu_src=(usage.ru_utime + usage.ru_stime) / (size / GiB),
         cpu_dst=cpu_dst / (size / GiB),
     )
