@@ -221,7 +221,7 @@ class Migration:
         if isinstance(self.destination, RemoteGlance):
             with SshMaster(self.destination.ssh.target) as master:
                 self.destination.ssh.target = master.target  # the lookups share one login
-                return self.run_over_ssh(self.destination, image, target_format, fields)
+                return self.run_over_ssh(master, image, target_format, fields)
         existing = self.existing_copy(image, target_format)
         if existing is not None:
             return self.already_there(existing)
@@ -251,7 +251,7 @@ class Migration:
         return payload, digests
 
     def run_over_ssh(
-        self, cli: RemoteGlance, image: ImageRecord, target_format: str, fields: dict[str, Any]
+        self, master: SshMaster, image: ImageRecord, target_format: str, fields: dict[str, Any]
     ) -> MigrationResult:
         """REGISTER=ssh: the transfer starts while the destination is still being looked up.
 
@@ -261,8 +261,15 @@ class Migration:
         copy. A download from the source Glance or a conversion waits for the lookup, so
         that a copy already there costs neither.
         """
+        cli = self.destination
+        assert isinstance(cli, RemoteGlance)
+
+        def look_up() -> ImageRecord | None:
+            master.wait()  # share its login rather than make one more at the same time
+            return self.existing_copy(image, target_format)
+
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="lookup") as pool:
-            lookup = pool.submit(self.existing_copy, image, target_format)
+            lookup = pool.submit(look_up)
             ssh = self.site.ssh
             assert ssh is not None
             rtt = pool.submit(measure_rtt, ssh.host, ssh.port)

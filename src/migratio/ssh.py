@@ -8,16 +8,20 @@ so that no image name, property or path can become shell syntax on the other sid
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shlex
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from migratio import processes
 from migratio.config import SshTarget
 from migratio.errors import RemoteError
+
+log = logging.getLogger(__name__)
 
 SSH = "ssh"
 
@@ -143,6 +147,23 @@ class SshMaster:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
         return self
+
+    def wait(self) -> bool:
+        """Wait until the master is up (True), or has failed or timed out (False).
+
+        Commands that wait for it share its login instead of making one of their own
+        at the same time.
+        """
+        assert self.target.control_path is not None and self._child is not None
+        deadline = time.monotonic() + self.plain.connect_timeout + 5
+        while time.monotonic() < deadline:
+            if self.target.control_path.exists():
+                return True
+            if self._child.poll() is not None:
+                log.info("ssh master connection to %s failed", self.plain.destination)
+                return False
+            time.sleep(0.01)
+        return False
 
     def __exit__(self, *_exc: object) -> None:
         if self._child is not None:
