@@ -1,4 +1,8 @@
-"""A real Glance API (v2, file store, no Keystone) served by uWSGI on 127.0.0.1."""
+"""A real Glance API (v2, file store, no Keystone) served by uWSGI on 127.0.0.1.
+
+:meth:`GlanceServer.also_listen` adds a second address on the same port: the sandbox's end of
+its veth, so that the second host reaches the source Glance over the link (``network.py``).
+"""
 
 from __future__ import annotations
 
@@ -67,6 +71,16 @@ class GlanceServer(PortDaemon):
         self.uwsgi_log_path = self.dir / "uwsgi.log"
         self.db_path = self.dir / "glance.sqlite"
         self.venv = glance_venv()
+        #: a second address uWSGI listens on (same port), or None: see :meth:`also_listen`
+        self.also_on: str | None = None
+
+    def also_listen(self, address: str) -> None:
+        """Listen on ``address`` too (before :meth:`start`), besides where it is placed."""
+        self.also_on = address
+
+    def endpoint_at(self, address: str) -> str:
+        """``http://ADDRESS:PORT``: the endpoint as seen by a host reaching it at ``address``."""
+        return f"http://{address}:{self.port}"
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -178,10 +192,13 @@ filesystem_store_datadir = {d}/tasks
 
     def _serve(self) -> str:
         """Start uWSGI and wait for the API; return '' when ready, else an error text."""
+        sockets = ["--http-socket", f"{self.address}:{self.port}"]
+        if self.also_on:
+            sockets += ["--http-socket", f"{self.also_on}:{self.port}"]
         argv = [
             *self._exec_prefix,
             str(self.venv / "bin" / "uwsgi"),
-            "--http-socket", f"{self.address}:{self.port}",
+            *sockets,
             "--wsgi-file", str(self._wsgi_file()),
             "--master", "--processes", "1", "--threads", "4", "--enable-threads",
             "--die-on-term", "--need-app", "--lazy-apps",
