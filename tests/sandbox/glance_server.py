@@ -6,9 +6,11 @@ its veth, so that the second host reaches the source Glance over the link (``net
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import shutil
+import sqlite3
 import subprocess
 import time
 from dataclasses import dataclass
@@ -47,6 +49,28 @@ class KeystoneAuth:
 
 class GlanceServerError(RuntimeError):
     """The Glance server did not come up."""
+
+
+# Glance's API app, with every sqlite transaction taking the write lock when it begins.
+# oslo.db begins them with a plain (deferred) BEGIN: two requests that both read, then both
+# write (two uploads at once) deadlock in SQLite, which answers one at once with "database is
+# locked", without waiting its busy timeout, and Glance with a 500. BEGIN IMMEDIATE makes the
+# second one wait (the busy timeout of the [database] connection, 60 s) for the first to commit;
+# WAL (set on the file after db_sync) keeps reads outside transactions going meanwhile.
+_WSGI = """\
+import sqlalchemy.event
+from sqlalchemy.engine import Engine
+
+
+@sqlalchemy.event.listens_for(Engine, "before_cursor_execute", retval=True)
+def _begin_immediate(conn, cursor, statement, parameters, context, executemany):
+    if statement == "BEGIN" and conn.dialect.name == "sqlite":
+        statement = "BEGIN IMMEDIATE"
+    return statement, parameters
+
+
+from glance.wsgi.api import application  # noqa: E402
+"""
 
 
 class GlanceServer(PortDaemon):
@@ -141,7 +165,7 @@ show_multiple_locations = false
 image_size_cap = 1099511627776
 
 [database]
-connection = sqlite:///{self.db_path}
+connection = sqlite:///{self.db_path}?timeout=60
 
 [paste_deploy]
 flavor = {flavor}
@@ -178,6 +202,9 @@ filesystem_store_datadir = {d}/tasks
             text=True,
             check=False,
         )
+        if result.returncode == 0:
+            with contextlib.closing(sqlite3.connect(self.db_path)) as db:
+                db.execute("PRAGMA journal_mode=WAL")
         if result.returncode != 0:
             raise GlanceServerError(
                 f"glance-manage db_sync failed ({result.returncode}) for {self.name}:\n"
@@ -185,10 +212,13 @@ filesystem_store_datadir = {d}/tasks
             )
 
     def _wsgi_file(self) -> Path:
+        """Glance's own WSGI entry point, behind :data:`_WSGI` (sqlite transactions serialised)."""
         found = sorted(self.venv.glob("lib/python3*/site-packages/glance/wsgi/api.py"))
         if not found:
             raise GlanceServerError(f"glance/wsgi/api.py not found under {self.venv}")
-        return found[-1]
+        wsgi = self.etc_dir / "sandbox_wsgi.py"
+        wsgi.write_text(_WSGI)
+        return wsgi
 
     def _serve(self) -> str:
         """Start uWSGI and wait for the API; return '' when ready, else an error text."""
