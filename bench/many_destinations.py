@@ -166,7 +166,7 @@ class CpuUse:
         end = self._sample()
         for party, value in end.items():
             self.used[party] = self.used.get(party, 0.0) + value - self._begin[party]
-        self.wall = self.used.pop("wall")
+        self.wall += self.used.pop("wall")
 
     def lines(self) -> list[str]:
         cores = os.cpu_count() or 1
