@@ -210,6 +210,12 @@ class PortDaemon(Service):
         """True while the daemon is alive."""
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int:
+        """The daemon's pid, which is also its process group's (valid while it runs)."""
+        assert self._proc is not None, "not running"
+        return self._proc.pid
+
     def _serve(self) -> str:
         raise NotImplementedError
 
