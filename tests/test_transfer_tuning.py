@@ -16,7 +16,7 @@ from migratio import rsync
 from migratio.bandwidth import ThrottledReader
 from migratio.compression import LinkHistory, choose
 from migratio.config import ConfigError, OpenStackSite, load_site
-from migratio.errors import Cancelled
+from migratio.errors import Cancelled, RemoteError
 from migratio.glance_api import GlanceApi
 from migratio.hashing import Digests, file_digests
 from migratio.openstack_migration import migrate_to_openstack
@@ -287,3 +287,29 @@ def test_auto_takes_a_long_round_trip_for_a_wan(tmp_path: Path, os_like: Path) -
     assert choose("auto", os_like, None, 0.020, idle_cores=0.3).algorithm == "lz4"
     assert choose("auto", os_like, None, 0.040, idle_cores=0.3).algorithm == "zstd"  # far: slow
     assert choose("auto", os_like, 800e6, 0.020, idle_cores=2).algorithm == "none"
+
+
+def test_pieces_with_the_wrong_digest_are_removed_and_no_image_is_made(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The source's file store holds other bytes than its Glance recorded (bit rot, a
+    tampered file): the destination's helper refuses the whole, no image is completed there,
+    and the pieces go (nothing to resume from wrong bytes)."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "random.qcow2", virtual_size=256 * MiB, data_bytes=96 * MiB)
+    image_id = sb.source.upload_image(image, name="rotten", disk_format="qcow2")
+    stored = sb.source.images_dir / image_id
+    with stored.open("r+b") as f:  # a data cluster in the middle, not the qcow2 header
+        f.seek(stored.stat().st_size // 2)
+        f.write(b"\xff" * 4096)
+    settings = settings_for(sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=3")})
+    lines = Lines()
+
+    with pytest.raises(RemoteError) as failure:
+        migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), lines)
+
+    assert "md5 of the transferred file is" in str(failure.value)
+    assert "md5 of the transferred file is" in lines[-1], lines
+    assert sb.destination.find_by_property("source_uuid", image_id) == []
+    staging = sb.ssh.home / ".migratio-staging"
+    assert not list(staging.glob(f"{image_id}-*")), "wrong pieces left at the destination"

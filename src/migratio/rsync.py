@@ -14,7 +14,7 @@ from pathlib import Path
 from migratio import processes
 from migratio.config import SshTarget
 from migratio.errors import TransferError
-from migratio.ssh import rsync_shell
+from migratio.ssh import LOGIN_RETRIES, cancelled, login_refused, rsync_shell
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,22 @@ def push(
     done = processes.run(
         argv, what="rsync", timeout=timeout, cancel=cancel, check=False, on_line=on_line, nice=NICE
     )
+    for pause in LOGIN_RETRIES:
+        if done.returncode != 255 or not login_refused(done.stderr) or cancelled(cancel):
+            break
+        log.info("the ssh login to %s was refused (%s); again in %.0f s",
+                 target.destination, done.tail(1), pause)  # fmt: skip
+        time.sleep(pause)
+        remaining = max(timeout - (time.monotonic() - begin), 1.0)
+        done = processes.run(
+            argv,
+            what="rsync",
+            timeout=remaining,
+            cancel=cancel,
+            check=False,
+            on_line=on_line,
+            nice=NICE,
+        )
     if done.returncode != 0 and compress != "none" and _refused_compression(done.stderr):
         log.warning(
             "rsync at %s cannot do %s compression (%s); sending uncompressed",

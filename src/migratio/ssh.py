@@ -24,6 +24,18 @@ from migratio.errors import RemoteError
 log = logging.getLogger(__name__)
 
 SSH = "ssh"
+#: pauses (seconds) before the next try when sshd refused a login (busy: ``MaxStartups``)
+LOGIN_RETRIES = (0.5, 1.0, 2.0)
+
+
+def login_refused(stderr: str) -> bool:
+    """Whether sshd closed the connection before the login -- too many logins at once (sshd's
+    ``MaxStartups``, 10 by default) -- which a moment later succeeds."""
+    return "kex_exchange_identification" in stderr
+
+
+def cancelled(cancel: threading.Event | None) -> bool:
+    return cancel is not None and cancel.is_set()
 
 
 def ssh_options(target: SshTarget) -> list[str]:
@@ -95,13 +107,15 @@ class SshClient:
         cancel: threading.Event | None = None,
     ) -> processes.Completed:
         """Run ``remote`` there and wait; a failure raises :class:`RemoteError` with its output."""
-        done = processes.run(
-            self.argv(remote, creds=creds),
-            what=what,
-            timeout=timeout,
-            check=False,
-            cancel=cancel,
-        )
+        argv = self.argv(remote, creds=creds)
+        done = processes.run(argv, what=what, timeout=timeout, check=False, cancel=cancel)
+        for pause in LOGIN_RETRIES:
+            if done.returncode != 255 or not login_refused(done.stderr) or cancelled(cancel):
+                break
+            log.info("the ssh login to %s was refused (%s); again in %.0f s",
+                     self.target.destination, done.tail(1), pause)  # fmt: skip
+            time.sleep(pause)
+            done = processes.run(argv, what=what, timeout=timeout, check=False, cancel=cancel)
         if done.returncode == 255:
             raise RemoteError(
                 f"{what}: cannot log in to {self.target.destination} port {self.target.port}: "

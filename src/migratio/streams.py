@@ -223,6 +223,9 @@ def push_ranges(
     def lane() -> None:
         try:
             with SshMaster(target) as master:
+                # one login per stream: its pieces' rsyncs wait for the master instead of
+                # logging in beside it (sshd drops logins beyond MaxStartups, 10 by default)
+                master.wait()
                 while (k := pieces.take()) is not None:
                     while not pieces.ready[k].wait(0.1):
                         if stop.is_set():
