@@ -53,7 +53,7 @@ GiB = 1024**3
 MB = 1e6
 FIRST_BYTES = 256 << 10
 TICK = os.sysconf("SC_CLK_TCK")
-_DECISION = re.compile(r"compression (\w+)\)")
+_DECISION = re.compile(r"compression ([\w, ]+)\)")
 
 CASES = {
     1: ("1 Gbit/s, 20 ms RTT", 1000.0, 20.0, "os", 0.60),

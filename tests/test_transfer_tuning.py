@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from tests.support import Lines, settings_for
 
 from migratio import rsync
 from migratio.bandwidth import ThrottledReader
-from migratio.compression import LinkHistory, choose
+from migratio.compression import LinkHistory, PieceCompression, choose
 from migratio.config import ConfigError, OpenStackSite, load_site
 from migratio.errors import Cancelled, RemoteError
 from migratio.glance_api import GlanceApi
@@ -285,7 +286,6 @@ def test_auto_takes_a_long_round_trip_for_a_wan(tmp_path: Path, os_like: Path) -
     assert choose("auto", os_like, None, 0.0002, idle_cores=2).algorithm == "lz4"
     assert choose("auto", os_like, None, 0.020, idle_cores=2).algorithm == "zstd"
     assert choose("auto", os_like, None, 0.020, idle_cores=0.3).algorithm == "lz4"
-    assert choose("auto", os_like, None, 0.040, idle_cores=0.3).algorithm == "zstd"  # far: slow
     assert choose("auto", os_like, 800e6, 0.020, idle_cores=2).algorithm == "none"
 
 
@@ -313,3 +313,56 @@ def test_pieces_with_the_wrong_digest_are_removed_and_no_image_is_made(
     assert sb.destination.find_by_property("source_uuid", image_id) == []
     staging = sb.ssh.home / ".migratio-staging"
     assert not list(staging.glob(f"{image_id}-*")), "wrong pieces left at the destination"
+
+
+def test_auto_measures_an_unknown_link_with_its_first_pieces(os_like: Path) -> None:
+    guess = choose("auto", os_like, None, 0.040, idle_cores=2)
+    assert guess.provisional  # 40 ms says nothing about the rate: 200 Mbit/s or 1 Gbit/s
+    slow = PieceCompression(guess, streams=2)
+    assert slow.algorithm == "lz4"  # cheap enough not to be the limit while it measures
+    slow.sent("lz4", 20_000_000, 1.0)
+    assert slow.algorithm == "lz4"  # one piece per stream first
+    slow.sent("lz4", 20_000_000, 1.0)  # 40 MB/s on the wire
+    assert slow.algorithm == "zstd"
+    slow.sent("zstd", 10_000_000, 1.5)
+    assert slow.summary() == "lz4, then zstd"
+    fast = PieceCompression(guess, streams=2)
+    fast.sent("lz4", 60_000_000, 1.0)
+    fast.sent("lz4", 60_000_000, 1.0)  # 120 MB/s: zstd would make the transfer CPU-bound
+    assert fast.algorithm == "lz4"
+    old_peer = PieceCompression(guess, streams=2)
+    old_peer.sent("none", 20_000_000, 1.0)  # rsync there cannot compress
+    assert old_peer.algorithm == "none"
+    known = PieceCompression(choose("auto", os_like, 20e6, 0.040, idle_cores=0.3), streams=2)
+    assert known.algorithm == "zstd"  # a link known to be slow: zstd from the first piece
+
+
+@pytest.mark.slow
+def test_a_slow_link_is_found_by_the_first_pieces_and_gets_zstd(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sb = clean_sandbox
+    if sb.network is None:
+        pytest.skip("needs the two-host sandbox (a shaped link)")
+    image = make_os_like_qcow2(tmp_path / "os.qcow2", virtual_size=512 * MiB, data_bytes=160 * MiB)
+    image_id = sb.source.upload_image(image, name="slow-link", disk_format="qcow2")
+    settings = settings_for(sb, tmp_path, **{"site-t": site_b_with(sb, "STREAMS=2")})
+    lines = Lines()
+    sb.shape(200, 40)
+    try:
+        result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-t"), lines)
+    finally:
+        sb.shape()
+    arrived = tmp_path / "arrived"
+    sb.destination.download_to(result.destination_image_id, arrived)
+    assert sha256_file(arrived) == sha256_file(image)
+    [transferred] = [line for line in lines if line.startswith("Transfered")]
+    assert transferred.endswith("compression lz4, then zstd)"), transferred
+    lz4_only = lz4_size(image)
+    assert result.bytes_sent < lz4_only, (result.bytes_sent, lz4_only)  # zstd carried the rest
+
+
+def lz4_size(image: Path) -> int:
+    """What lz4 alone makes of ``image`` (the ``lz4`` tool: rsync's algorithm)."""
+    done = subprocess.run(["lz4", "-1", "-c", str(image)], capture_output=True, check=True)
+    return len(done.stdout)

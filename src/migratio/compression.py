@@ -14,14 +14,17 @@
    the round trip to the site's SSH port (measured anyway, see :mod:`migratio.streams`)
    stands in: :data:`WAN_RTT` or more is a WAN (zstd), less or unknown lz4.  Only transfers
    sent uncompressed are remembered: a compressed one measures the compressor, not the link.
-3. **whether there is a core to spare**: over a link that may be fast, zstd only when the
-   load average leaves at least one core idle; on a busy machine it would make the transfer
-   CPU-bound (measured: zstd on five streams reached 22 MB/s on the wire of a 1 Gbit/s link
-   with the two cores fully loaded), so lz4, which costs a fraction of zstd's CPU, is used
-   instead. Over a slow link -- known to be under :data:`SLOW_LINK`, or not known yet but
-   :data:`LONG_RTT` or more away -- zstd needs a fraction of a core to keep it full
-   (25 MB/s on the wire is ~60 MB/s of input), and the bytes it saves are the time saved:
-   zstd, whatever the load.
+3. **whether there is a core to spare**: zstd only when the load average leaves at least one
+   core idle; on a busy machine it would make the transfer CPU-bound (measured: zstd on five
+   streams reached 22 MB/s on the wire of a 1 Gbit/s link with the two cores fully loaded),
+   so lz4, which costs a fraction of zstd's CPU, is used instead -- except over a link known
+   to be slower than :data:`SLOW_LINK`, which a fraction of a core keeps full.
+   While the link's rate is not known, a transfer in pieces (several streams, see
+   :mod:`migratio.streams`) measures it: its first pieces go with lz4 (cheap enough not to
+   be the limit), and if the wire rate they reached is under :data:`SLOW_LINK` the rest goes
+   with zstd (:class:`PieceCompression`). A round trip alone cannot tell a slow link from a
+   fast one far away (200 Mbit/s and 1 Gbit/s at 40 ms): zstd wins on the first and makes
+   the transfer CPU-bound on the second.
 4. **what the peer's rsync supports**: rsync negotiates the algorithm; a peer that knows
    neither zstd nor lz4 (older than 3.2) fails the start of the transfer, which is then
    re-run once without compression (zlib, the old peers' only choice, is 7 to 13 times slower than
@@ -33,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -49,10 +53,8 @@ ZSTD_BELOW = 160e6
 LZ4_BELOW = 450e6
 #: a round trip (seconds) at least this long: a WAN
 WAN_RTT = 0.004
-#: a link slower than this (bytes/s), or a round trip this long while the rate is not known:
-#: zstd whatever the load
+#: a link slower than this (bytes/s): zstd whatever the load
 SLOW_LINK = 50e6
-LONG_RTT = 0.030
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class Choice:
 
     algorithm: str
     reason: str
+    #: chosen without knowing the link: a transfer in pieces may change it (PieceCompression)
+    provisional: bool = False
 
     @property
     def compresses(self) -> bool:
@@ -94,11 +98,15 @@ def choose(
 ) -> Choice:
     """The algorithm for sending ``path``: ``setting`` unless it is ``auto``."""
     choice = _choose(setting, path, link_rate, rtt)
-    slow = link_rate < SLOW_LINK if link_rate is not None else (rtt or 0.0) >= LONG_RTT
+    slow = link_rate is not None and link_rate < SLOW_LINK
     if setting == "auto" and choice.algorithm == "zstd" and not slow:
         idle = spare_cores() if idle_cores is None else idle_cores
         if idle < 1:
-            return Choice("lz4", f"{choice.reason}, but no core to spare ({idle:.1f} idle)")
+            return Choice(
+                "lz4",
+                f"{choice.reason}, but no core to spare ({idle:.1f} idle)",
+                choice.provisional,
+            )
     return choice
 
 
@@ -121,8 +129,52 @@ def _choose(setting: str, path: Path, link_rate: float | None, rtt: float | None
             return Choice("none", f"{why}, faster than compression")
         return Choice("zstd" if link_rate < ZSTD_BELOW else "lz4", why)
     if rtt is not None and rtt >= WAN_RTT:
-        return Choice("zstd", f"{why}, round trip {rtt * 1000:.0f} ms")
-    return Choice("lz4", f"{why}, link rate not known yet")
+        return Choice("zstd", f"{why}, round trip {rtt * 1000:.0f} ms", provisional=True)
+    return Choice("lz4", f"{why}, link rate not known yet", provisional=True)
+
+
+class PieceCompression:
+    """The algorithm for each piece of a transfer in pieces (:mod:`migratio.streams`).
+
+    A provisional ``auto`` choice (the link's rate not known) starts with lz4 and, once
+    ``streams`` pieces have gone, looks at the wire rate they reached: under
+    :data:`SLOW_LINK`, zstd for the rest (and lz4 otherwise). A peer that cannot compress
+    (an rsync older than 3.2) turns it off for the rest.
+    """
+
+    def __init__(self, choice: Choice, streams: int) -> None:
+        self.choice = choice
+        self.streams = streams
+        self.algorithm = "lz4" if choice.provisional and choice.compresses else choice.algorithm
+        self.used: list[str] = []
+        self._wire = 0
+        self._pieces = 0
+        self._decided = not (choice.provisional and choice.compresses)
+        self._lock = threading.Lock()
+
+    def sent(self, algorithm: str, wire_bytes: int, elapsed: float) -> None:
+        """A piece went with ``algorithm`` (what rsync really used), ``elapsed`` s in."""
+        with self._lock:
+            if algorithm not in self.used:
+                self.used.append(algorithm)
+            if algorithm == "none" and self.algorithm != "none":
+                self.algorithm, self._decided = "none", True  # the peer cannot compress
+            self._wire += wire_bytes
+            self._pieces += 1
+            if self._decided or self._pieces < self.streams or elapsed <= 0:
+                return
+            self._decided = True
+            rate = self._wire / elapsed
+            if rate < SLOW_LINK:
+                self.algorithm = "zstd"
+            log.info(
+                "compression %s from now on (link reached %.0f MB/s over the first %d pieces)",
+                self.algorithm, rate / 1e6, self._pieces,
+            )  # fmt: skip
+
+    def summary(self) -> str:
+        """What the transfer used: ``zstd``, or ``lz4, then zstd``."""
+        return ", then ".join(self.used) or self.algorithm
 
 
 class LinkHistory:

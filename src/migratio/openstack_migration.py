@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from migratio import compression, qemu_img, rsync, status
 from migratio.bandwidth import ThrottledReader
-from migratio.compression import LinkHistory
+from migratio.compression import LinkHistory, PieceCompression
 from migratio.config import OpenStackSite, Settings
 from migratio.copies import Owners, why_not_ours
 from migratio.errors import (
@@ -334,7 +334,10 @@ class Migration:
         history = LinkHistory(self.settings.staging_dir)
         link_rate = history.rate(self.site.site_id)
         choice = compression.choose(self.site.compress, payload, link_rate, rtt)
-        log.info("compression %s (%s)", choice.algorithm, choice.reason)
+        if piece is not None and choice.provisional and choice.compresses:
+            log.info("compression lz4 for the first pieces, then by the link (%s)", choice.reason)
+        else:
+            log.info("compression %s (%s)", choice.algorithm, choice.reason)
         on_progress = self.progress("Transferring", payload.stat().st_size)
         if piece is not None:
             result = push_ranges(
@@ -347,7 +350,7 @@ class Migration:
                 timeout=self.settings.command_timeout,
                 cancel=cancel,
                 on_progress=on_progress,
-                compress=choice.algorithm,
+                compress=PieceCompression(choice, streams),
                 bwlimit=self.site.bwlimit,
                 make_dir=self.remote_dir,
             )
@@ -369,7 +372,7 @@ class Migration:
             result.bytes_sent,
             result.seconds,
             capped=self.site.bwlimit is not None,
-            compressed=result.compress != "none",
+            compressed=result.compress != "none",  # "lz4, then zstd" too
         )
         return result
 

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from migratio import rsync
+from migratio.compression import PieceCompression
 from migratio.config import SshTarget
 from migratio.errors import Cancelled
 from migratio.ssh import SshMaster
@@ -201,7 +202,7 @@ def push_ranges(
     timeout: float,
     cancel: threading.Event,
     on_progress: Callable[[int], None] | None,
-    compress: str,
+    compress: PieceCompression,
     bwlimit: int | None,
     make_dir: str | None = None,
 ) -> rsync.RsyncResult:
@@ -231,22 +232,22 @@ def push_ranges(
                         if stop.is_set():
                             raise Cancelled("stopped")
                     try:
-                        results.append(
-                            rsync.push(
-                                pieces.paths[k],
-                                master.target,
-                                f"{remote_path}.{k}",
-                                sparse=False,
-                                timeout=timeout,
-                                cancel=stop,
-                                on_progress=progress.of(k),
-                                compress=compress,
-                                bwlimit=None if bwlimit is None else max(1024, bwlimit // streams),
-                                make_dir=make_dir,
-                            )
+                        result = rsync.push(
+                            pieces.paths[k],
+                            master.target,
+                            f"{remote_path}.{k}",
+                            sparse=False,
+                            timeout=timeout,
+                            cancel=stop,
+                            on_progress=progress.of(k),
+                            compress=compress.algorithm,
+                            bwlimit=None if bwlimit is None else max(1024, bwlimit // streams),
+                            make_dir=make_dir,
                         )
                     finally:
                         pieces.sent(k)
+                    results.append(result)
+                    compress.sent(result.compress, result.bytes_sent, time.monotonic() - begin)
         except BaseException:
             stop.set()
             raise
@@ -271,5 +272,5 @@ def push_ranges(
     return rsync.RsyncResult(
         bytes_sent=sum(r.bytes_sent for r in results),
         seconds=time.monotonic() - begin,
-        compress=results[0].compress if results else compress,
+        compress=compress.summary(),
     )
