@@ -40,12 +40,11 @@ sys.path.insert(0, str(ROOT))
 from bench._measure import verdict  # noqa: E402
 from redis import Redis  # noqa: E402
 from tests.sandbox import sidekiq  # noqa: E402
-from tests.sandbox.glance_server import TOKEN  # noqa: E402
 from tests.sandbox.images import make_qcow2, make_raw  # noqa: E402
 from tests.sandbox.moto_server import MotoServer  # noqa: E402
 from tests.sandbox.redis_server import RedisServer  # noqa: E402
-from tests.sandbox.site import Sandbox  # noqa: E402
-from tests.support import settings_for  # noqa: E402
+from tests.sandbox.site import Sandbox, api_site_conf  # noqa: E402
+from tests.support import settings_for, worker_argv  # noqa: E402
 
 from migratio.config import Settings  # noqa: E402
 from migratio.fair_share import DestinationShare  # noqa: E402
@@ -89,9 +88,7 @@ class Peak:
 
 
 def workers(settings: Settings, count: int) -> None:
-    argv = [sys.executable, "-m", "migratio", "worker", "--burst", "--config",
-            str(settings.config_path)]  # fmt: skip
-    procs = [subprocess.Popen(argv) for _ in range(count)]
+    procs = [subprocess.Popen(worker_argv(settings)) for _ in range(count)]
     for proc in procs:
         if proc.wait(7200) != 0:
             raise SystemExit("a worker failed; see worker.log")
@@ -117,10 +114,7 @@ def part_one(args: argparse.Namespace, work: Path, sb: Sandbox, moto: MotoServer
         yaml=f"redis_url: {redis_url}\ncredentials_file: {creds}\nworkers: 3\n",
         **{
             "site-b": sb.site_conf.read_text() + "export DISK_FORMAT=raw\n",
-            "site-c": (
-                "export REGISTER=api\nexport DISK_FORMAT=raw\n"
-                f"export OS_AUTH_TOKEN={TOKEN}\nexport OS_IMAGE_URL={sb.source.endpoint}\n"
-            ),
+            "site-c": api_site_conf(sb.source.endpoint, "DISK_FORMAT=raw"),
             "aws-eu": moto.site_conf(),
         },
     )
@@ -212,10 +206,7 @@ def part_two(args: argparse.Namespace, work: Path, sb: Sandbox, redis_url: str) 
         yaml=f"redis_url: {redis_url}\nworkers: 4\nretry_delays: [1, 1, 1, 1, 1, 1]\n",
         **{
             "site-b-api": sb.site_api_conf.read_text() + "export MAX_PARALLEL=2\n",
-            "site-c": (
-                "export REGISTER=api\n"
-                f"export OS_AUTH_TOKEN={TOKEN}\nexport OS_IMAGE_URL={sb.source.endpoint}\n"
-            ),
+            "site-c": api_site_conf(sb.source.endpoint),
         },
     )
     redis = Redis.from_url(redis_url)

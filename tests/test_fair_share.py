@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 from redis import Redis
 from tests.sandbox import sidekiq
-from tests.sandbox.glance_server import TOKEN
 from tests.sandbox.images import make_raw
 from tests.sandbox.redis_server import RedisServer
-from tests.sandbox.site import Sandbox
+from tests.sandbox.site import Sandbox, api_site_conf
 from tests.support import settings_for
 
 from migratio.cli import main
@@ -92,10 +91,7 @@ def test_max_parallel_through_the_service(
         yaml=f"redis_url: {redis_server.url}\nworkers: 4\nretry_delays: [1, 1, 1, 1, 1, 1]\n",
         **{
             "site-b-api": sb.site_api_conf.read_text() + "export MAX_PARALLEL=2\n",
-            "site-c": (
-                "export REGISTER=api\n"
-                f"export OS_AUTH_TOKEN={TOKEN}\nexport OS_IMAGE_URL={sb.source.endpoint}\n"
-            ),
+            "site-c": api_site_conf(sb.source.endpoint),
         },
     )
     images = []
