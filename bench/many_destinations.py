@@ -44,7 +44,7 @@ from tests.sandbox.images import make_qcow2, make_raw  # noqa: E402
 from tests.sandbox.moto_server import MotoServer  # noqa: E402
 from tests.sandbox.redis_server import RedisServer  # noqa: E402
 from tests.sandbox.site import Sandbox, api_site_conf  # noqa: E402
-from tests.support import settings_for, worker_argv  # noqa: E402
+from tests.support import max_parallel_settings, settings_for, worker_argv  # noqa: E402
 
 from migratio.config import Settings  # noqa: E402
 from migratio.fair_share import DestinationShare  # noqa: E402
@@ -200,15 +200,7 @@ def from_log(log: str, crowded: list[str]) -> tuple[int, dict[str, float]]:
 def part_two(args: argparse.Namespace, work: Path, sb: Sandbox, redis_url: str) -> None:
     work = work / "fair"
     work.mkdir()
-    settings = settings_for(
-        sb,
-        work,
-        yaml=f"redis_url: {redis_url}\nworkers: 4\nretry_delays: [1, 1, 1, 1, 1, 1]\n",
-        **{
-            "site-b-api": sb.site_api_conf.read_text() + "export MAX_PARALLEL=2\n",
-            "site-c": api_site_conf(sb.source.endpoint),
-        },
-    )
+    settings = max_parallel_settings(sb, work, redis_url)
     redis = Redis.from_url(redis_url)
     images = []
     for i in range(10):

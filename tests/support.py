@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tests.sandbox import sidekiq
-from tests.sandbox.site import Sandbox
+from tests.sandbox.site import Sandbox, api_site_conf
 
 from migratio.config import Settings, load_settings
 from migratio.keys import OPENSTACK_MIGRATOR, migration_queue
@@ -35,6 +35,20 @@ def settings_for(
         + yaml
     )
     return load_settings(config)
+
+
+def max_parallel_settings(sandbox: Sandbox, tmp_path: Path, redis_url: str) -> Settings:
+    """Four workers and two destinations through the Glance API: site-b-api with
+    ``MAX_PARALLEL=2`` and site-c (the source's own Glance), retried within seconds."""
+    return settings_for(
+        sandbox,
+        tmp_path,
+        yaml=f"redis_url: {redis_url}\nworkers: 4\nretry_delays: [1, 1, 1, 1, 1, 1]\n",
+        **{
+            "site-b-api": sandbox.site_api_conf.read_text() + "export MAX_PARALLEL=2\n",
+            "site-c": api_site_conf(sandbox.source.endpoint),
+        },
+    )
 
 
 class Lines(list[str]):
