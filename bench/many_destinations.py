@@ -12,6 +12,13 @@ Part 2. 8 jobs to site-b-api (MAX_PARALLEL=2) and 2 to site-c with workers: 4 un
 ``migratio run``: the running set to site-b-api is sampled every 0.1 s (the slots in Redis and,
 independently, the "Migration started" .. end intervals in worker.log).
 
+Where the time goes (part 1): for each run, each job's phases from worker.log (until its image's
+bytes are there — downloaded, or waited for —, until converted, the transfer, the registration
+and verification) and the CPU seconds of each party: migratio's workers with their children
+(qemu-img, rsync, ssh, lz4), the source Glance (serving the download, and site-c's upload), the
+destination Glance (site-b), the sshd side (rsync receiver, remote glance CLI), moto, and the
+rest of the machine (other sessions), against the cores' capacity over the run's wall time.
+
     MIGRATIO_SANDBOX_USER=... .venv/bin/python bench/many_destinations.py \\
         [--data-mib 1024] [--virtual-mib 4096] [--small-mib 8]
 
@@ -23,8 +30,10 @@ more than 2 running to site-b-api, site-c's jobs start before site-b-api's queue
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -87,6 +96,134 @@ class Peak:
         self._thread.join()
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _process_table() -> dict[int, tuple[int, float]]:
+    """pid → (parent pid, CPU seconds of it and of its reaped children)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(entry.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]) / TICK)
+    return table
+
+
+def _tree_cpu(table: dict[int, tuple[int, float]], root: int) -> float:
+    """CPU seconds of ``root`` and every live descendant, each with its reaped children."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += table.get(pid, (0, 0.0))[1]
+        todo += children.get(pid, [])
+    return total
+
+
+def _machine_busy() -> float:
+    """CPU seconds all cores have been busy since boot (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / TICK
+
+
+class CpuUse:
+    """CPU seconds used by each party between :meth:`start` and :meth:`stop` (see the module).
+
+    The sandbox's daemons are counted with their descendants (sshd's sessions, uWSGI's workers)
+    and what those reaped; migratio's workers (children of this process) once reaped.
+    """
+
+    PARTIES = ("migratio workers", "source Glance", "destination Glance", "sshd side", "moto")
+
+    def __init__(self, sb: Sandbox, moto: MotoServer) -> None:
+        self.roots = {"source Glance": sb.source.pid, "destination Glance": sb.destination.pid,
+                      "sshd side": sb.ssh.pid, "moto": moto.pid}  # fmt: skip
+        self.used: dict[str, float] = {}
+        self.wall = 0.0
+        self._begin: dict[str, float] = {}
+
+    def _sample(self) -> dict[str, float]:
+        table = _process_table()
+        sample = {party: _tree_cpu(table, pid) for party, pid in self.roots.items()}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        sample["migratio workers"] = children.ru_utime + children.ru_stime
+        sample["machine"] = _machine_busy()
+        sample["wall"] = time.perf_counter()
+        return sample
+
+    def start(self) -> None:
+        self._begin = self._sample()
+
+    def stop(self) -> None:
+        end = self._sample()
+        for party, value in end.items():
+            self.used[party] = self.used.get(party, 0.0) + value - self._begin[party]
+        self.wall += self.used.pop("wall")
+
+    def lines(self) -> list[str]:
+        cores = os.cpu_count() or 1
+        capacity = cores * self.wall
+        ours = sum(self.used[p] for p in self.PARTIES)
+        rows = [f"{p} {self.used[p]:.0f}" for p in self.PARTIES]
+        rows.append(f"other sessions {max(self.used['machine'] - ours, 0):.0f}")
+        return [
+            f"CPU s: {'; '.join(rows)}",
+            f"busy {self.used['machine']:.0f} of {capacity:.0f} core-s ({cores} cores x "
+            f"{self.wall:.1f} s): {100 * self.used['machine'] / capacity:.0f} %",
+        ]
+
+
+#: status lines (and staging lines) that end each phase of a job, in order
+PHASES = (
+    ("bytes there", r"staging: (?:made|using) \S+\.(?!raw\b|vmdk\b)\w+\b|reading \S+ from the "
+     r"file store"),
+    ("converted", r"status: (?:Converted|Image converted)"),
+    ("transferred", r"status: (?:Transfered|Image transfered)"),
+    ("registered", r"status: Registered"),
+)  # fmt: skip
+
+
+def phases(log: str, jobs: dict[str, str]) -> dict[str, list[float]]:
+    """Per destination (``jobs``: job id → destination): seconds of each phase, then total."""
+    stamp = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*\[job (\S+) image \S+\] (.*)$"
+    marks: dict[str, dict[str, float]] = {job: {} for job in jobs}
+    for when, job, text in re.findall(stamp, log, re.MULTILINE):
+        if job not in marks:
+            continue
+        h, m, sec = when.split(" ")[1].replace(",", ".").split(":")
+        at = int(h) * 3600 + int(m) * 60 + float(sec)
+        if text.startswith("status: Migration started"):
+            marks[job] = {"started": at}
+        for name, pattern in PHASES:
+            if name not in marks[job] and re.match(pattern, text):
+                marks[job][name] = at
+    found = {}
+    for job, destination in jobs.items():
+        times = [marks[job].get("started", 0.0)]
+        for name, _ in PHASES:
+            times.append(marks[job].get(name, times[-1]))
+        found[destination] = [b - a for a, b in itertools.pairwise(times)]
+        found[destination].append(times[-1] - times[0])
+    return found
+
+
+def phase_table(title: str, by_destination: dict[str, list[float]]) -> list[str]:
+    names = ["until its bytes are there", "until converted", "transfer", "register + verify",
+             "total"]  # fmt: skip
+    sites = list(by_destination)
+    lines = [f"{title:<28}" + "".join(f"{site:>10}" for site in sites)]
+    for n, name in enumerate(names):
+        lines.append(f"  {name:<26}" + "".join(f"{by_destination[s][n]:9.1f}s" for s in sites))
+    return lines
+
+
 def workers(settings: Settings, count: int) -> None:
     procs = [subprocess.Popen(worker_argv(settings)) for _ in range(count)]
     for proc in procs:
@@ -126,16 +263,21 @@ def part_one(args: argparse.Namespace, work: Path, sb: Sandbox, moto: MotoServer
     redis = Redis.from_url(redis_url)
     cache = settings.staging_dir / "cache"
 
-    def push(site: str, job_class: str) -> None:
-        sidekiq.push(settings.redis_url, settings.namespace, queue, job_class, [image_id, site])
+    def push(site: str, job_class: str) -> str:
+        [jid] = sidekiq.push(
+            settings.redis_url, settings.namespace, queue, job_class, [image_id, site]
+        )
+        return f"migratio-{jid}"
 
     # three at once
-    for site, job_class in DESTINATIONS:
-        push(site, job_class)
+    at_once_jobs = {push(site, job_class): site for site, job_class in DESTINATIONS}
     Service(settings, redis).run_once()
+    at_once_cpu = CpuUse(sb, moto)
     with Peak(settings.staging_dir) as peak:
         started = time.perf_counter()
+        at_once_cpu.start()
         workers(settings, 3)
+        at_once_cpu.stop()
         at_once = time.perf_counter() - started
     at_once_bytes, at_once_conversions = downloaded(sb, image_id), conversions(settings)
 
@@ -143,12 +285,16 @@ def part_one(args: argparse.Namespace, work: Path, sb: Sandbox, moto: MotoServer
     clear_destinations(sb, moto, image_id)
     shutil.rmtree(cache, ignore_errors=True)
     sequential = 0.0
+    sequential_jobs = {}
+    sequential_cpu = CpuUse(sb, moto)
     for site, job_class in DESTINATIONS:
         shutil.rmtree(cache, ignore_errors=True)
-        push(site, job_class)
+        sequential_jobs[push(site, job_class)] = site
         Service(settings, redis).run_once()
         started = time.perf_counter()
+        sequential_cpu.start()
         workers(settings, 1)
+        sequential_cpu.stop()
         sequential += time.perf_counter() - started
     seq_bytes = downloaded(sb, image_id) - at_once_bytes
     seq_conversions = conversions(settings) - at_once_conversions
@@ -168,6 +314,15 @@ def part_one(args: argparse.Namespace, work: Path, sb: Sandbox, moto: MotoServer
           f"ratio {ratio:.2f} (target <= 0.5) {verdict(ratio <= 0.5)}")  # fmt: skip
     print(f"peak staging use (3 at once): {peak.peak / MiB:7.0f} MiB; image + one raw copy = "
           f"{bound / MiB:.0f} MiB {verdict(peak.peak <= bound * 1.05)}")  # fmt: skip
+    log = (settings.log_dir / "worker.log").read_text()
+    print("where the time goes:")
+    for line in [
+        *phase_table("3 at once (s)", phases(log, at_once_jobs)),
+        *(f"  {text}" for text in at_once_cpu.lines()),
+        *phase_table("one after another (s)", phases(log, sequential_jobs)),
+        *(f"  {text}" for text in sequential_cpu.lines()),
+    ]:
+        print(f"  {line}")
 
 
 def from_log(log: str, crowded: list[str]) -> tuple[int, dict[str, float]]:

@@ -8,7 +8,9 @@ conversion and the S3 upload still run for real, against moto.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -615,6 +617,122 @@ def test_vm_import_takes_over_the_task_of_an_interrupted_attempt(
     assert "Importing: taking over VM Import task import-ami-3 of an earlier attempt" in lines
     assert lines[-1] == "Registered image ami-0333 in eu-west-1"
     assert s3_keys(moto) == []
+
+
+def _vm_import_job(
+    settings: Settings, site_id: str, image_id: str, moto: MotoServer, out: Path, tools: Path
+) -> None:
+    """One job to a VM Import site (run in a process of its own), its import calls stubbed;
+    what it uploaded to S3 is kept in ``out``."""
+    os.environ["PATH"] = f"{tools}{os.pathsep}{os.environ['PATH']}"  # the counting qemu-img
+    site = settings.site(site_id)
+    assert isinstance(site, AmazonSite) and site.s3_bucket is not None
+    clients = AwsClients(site, settings.aws)
+    bucket, key = site.s3_bucket, f"migratio/site-a/{image_id}.vmdk"
+    task, ami, snapshot = f"import-ami-{site_id}", f"ami-{site_id}", f"snap-{site_id}"
+    stub = Stubber(clients.ec2)
+    stub.add_response("describe_images", {"Images": []})
+    stub.add_response("describe_images", {"Images": []})
+    stub.add_response("describe_snapshots", {"Snapshots": []})
+    stub.add_response("describe_import_image_tasks", {"ImportImageTasks": []})
+
+    def look_at_s3(**_: Any) -> None:
+        out.write_bytes(moto.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    clients.ec2.meta.events.register("provide-client-params.ec2.ImportImage", look_at_s3)
+    container = {"Description": ANY, "Format": "vmdk",
+                 "UserBucket": {"S3Bucket": bucket, "S3Key": key}}  # fmt: skip
+    stub.add_response(
+        "import_image",
+        {"ImportTaskId": task},
+        {"Description": ANY, "DiskContainers": [container], "Architecture": "x86_64",
+         "TagSpecifications": ANY},
+    )  # fmt: skip
+    stub.add_response(
+        "describe_import_image_tasks",
+        {"ImportImageTasks": [{"ImportTaskId": task, "Status": "completed", "ImageId": ami,
+                               "SnapshotDetails": [{"SnapshotId": snapshot}]}]},
+    )  # fmt: skip
+    stub.add_response("create_tags", {}, {"Resources": [ami, snapshot], "Tags": ANY})
+    with stub:
+        result = migrate_to_amazon(
+            settings, MigrationRequest(image_id, site_id), Lines(), clients=clients
+        )
+    stub.assert_no_pending_responses()
+    assert result.destination_image_id == ami
+
+
+def test_two_vm_import_jobs_convert_the_vmdk_once(
+    clean_sandbox: Sandbox, moto: MotoServer, tmp_path: Path
+) -> None:
+    """Two jobs at once, to two VM Import sites, need the stream-optimized VMDK of one image:
+    qemu-img makes it once (the staging cache), and both upload the same, right VMDK.
+
+    moto cannot run VM Import (``import_image`` answers HTTP 500), so as in the tests above
+    those calls are answered by botocore's Stubber; the conversion (real qemu-img, counted by
+    a wrapper on the PATH) and the S3 uploads (to moto) are real. Each job runs in a process
+    of its own, as two RQ work-horses would, sharing the host's staging cache.
+    """
+    sb = clean_sandbox
+    s3 = moto.client("s3")
+    sites = {"aws-one": "imports-one", "aws-two": "imports-two"}
+    for bucket in sites.values():
+        s3.create_bucket(
+            Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+        )
+    settings = settings_for(
+        sb,
+        tmp_path,
+        **{
+            site: moto.site_conf(UPLOAD_METHOD="vmimport", S3_BUCKET=bucket, POLL_INTERVAL="0.01")
+            for site, bucket in sites.items()
+        },
+    )
+    image_id, source = upload_source(sb, tmp_path)
+    tools, calls = tmp_path / "tools", tmp_path / "qemu-img-calls"
+    tools.mkdir()
+    (tools / "qemu-img").write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\nexec {shutil.which("qemu-img")} "$@"\n'
+    )
+    (tools / "qemu-img").chmod(0o755)
+    fork = multiprocessing.get_context("fork")
+    jobs = [
+        fork.Process(
+            target=_vm_import_job,
+            args=(settings, site, image_id, moto, tmp_path / f"{site}.vmdk", tools),
+        )
+        for site in sites
+    ]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(300)
+        assert job.exitcode == 0
+    conversions = [c for c in calls.read_text().splitlines() if c.startswith("convert")]
+    assert len(conversions) == 1, conversions
+    assert "-O vmdk" in conversions[0] and "subformat=streamOptimized" in conversions[0]
+    one, two = (tmp_path / f"{site}.vmdk" for site in sites)
+    assert one.read_bytes() == two.read_bytes()
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(one)],
+            check=True, capture_output=True, text=True,
+        ).stdout
+    )  # fmt: skip
+    assert info["format-specific"]["data"]["create-type"] == "streamOptimized"
+    compared = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "vmdk", str(source), str(one)],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stdout
+    for bucket in sites.values():  # deleted after each import
+        assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    cache = settings.staging_dir / "cache"
+    assert [p.name for p in cache.glob("*.vmdk.json")] == [
+        f"{p.name}.json" for p in cache.glob("*.vmdk")
+    ]
+    assert len(list(cache.glob("*.vmdk"))) == 1
+    assert no_work_left(settings.staging_dir)
 
 
 # --- the command line ---------------------------------------------------------------------

@@ -354,6 +354,97 @@ def test_sigkill_of_the_worker_alone_never_makes_twins(
     assert wait_left(service.seen, timeout=10) == []
 
 
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return raw.decode(errors="replace").rstrip("\0").split("\0")
+
+
+def written(path: Path) -> int:
+    """Bytes ``path`` holds on disk (0 while it does not exist)."""
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def conversion_into_the_cache(service: Service, timeout: float = 120) -> tuple[int, Path]:
+    """(pid, output file) of the ``qemu-img convert`` writing a staging cache entry."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in service.tree():
+            argv = cmdline(pid)
+            if argv and argv[0].endswith("qemu-img") and "convert" in argv:
+                target = Path(argv[-1])
+                if target.parent.name.endswith(".partial") and target.parent.parent.name == "cache":
+                    return pid, target
+        time.sleep(0.01)
+    raise AssertionError("no qemu-img conversion into the staging cache started")
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_work_horse_mid_conversion_serves_no_half_entry(
+    clean_sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis: Redis,
+    atmosphere: sidekiq.FeedbackServer,
+) -> None:
+    """The work-horse dies (SIGKILL) while qemu-img writes the raw entry into the staging cache:
+    the half-written entry is never served; the retry converts again; one copy arrives."""
+    sb = clean_sandbox
+    raw_site = sb.site_api_conf.read_text() + "export DISK_FORMAT=raw\n"
+    settings = site_settings(sb, tmp_path, redis_server.url, workers=1, **{"site-raw": raw_site})
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=1024 * MiB, data_bytes=256 * MiB)
+    image_id = sb.source.upload_image(image, name="big", disk_format="qcow2")
+    jid = push(settings, [image_id, "site-raw"], OPENSTACK_MIGRATOR)
+    cache = settings.staging_dir / "cache"
+    with Service(settings) as service:
+        qemu, target = conversion_into_the_cache(service)
+        horse = parent_of(qemu)
+        # hold the conversion once it has written something, so that it is surely half-way
+        while alive(qemu) and written(target) < 8 * MiB:
+            time.sleep(0.005)
+        os.kill(qemu, signal.SIGSTOP)
+        assert alive(qemu), "the conversion ended before it could be stopped: make it longer"
+        assert written(target) >= 8 * MiB
+        os.kill(horse, signal.SIGKILL)  # the work-horse, mid-conversion
+        assert wait_gone([horse], timeout=10) == []
+        os.kill(qemu, signal.SIGCONT)  # its parent-death SIGTERM is delivered now
+        assert wait_gone([qemu], timeout=10) == [], "qemu-img outlived its work-horse"
+        name = target.parent.name[: -len(".partial")]
+        assert not (cache / name).exists() and not (cache / f"{name}.json").exists()
+        final = wait_final(redis, jid, timeout=300)
+        assert service.stop() == 0
+    assert final.return_value() == "migrated"
+    assert final.meta.get("interruptions") == 1
+    # the retry did not take the half-written file: it converted again, and made the entry
+    log = (settings.log_dir / "worker.log").read_text()
+    assert log.count(f"staging: made {name}") == 1
+    assert f"staging: using {name}" not in log
+    assert (cache / f"{name}.json").exists() and not list(cache.glob("*.partial"))
+    raw = tmp_path / "expected.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    assert (cache / name).stat().st_size == raw.stat().st_size
+    copies = sb.destination.find_by_property("source_uuid", image_id)
+    assert [c["status"] for c in copies] == ["active"], copies
+    arrived = sb.destination.download_to(str(copies[0]["id"]), tmp_path / "arrived")
+    assert sha256_file(arrived) == sha256_file(raw)
+    # exactly once: two attempts, never at the same time, one registration
+    assert assert_never_two_at_once(redis, settings) == 2
+    lines = lines_for(atmosphere, image_id, "site-raw")
+    assert sum(line.startswith("Registered") for line in lines) == 1, lines
+    assert lines[-1].startswith("Registered"), lines
+    assert_no_staging(sb, settings)
+    assert wait_left(service.seen, timeout=10) == []
+
+
 # -- stops -------------------------------------------------------------------------------------
 
 STOPS = {

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from tests.sandbox.glance_server import GlanceServer
 from tests.sandbox.images import make_qcow2, qemu_img_info, sha256_file
 from tests.sandbox.site import Sandbox
 from tests.sandbox.ssh_server import SshServer, SshServerError
@@ -28,6 +30,21 @@ def test_qcow2_round_trips_through_source_glance(clean_sandbox: Sandbox, tmp_pat
     assert [m["id"] for m in source.find_by_property("sandbox_tag", "rt")] == [image_id]
     assert source.find_by_property("sandbox_tag", "other") == []
     assert sha256_file(source.download_to(image_id, tmp_path / "back")) == sha256_file(image)
+
+
+def test_uploads_at_once_all_succeed(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+    """Glance's sqlite takes uploads at once without "database is locked" 500s."""
+    image = make_qcow2(tmp_path / "d.qcow2", virtual_size=8 << 20, data_bytes=1 << 20)
+    for glance in (clean_sandbox.source, clean_sandbox.destination):
+
+        def upload(n: int, glance: GlanceServer = glance) -> str:
+            return glance.upload_image(image, name=f"at-once-{n}", disk_format="qcow2")
+
+        with ThreadPoolExecutor(8) as pool:
+            ids = list(pool.map(upload, range(24)))
+        assert len(set(ids)) == 24
+        assert {m["status"] for m in glance.images()} == {"active"}
+        assert "database is locked" not in glance.log_path.read_text(errors="replace")
 
 
 def test_remote_user_can_run_glance_cli(clean_sandbox: Sandbox, tmp_path: Path) -> None:

@@ -210,6 +210,12 @@ class PortDaemon(Service):
         """True while the daemon is alive."""
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int:
+        """The daemon's pid, which is also its process group's (valid while it runs)."""
+        assert self._proc is not None, "not running"
+        return self._proc.pid
+
     def _serve(self) -> str:
         raise NotImplementedError
 
@@ -244,6 +250,8 @@ class UwsgiDaemon(PortDaemon):
     #: what a failed start or set-up raises
     ERROR: type[Exception] = RuntimeError
     READY_TIMEOUT = 60.0
+    #: a second address to listen on (same port), besides where it is placed
+    also_on: str | None = None
 
     name: str
     dir: Path
@@ -271,10 +279,13 @@ class UwsgiDaemon(PortDaemon):
     def _serve_uwsgi(self, app: list[str], options: list[str]) -> str:
         """Start uWSGI with the application ``app`` and ``options`` and wait for the API;
         return '' when ready, else an error text."""
+        sockets = ["--http-socket", f"{self.address}:{self.port}"]
+        if self.also_on:
+            sockets += ["--http-socket", f"{self.also_on}:{self.port}"]
         argv = [
             *self._exec_prefix,
             str(self.venv / "bin" / "uwsgi"),
-            "--http-socket", f"{self.address}:{self.port}",
+            *sockets,
             *app,
             "--master", "--processes", "1", "--threads", "4", "--enable-threads",
             "--die-on-term", "--need-app", "--lazy-apps",

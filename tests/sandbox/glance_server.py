@@ -1,10 +1,16 @@
-"""A real Glance API (v2, file store, no Keystone) served by uWSGI on 127.0.0.1."""
+"""A real Glance API (v2, file store, no Keystone) served by uWSGI on 127.0.0.1.
+
+:meth:`GlanceServer.also_listen` adds a second address on the same port: the sandbox's end of
+its veth, so that the second host reaches the source Glance over the link (``network.py``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import shutil
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +50,28 @@ class GlanceServerError(RuntimeError):
     """The Glance server did not come up."""
 
 
+# Glance's API app, with every sqlite transaction taking the write lock when it begins.
+# oslo.db begins them with a plain (deferred) BEGIN: two requests that both read, then both
+# write (two uploads at once) deadlock in SQLite, which answers one at once with "database is
+# locked", without waiting its busy timeout, and Glance with a 500. BEGIN IMMEDIATE makes the
+# second one wait (the busy timeout of the [database] connection, 60 s) for the first to commit;
+# WAL (set on the file after db_sync) keeps reads outside transactions going meanwhile.
+_WSGI = """\
+import sqlalchemy.event
+from sqlalchemy.engine import Engine
+
+
+@sqlalchemy.event.listens_for(Engine, "before_cursor_execute", retval=True)
+def _begin_immediate(conn, cursor, statement, parameters, context, executemany):
+    if statement == "BEGIN" and conn.dialect.name == "sqlite":
+        statement = "BEGIN IMMEDIATE"
+    return statement, parameters
+
+
+from glance.wsgi.api import application  # noqa: E402
+"""
+
+
 class GlanceServer(UwsgiDaemon):
     """One Glance API server whose state lives in ``workdir/name``.
 
@@ -67,6 +95,16 @@ class GlanceServer(UwsgiDaemon):
         self.uwsgi_log_path = self.dir / "uwsgi.log"
         self.db_path = self.dir / "glance.sqlite"
         self.venv = glance_venv()
+        #: a second address uWSGI listens on (same port), or None: see :meth:`also_listen`
+        self.also_on: str | None = None
+
+    def also_listen(self, address: str) -> None:
+        """Listen on ``address`` too (before :meth:`start`), besides where it is placed."""
+        self.also_on = address
+
+    def endpoint_at(self, address: str) -> str:
+        """``http://ADDRESS:PORT``: the endpoint as seen by a host reaching it at ``address``."""
+        return f"http://{address}:{self.port}"
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -127,7 +165,7 @@ show_multiple_locations = false
 image_size_cap = 1099511627776
 
 [database]
-connection = sqlite:///{self.db_path}
+connection = sqlite:///{self.db_path}?timeout=60
 
 [paste_deploy]
 flavor = {flavor}
@@ -155,12 +193,17 @@ filesystem_store_datadir = {d}/tasks
         glance_manage = str(self.venv / "bin" / "glance-manage")
         self._manage([glance_manage, "--config-dir", str(self.etc_dir), "db_sync"],
                      "glance-manage db_sync")  # fmt: skip
+        with contextlib.closing(sqlite3.connect(self.db_path)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
 
     def _wsgi_file(self) -> Path:
+        """Glance's own WSGI entry point, behind :data:`_WSGI` (sqlite transactions serialised)."""
         found = sorted(self.venv.glob("lib/python3*/site-packages/glance/wsgi/api.py"))
         if not found:
             raise GlanceServerError(f"glance/wsgi/api.py not found under {self.venv}")
-        return found[-1]
+        wsgi = self.etc_dir / "sandbox_wsgi.py"
+        wsgi.write_text(_WSGI)
+        return wsgi
 
     def _serve(self) -> str:
         """Start uWSGI and wait for the API; return '' when ready, else an error text."""

@@ -4,7 +4,8 @@ With ``tls=True`` it speaks only TLS, with certificates made by ``openssl`` for 
 (a CA, a server certificate for 127.0.0.1, a client certificate it requires), and with
 ``users`` it has ACL users instead of the default user, as a production Redis shared with
 Atmosphere would. With ``persistent=True`` it keeps its data across restarts as production
-runs it (an append-only file, fsync on every write).
+runs it (an append-only file, fsync on every write). With ``also_on`` it listens on that
+address too (the sandbox's end of its veth, reached from the second host; see ``network.py``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ class RedisServer(Service):
 
     ``users`` maps ACL user names to ``(password, rules)``, e.g.
     ``{"migratio": ("pw", "~* &* +@all")}``; the default user is then switched off and
-    :attr:`url` logs in as the first one.
+    :attr:`url` logs in as the first one. ``also_on`` is a second address to listen on, besides
+    127.0.0.1: one that exists only on the sandbox's veth (198.18.0.0/15), so protected mode
+    (loopback clients only) is switched off for it.
     """
 
     def __init__(
@@ -82,15 +85,19 @@ class RedisServer(Service):
         tls: bool = False,
         users: dict[str, tuple[str, str]] | None = None,
         persistent: bool = False,
+        also_on: str | None = None,
     ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.tls = make_tls_files(workdir / "tls") if tls else None
         self.users = users or {}
         self.persistent = persistent
+        self.also_on = also_on
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def url_for(self, user: str | None = None, password: str | None = None) -> str:
+    def url_for(
+        self, user: str | None = None, password: str | None = None, *, host: str = "127.0.0.1"
+    ) -> str:
         """The URL as ``user`` (default: the first ACL user, if any), password %-encoded."""
         scheme = "rediss" if self.tls else "redis"
         if user is None and self.users:
@@ -98,7 +105,7 @@ class RedisServer(Service):
         if user is not None and password is None:
             password = self.users[user][0]
         login = f"{quote(user, safe='')}:{quote(password or '', safe='')}@" if user else ""
-        return f"{scheme}://{login}127.0.0.1:{self.port}/0"
+        return f"{scheme}://{login}{host}:{self.port}/0"
 
     @property
     def url(self) -> str:
@@ -109,7 +116,10 @@ class RedisServer(Service):
         """Start it and wait until it answers."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         appendonly = "appendonly yes\nappendfsync always" if self.persistent else "appendonly no"
-        lines = ["bind 127.0.0.1", 'save ""', appendonly, f"dir {self.workdir}"]
+        bind = f"bind 127.0.0.1 {self.also_on}" if self.also_on else "bind 127.0.0.1"
+        lines = [bind, 'save ""', appendonly, f"dir {self.workdir}"]
+        if self.also_on:  # reached from the second host, which protected mode would refuse
+            lines.append("protected-mode no")
         if self.tls:
             lines += [
                 "port 0",
@@ -145,6 +155,12 @@ class RedisServer(Service):
             except Exception:
                 time.sleep(0.05)
         raise RuntimeError("redis-server does not answer PING")
+
+    @property
+    def pid(self) -> int:
+        """redis-server's pid, which is also its process group's (valid while it runs)."""
+        assert self._proc is not None, "not running"
+        return self._proc.pid
 
     def stop(self) -> None:
         """Stop it (its data is gone)."""

@@ -80,6 +80,8 @@ class Sandbox(Service):
                 prefix = self.network.exec_argv([])
                 self.destination.place(self.network.address, prefix)
                 self.ssh.place(self.network.address, prefix)
+                # the second host's workers reach the source Glance over the veth
+                self.source.also_listen(self.network.host_address)
             errors: list[BaseException] = []
 
             def start_glance(server: GlanceServer) -> None:
