@@ -17,7 +17,8 @@ Cases (issue 11) and targets for migratio (REGISTER=ssh) / original's way:
     4  1 Gbit/s, 40 ms RTT   OS-like image   <= 0.40
     5  unshaped veth         random data     <= 0.90
 
-plus: time from the start of ``migratio migrate`` to the first 256 KiB on the link <= 1.5 s.
+plus: time from the start of ``migratio migrate`` to the first 256 KiB on the link <= 1.5 s,
+and on the unshaped link (case 5, random data) ``COMPRESS=auto`` within 5 % of ``COMPRESS=none``.
 "OS-like": a 4 GiB-virtual qcow2 of an ext4 filesystem (``mkfs.ext4 -d``) holding ~1 GiB of
 this machine's /usr; "random": the same size of random data. It also prints the bytes on the
 wire / file size, the link utilisation of the transfer (between 5 % and 95 % of its bytes),
@@ -136,6 +137,8 @@ class Case:
     original: list[Run] = field(default_factory=list)
     ssh: list[Run] = field(default_factory=list)
     api: list[Run] = field(default_factory=list)
+    #: REGISTER=ssh with COMPRESS=none (case 5: what ``auto`` must stay within 5 % of)
+    uncompressed: list[Run] = field(default_factory=list)
     link: tuple[float, float] = (0.0, 0.0)
 
 
@@ -262,6 +265,15 @@ def report(cases: list[Case], sizes: dict[str, int]) -> None:
             f"  migratio ssh / original: {ssh_ratio:.2f} (target <= {target:.2f}) "
             f"{verdict(ssh_ratio <= target)}"
         )
+        if case.uncompressed:
+            ratio = statistics.median(
+                a.seconds / n.seconds for a, n in zip(case.ssh, case.uncompressed, strict=True)
+            )
+            print(
+                f"  COMPRESS=auto / COMPRESS=none (ssh): {ratio:.3f} "
+                f"(none: {spread([r.seconds for r in case.uncompressed])} s; target <= 1.05) "
+                f"{verdict(ratio <= 1.05)}"
+            )
         for name, runs in (("original", case.original), ("ssh", case.ssh), ("api", case.api)):
             first = [r.first_byte for r in runs]
             ok = "" if name == "original" else f" {verdict(statistics.median(first) <= 1.5)}"
@@ -313,6 +325,8 @@ def main() -> int:
                 kind: sb.source.upload_image(path, name=f"bench-{kind}", disk_format="qcow2")
                 for kind, path in images.items()
             }
+            none_conf = sb.sites_dir / "site-b-none.conf"
+            none_conf.write_text(sb.site_conf.read_text() + "export COMPRESS=none\n")
             for number in args.cases:
                 label, rate, rtt, kind, _ = CASES[number]
                 sb.shape(rate, rtt)
@@ -324,6 +338,10 @@ def main() -> int:
                     case.original.append(run_original(sb, images[kind], rate))
                     case.ssh.append(run_migratio(sb, ids[kind], "site-b", sizes[kind], rate))
                     case.api.append(run_migratio(sb, ids[kind], "site-b-api", sizes[kind], rate))
+                    if rate is None:  # on the unshaped link: does auto cost anything?
+                        case.uncompressed.append(
+                            run_migratio(sb, ids[kind], "site-b-none", sizes[kind], rate)
+                        )
                 cases.append(case)
                 report([case], sizes)  # as it goes: a long run shows what it has
             sb.shape()

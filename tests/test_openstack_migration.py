@@ -99,6 +99,32 @@ def test_already_migrated_is_skipped(clean_sandbox: Sandbox, tmp_path: Path) -> 
     assert len(copies_at_destination(sb, image_id)) == 1
 
 
+def logins(sandbox: Sandbox) -> int:
+    """SSH logins the destination's sshd has accepted so far."""
+    return sandbox.ssh.log_path.read_text(errors="replace").count("Accepted publickey")
+
+
+def test_over_ssh_lookups_share_one_login_and_a_found_copy_stops_the_transfer(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sb = clean_sandbox
+    image_id, _ = upload_source(sb, tmp_path)
+    settings = settings_for(sb, tmp_path)
+    before = logins(sb)
+    migrate_to_openstack(settings, MigrationRequest(image_id, "site-b"), Lines())
+    # every glance command (lookup, owner probe, upload, read-back) through one master
+    # connection, and rsync over its own (without the master: one login per command)
+    assert logins(sb) - before == 2
+
+    # once more: the transfer starts at once, the lookup finds the copy, the transfer stops
+    lines = Lines()
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-b"), lines)
+    assert result.outcome is Outcome.ALREADY_THERE
+    assert len(copies_at_destination(sb, image_id)) == 1
+    assert not list((sb.ssh.home / ".migratio-staging").glob(f"{image_id}-*")), "parts left"
+    assert not list((tmp_path / "staging").glob(f"{image_id}-*")), "local work left"
+
+
 def test_missing_image_fails_with_the_original_text(
     clean_sandbox: Sandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -14,10 +14,14 @@
    the round trip to the site's SSH port (measured anyway, see :mod:`migratio.streams`)
    stands in: :data:`WAN_RTT` or more is a WAN (zstd), less or unknown lz4.  Only transfers
    sent uncompressed are remembered: a compressed one measures the compressor, not the link.
-3. **whether there is a core to spare**: zstd only when the load average leaves at least one
-   core idle; on a busy machine it would make the transfer CPU-bound (measured: zstd on five
-   streams reached 22 MB/s on the wire of a 1 Gbit/s link with the two cores fully loaded),
-   so lz4, which costs a fraction of zstd's CPU, is used instead.
+3. **whether there is a core to spare**: over a link that may be fast, zstd only when the
+   load average leaves at least one core idle; on a busy machine it would make the transfer
+   CPU-bound (measured: zstd on five streams reached 22 MB/s on the wire of a 1 Gbit/s link
+   with the two cores fully loaded), so lz4, which costs a fraction of zstd's CPU, is used
+   instead. Over a slow link -- known to be under :data:`SLOW_LINK`, or not known yet but
+   :data:`LONG_RTT` or more away -- zstd needs a fraction of a core to keep it full
+   (25 MB/s on the wire is ~60 MB/s of input), and the bytes it saves are the time saved:
+   zstd, whatever the load.
 4. **what the peer's rsync supports**: rsync negotiates the algorithm; a peer that knows
    neither zstd nor lz4 (older than 3.2) fails the start of the transfer, which is then
    re-run once without compression (zlib, the old peers' only choice, is 7 to 13 times slower than
@@ -45,6 +49,10 @@ ZSTD_BELOW = 160e6
 LZ4_BELOW = 450e6
 #: a round trip (seconds) at least this long: a WAN
 WAN_RTT = 0.004
+#: a link slower than this (bytes/s), or a round trip this long while the rate is not known:
+#: zstd whatever the load
+SLOW_LINK = 50e6
+LONG_RTT = 0.030
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,8 @@ def choose(
 ) -> Choice:
     """The algorithm for sending ``path``: ``setting`` unless it is ``auto``."""
     choice = _choose(setting, path, link_rate, rtt)
-    if setting == "auto" and choice.algorithm == "zstd":
+    slow = link_rate < SLOW_LINK if link_rate is not None else (rtt or 0.0) >= LONG_RTT
+    if setting == "auto" and choice.algorithm == "zstd" and not slow:
         idle = spare_cores() if idle_cores is None else idle_cores
         if idle < 1:
             return Choice("lz4", f"{choice.reason}, but no core to spare ({idle:.1f} idle)")

@@ -150,6 +150,8 @@ class SshTarget:
     known_hosts: Path | None = None
     ciphers: str = DEFAULT_CIPHERS
     connect_timeout: int = 15
+    #: a running master connection to share (:class:`migratio.ssh.SshMaster`); not configured
+    control_path: Path | None = None
 
     @property
     def destination(self) -> str:

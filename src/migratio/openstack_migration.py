@@ -19,7 +19,7 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +44,9 @@ from migratio.hashing import Digests
 from migratio.images import CONVERTED_HASH, LINK_PROPERTIES, SOURCE_HASH, ImageRecord
 from migratio.request import MigrationRequest, MigrationResult, Outcome
 from migratio.source_site import SourceSite
+from migratio.ssh import SshMaster
 from migratio.status import Progress, StatusSink, human_bytes
-from migratio.streams import measure_rtt, push_ranges, range_size, stream_count
+from migratio.streams import linked, measure_rtt, piece_size, push_ranges, stream_count
 
 log = logging.getLogger(__name__)
 
@@ -217,47 +218,82 @@ class Migration:
             qemu_img.check_convertible(image.disk_format, target_format)
         fields = self.fields(image, target_format)
         self.destination.check_fields(image.id, fields)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            staging = None
-            if isinstance(self.destination, RemoteGlance):
-                staging = pool.submit(self.destination.make_dir, self.remote_dir)
-            existing = self.existing_copy(image, target_format)
-            if staging is not None:
-                staging.result()
+        if isinstance(self.destination, RemoteGlance):
+            with SshMaster(self.destination.ssh.target) as master:
+                self.destination.ssh.target = master.target  # the lookups share one login
+                return self.run_over_ssh(master, image, target_format, fields)
+        existing = self.existing_copy(image, target_format)
         if existing is not None:
-            if isinstance(self.destination, RemoteGlance):
-                # a worker killed just after its transfer left the file; the copy is in Glance
-                quietly(self.destination.remove_parts, self.remote_dir, image.id)
-            shutil.rmtree(self.workdir, ignore_errors=True)  # a killed attempt's
-            self.status(
-                f"{status.ALREADY_UPLOADED} {self.site.site_id} has it as image {existing.id}"
-            )
-            return MigrationResult(Outcome.ALREADY_THERE, existing.id)
-
+            return self.already_there(existing)
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            local = self.staged.enter_context(self.source.inspected_bytes(image, self.cancel))
-            payload, digests = local, image.digests
-            if target_format != image.disk_format:
-                payload, digests = self.convert(image, local, target_format)
-                fields[CONVERTED_HASH] = digests.to_text()
-            if self.site.register == "api":
-                assert isinstance(self.destination, GlanceApi)
-                copy_id, sent = self.stream_to_api(payload, digests, fields)
-            else:
-                assert isinstance(self.destination, RemoteGlance)
-                copy_id, sent = self.rsync_and_upload(
-                    self.destination, image, payload, digests, fields
-                )
+            payload, digests = self.payload(image, target_format, fields)
+            copy_id = self.stream_to_api(payload, digests, fields)
         finally:
             self.staged.close()  # the cache entries this job used may go now
             shutil.rmtree(self.workdir, ignore_errors=True)
+        return MigrationResult(Outcome.MIGRATED, copy_id, digests.size)
+
+    def already_there(self, existing: ImageRecord) -> MigrationResult:
+        shutil.rmtree(self.workdir, ignore_errors=True)  # a killed attempt's
+        self.status(f"{status.ALREADY_UPLOADED} {self.site.site_id} has it as image {existing.id}")
+        return MigrationResult(Outcome.ALREADY_THERE, existing.id)
+
+    def payload(
+        self, image: ImageRecord, target_format: str, fields: dict[str, Any]
+    ) -> tuple[Path, Digests]:
+        """The bytes to send (inspected; converted when the site wants another format)."""
+        local = self.staged.enter_context(self.source.inspected_bytes(image, self.cancel))
+        if target_format == image.disk_format:
+            return local, image.digests
+        payload, digests = self.convert(image, local, target_format)
+        fields[CONVERTED_HASH] = digests.to_text()
+        return payload, digests
+
+    def run_over_ssh(
+        self, master: SshMaster, image: ImageRecord, target_format: str, fields: dict[str, Any]
+    ) -> MigrationResult:
+        """REGISTER=ssh: the transfer starts while the destination is still being looked up.
+
+        Looking for an existing copy costs a few runs of the remote glance CLI (seconds);
+        the transfer only writes the remote staging directory, so it need not wait. The
+        upload into Glance, which does make an image, starts only once the lookup found no
+        copy. A download from the source Glance or a conversion waits for the lookup, so
+        that a copy already there costs neither.
+        """
+        cli = self.destination
+        assert isinstance(cli, RemoteGlance)
+
+        def look_up() -> ImageRecord | None:
+            master.wait()  # share its login rather than make one more at the same time
+            return self.existing_copy(image, target_format)
+
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="lookup") as pool:
+            lookup = pool.submit(look_up)
+            ssh = self.site.ssh
+            assert ssh is not None
+            rtt = pool.submit(measure_rtt, ssh.host, ssh.port)
+            if target_format != image.disk_format or not self.source.has_local_file(image):
+                existing = lookup.result()
+                if existing is not None:
+                    quietly(cli.remove_parts, self.remote_dir, image.id)  # a killed attempt's
+                    return self.already_there(existing)
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            try:
+                payload, digests = self.payload(image, target_format, fields)
+                copy_id, sent = self.rsync_and_upload(
+                    cli, image, payload, digests, fields, lookup, rtt.result()
+                )
+            except AlreadyThere as there:
+                quietly(cli.remove_parts, self.remote_dir, image.id)
+                return self.already_there(there.copy)
+            finally:
+                self.staged.close()
+                shutil.rmtree(self.workdir, ignore_errors=True)
         return MigrationResult(Outcome.MIGRATED, copy_id, sent)
 
     # 6-8, REGISTER=api
-    def stream_to_api(
-        self, payload: Path, digests: Digests, fields: Mapping[str, Any]
-    ) -> tuple[str, int]:
+    def stream_to_api(self, payload: Path, digests: Digests, fields: Mapping[str, Any]) -> str:
         api = self.destination
         assert isinstance(api, GlanceApi)
         self.fence()
@@ -276,7 +312,7 @@ class Migration:
             quietly(api.delete, copy.id)
             raise
         self.status(f"{status.REGISTERED} as image {copy.id} at {self.site.site_id}")
-        return copy.id, digests.size
+        return copy.id
 
     def push(
         self,
@@ -284,12 +320,15 @@ class Migration:
         remote_path: str,
         *,
         sparse: bool,
+        cancel: threading.Event,
         streams: int = 1,
+        piece: int | None = None,
         rtt: float | None = None,
     ) -> rsync.RsyncResult:
         """rsync ``payload`` there, compressed as the site's ``COMPRESS`` says (or ``auto``).
 
-        With several ``streams`` it goes as that many ranges at once (:mod:`migratio.streams`).
+        With ``piece``, it goes in pieces of that size over ``streams`` connections at once
+        (:mod:`migratio.streams`). The remote staging directory is made on the way.
         """
         assert self.site.ssh is not None
         history = LinkHistory(self.settings.staging_dir)
@@ -297,18 +336,20 @@ class Migration:
         choice = compression.choose(self.site.compress, payload, link_rate, rtt)
         log.info("compression %s (%s)", choice.algorithm, choice.reason)
         on_progress = self.progress("Transferring", payload.stat().st_size)
-        if streams > 1:
+        if piece is not None:
             result = push_ranges(
                 payload,
                 self.site.ssh,
                 remote_path,
                 streams=streams,
+                piece=piece,
                 workdir=self.workdir,
                 timeout=self.settings.command_timeout,
-                cancel=self.cancel,
+                cancel=cancel,
                 on_progress=on_progress,
                 compress=choice.algorithm,
                 bwlimit=self.site.bwlimit,
+                make_dir=self.remote_dir,
             )
         else:
             result = rsync.push(
@@ -317,10 +358,11 @@ class Migration:
                 remote_path,
                 sparse=sparse,
                 timeout=self.settings.command_timeout,
-                cancel=self.cancel,
+                cancel=cancel,
                 on_progress=on_progress,
                 compress=choice.algorithm,
                 bwlimit=self.site.bwlimit,
+                make_dir=self.remote_dir,
             )
         history.record(
             self.site.site_id,
@@ -343,26 +385,69 @@ class Migration:
         payload: Path,
         digests: Digests,
         fields: Mapping[str, Any],
+        lookup: Future[ImageRecord | None],
+        rtt: float | None,
     ) -> tuple[str, int]:
-        """rsync the file while the destination's glance CLI uploads what has arrived."""
+        """rsync the file while the destination's glance CLI uploads what has arrived.
+
+        The transfer starts at once; the upload only when ``lookup`` (the search for an
+        existing copy) has found none. If it found one, the transfer is stopped and
+        :class:`AlreadyThere` raised.
+        """
         assert self.site.ssh is not None
         target_format = str(fields["disk_format"])
-        algo, digest = digests.cheapest()
+        _, digest = digests.cheapest()
         remote_path = f"{self.remote_dir}/{image.id}-{digest[:12]}.{target_format}.part"
-        ssh = self.site.ssh
-        rtt = measure_rtt(ssh.host, ssh.port)
-        count = 1 if target_format == "raw" else stream_count(self.site.streams, rtt, digests.size)
-        segment = range_size(digests.size, count) if count > 1 else None
+        sparse = target_format == "raw"
+        streams = 1 if sparse else stream_count(self.site.streams, rtt, digests.size)
+        piece = piece_size(digests.size) if streams > 1 else None
+        if piece is not None and piece >= digests.size:
+            piece = None
         self.fence()
+        with linked(self.cancel) as stop, ThreadPoolExecutor(1, "transfer") as pool:
+            transfer = pool.submit(
+                self.push,
+                payload,
+                remote_path,
+                sparse=sparse,
+                cancel=stop,
+                streams=streams,
+                piece=piece,
+                rtt=rtt,
+            )
+            try:
+                existing = lookup.result()
+                if existing is not None:
+                    raise AlreadyThere(existing)
+                self.fence()
+            except BaseException:
+                stop.set()  # and the pool waits for the transfer to end
+                raise
+            return self.upload(cli, image, transfer, remote_path, digests, fields, piece)
+
+    def upload(
+        self,
+        cli: RemoteGlance,
+        image: ImageRecord,
+        transfer: Future[rsync.RsyncResult],
+        remote_path: str,
+        digests: Digests,
+        fields: Mapping[str, Any],
+        piece: int | None,
+    ) -> tuple[str, int]:
+        """Upload the file arriving at ``remote_path`` into Glance there, check the copy."""
+        assert self.site.ssh is not None
+        algo, digest = digests.cheapest()
+        log.info(
+            "no copy at %s yet: uploading into its Glance as the file arrives", self.site.site_id
+        )
         follower = cli.start_follow_create(
-            fields, remote_path, digests.size, algo, digest, FOLLOW_IDLE, segment
+            fields, remote_path, digests.size, algo, digest, FOLLOW_IDLE, piece
         )
         copy: ImageRecord | None = None
         try:
             try:
-                pushed = self.push(
-                    payload, remote_path, sparse=target_format == "raw", streams=count, rtt=rtt
-                )
+                pushed = transfer.result()
                 sent = pushed.bytes_sent
                 self.status(
                     f"{status.TRANSFERED} {human_bytes(digests.size)} to {self.site.ssh.host} "
@@ -372,6 +457,9 @@ class Migration:
                 upload = follower.communicate(
                     timeout=self.settings.command_timeout, cancel=self.cancel
                 )
+                log.info(
+                    "glance image-create at %s exited %d", self.site.site_id, upload.returncode
+                )
             finally:
                 follower.stop()
             table = parse_table(upload.stdout)
@@ -379,7 +467,7 @@ class Migration:
                 copy = ImageRecord.from_glance(table)
             if upload.returncode != 0:
                 if "follow_upload: aborted" in upload.stderr and algo in upload.stderr:
-                    for path in remote_files(remote_path, digests.size, segment):
+                    for path in remote_files(remote_path, digests.size, piece):
                         quietly(cli.remove_file, path)  # wrong bytes: nothing to resume
                 raise RemoteError(
                     f"uploading into Glance at {self.site.site_id} failed: {upload.tail()}",
@@ -417,6 +505,14 @@ class Migration:
                 self.fence()
                 log.info("deleting %s copy %s left by an interrupted attempt", copy.status, copy.id)
                 self.destination.delete(copy.id)
+
+
+class AlreadyThere(Exception):
+    """The lookup found the copy while the transfer was running."""
+
+    def __init__(self, copy: ImageRecord) -> None:
+        super().__init__(copy.id)
+        self.copy = copy
 
 
 def destination_for(site: OpenStackSite, settings: Settings) -> GlanceApi | RemoteGlance:

@@ -38,6 +38,15 @@ def _die_with_parent() -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def _preexec(nice: int) -> Callable[[], None]:
+    def setup() -> None:
+        _die_with_parent()
+        if nice:
+            os.nice(nice)
+
+    return setup
+
+
 #: how long a child gets between SIGTERM and SIGKILL
 STOP_GRACE = 10.0
 _POLL = 0.25
@@ -69,7 +78,9 @@ class Child:
         stdin: bool = False,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        nice: int = 0,
     ) -> None:
+        """Start ``argv``; ``nice`` lowers its CPU priority (and its children's)."""
         self.argv = tuple(argv)
         self.what = what
         try:
@@ -81,7 +92,7 @@ class Child:
                 env=dict(env) if env is not None else None,
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509  # no threads touch this in the child
+                preexec_fn=_preexec(nice),  # noqa: PLW1509  # no threads touch this in the child
             )
         except FileNotFoundError as exc:
             raise ToolError(f"{what}: program {self.argv[0]!r} not found on PATH") from exc
@@ -212,9 +223,10 @@ def run(
     cancel: threading.Event | None = None,
     on_line: Callable[[str], None] | None = None,
     error: type[ToolError] = ToolError,
+    nice: int = 0,
 ) -> Completed:
     """Run ``argv`` to completion; with ``check``, a non-zero exit raises ``error``."""
-    child = Child(argv, what=what, env=env, cwd=cwd)
+    child = Child(argv, what=what, env=env, cwd=cwd, nice=nice)
     try:
         done = child.communicate(timeout=timeout, cancel=cancel, on_line=on_line)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +19,10 @@ from migratio.ssh import rsync_shell
 log = logging.getLogger(__name__)
 
 RSYNC = "rsync"
+#: rsync (and its ssh) run at this lower CPU priority at both ends: the bulk copy has slack,
+#: while the head node's services -- and at the destination, the upload into Glance that
+#: follows the copy -- should not wait for it
+NICE = 10
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+(\d+)%")
 _SENT = re.compile(r"Total bytes sent:\s*([\d,]+)")
 
@@ -44,8 +49,9 @@ def push(
     io_timeout: int = 300,
     compress: str = "none",
     bwlimit: int | None = None,
+    make_dir: str | None = None,
 ) -> RsyncResult:
-    """Copy ``source`` to ``remote_path`` on ``target``.
+    """Copy ``source`` to ``remote_path`` on ``target`` (first creating ``make_dir`` there).
 
     ``--inplace`` writes straight into ``remote_path``, so an interrupted copy leaves the part
     that arrived and a re-run only sends what is missing or different (rsync's own block
@@ -54,10 +60,12 @@ def push(
 
     ``compress`` is ``zstd``, ``lz4`` or ``none``; a peer whose rsync cannot do it fails at
     the start, and the copy is then run once more without compression. ``bwlimit`` caps the
-    bytes per second on the wire (rsync's ``--bwlimit``, in KiB/s).
+    bytes per second on the wire (rsync's ``--bwlimit``, in KiB/s). ``make_dir`` is
+    created by the same remote command that starts rsync there (``--rsync-path``), which
+    saves a login of its own.
     """
     begin = time.monotonic()
-    argv = _argv(source, target, remote_path, sparse, io_timeout, compress, bwlimit)
+    argv = _argv(source, target, remote_path, sparse, io_timeout, compress, bwlimit, make_dir)
 
     def on_line(line: str) -> None:
         match = _PROGRESS.match(line)
@@ -65,7 +73,7 @@ def push(
             on_progress(int(match.group(1).replace(",", "")))
 
     done = processes.run(
-        argv, what="rsync", timeout=timeout, cancel=cancel, check=False, on_line=on_line
+        argv, what="rsync", timeout=timeout, cancel=cancel, check=False, on_line=on_line, nice=NICE
     )
     if done.returncode != 0 and compress != "none" and _refused_compression(done.stderr):
         log.warning(
@@ -73,10 +81,16 @@ def push(
             target.destination, compress, done.tail(),
         )  # fmt: skip
         compress = "none"
-        argv = _argv(source, target, remote_path, sparse, io_timeout, compress, bwlimit)
+        argv = _argv(source, target, remote_path, sparse, io_timeout, compress, bwlimit, make_dir)
         remaining = max(timeout - (time.monotonic() - begin), 1.0)
         done = processes.run(
-            argv, what="rsync", timeout=remaining, cancel=cancel, check=False, on_line=on_line
+            argv,
+            what="rsync",
+            timeout=remaining,
+            cancel=cancel,
+            check=False,
+            on_line=on_line,
+            nice=NICE,
         )
     if done.returncode != 0:
         host_key = "Host key verification failed" in done.stderr
@@ -106,6 +120,7 @@ def _argv(
     io_timeout: int,
     compress: str,
     bwlimit: int | None,
+    make_dir: str | None = None,
 ) -> list[str]:
     argv = [
         RSYNC,
@@ -118,6 +133,11 @@ def _argv(
         "-e",
         rsync_shell(target),
     ]
+    remote = f"nice -n {NICE} rsync"
+    if make_dir is not None:
+        remote = f"mkdir -p -- {shlex.quote(make_dir)} && {remote}"
+    # the remote shell runs "<rsync-path> --server ...": every word of ours is quoted
+    argv.append(f"--rsync-path={remote}")
     if sparse:
         argv.append("--sparse")
     if compress != "none":

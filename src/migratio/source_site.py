@@ -61,6 +61,14 @@ class SourceSite:
             self.settings.staging_keep,
         )
 
+    def has_local_file(self, image: ImageRecord) -> bool:
+        """Whether the image's file is in the local file store (no download needed)."""
+        stored = self.settings.images_dir / image.id
+        try:
+            return stored.is_file() and stored.stat().st_size == image.size
+        except OSError:
+            return False
+
     def stored_file(self, image: ImageRecord) -> Path | None:
         """The image's file in the local file store, if it is there and readable."""
         stored = self.settings.images_dir / image.id

@@ -7,13 +7,21 @@ so that no image name, property or path can become shell syntax on the other sid
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import shlex
+import shutil
+import tempfile
 import threading
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from migratio import processes
 from migratio.config import SshTarget
 from migratio.errors import RemoteError
+
+log = logging.getLogger(__name__)
 
 SSH = "ssh"
 
@@ -35,6 +43,9 @@ def ssh_options(target: SshTarget) -> list[str]:
         argv += ["-i", str(target.key_file), "-o", "IdentitiesOnly=yes"]
     if target.known_hosts is not None:
         argv += ["-o", f"UserKnownHostsFile={target.known_hosts}"]
+    if target.control_path is not None:
+        # through the master while it is up; without it (not yet, or gone) a login of its own
+        argv += ["-o", f"ControlPath={target.control_path}", "-o", "ControlMaster=no"]
     return argv
 
 
@@ -105,3 +116,56 @@ class SshClient:
     def start(self, remote: Sequence[str], *, what: str) -> processes.Child:
         """Start ``remote`` there with a pipe to its stdin, and return at once."""
         return processes.Child(self.argv(remote, stdin=True), what=what, stdin=True)
+
+
+class SshMaster:
+    """One SSH connection that the later ssh commands to an account share (``ControlMaster``).
+
+    Each login costs about ten round trips (TCP, key exchange, authentication, a channel) plus
+    the key exchange's CPU; through a master a command costs one round trip to open its
+    channel. The master is started in the background and never waited for: a command that
+    comes before it is up (or after it died) logs in on its own, as without a master.
+
+    The control socket lives in a private directory of its own (0700), and the master is an
+    ordinary child (:mod:`migratio.processes`): stopped with the migration, never left behind
+    (no ``ControlPersist``).
+    """
+
+    def __init__(self, target: SshTarget) -> None:
+        self.plain = dataclasses.replace(target, control_path=None)
+        self._dir = Path(tempfile.mkdtemp(prefix="migratio-ssh-"))
+        #: the target, reached through this master
+        self.target = dataclasses.replace(target, control_path=self._dir / "master")
+        self._child: processes.Child | None = None
+
+    def __enter__(self) -> SshMaster:
+        argv = [*ssh_options(self.plain), "-M", "-N", "-o", "ControlPersist=no"]
+        argv += ["-o", f"ControlPath={self.target.control_path}", "--", self.plain.destination]
+        try:
+            self._child = processes.Child(argv, what="ssh master connection")
+        except Exception:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+        return self
+
+    def wait(self) -> bool:
+        """Wait until the master is up (True), or has failed or timed out (False).
+
+        Commands that wait for it share its login instead of making one of their own
+        at the same time.
+        """
+        assert self.target.control_path is not None and self._child is not None
+        deadline = time.monotonic() + self.plain.connect_timeout + 5
+        while time.monotonic() < deadline:
+            if self.target.control_path.exists():
+                return True
+            if self._child.poll() is not None:
+                log.info("ssh master connection to %s failed", self.plain.destination)
+                return False
+            time.sleep(0.01)
+        return False
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._child is not None:
+            self._child.stop(grace=2.0)
+        shutil.rmtree(self._dir, ignore_errors=True)

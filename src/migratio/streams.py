@@ -1,12 +1,15 @@
-"""Several rsync streams at once, over ranges of one file: no SSH window limit on long links.
+"""Several rsync streams at once, over pieces of one file: no SSH window limit on long links.
 
 One SSH channel never has more than OpenSSH's 2 MiB window in flight, so one stream carries
 at most ~2 MiB per round trip: 107 / 80 / 44 MB/s at 0 / 20 / 40 ms here, whatever the link.
-Over a link with a long round trip the file is cut into ranges of equal size; each range is
-copied into the staging directory (``copy_file_range``, in the kernel) and sent by its own
-rsync over its own SSH connection (host key checked, encrypted, ``--inplace`` and resumable
-as ever) to ``<remote path>.<k>``. The destination's upload helper reads the pieces in order
-and checks the digest of the whole, so the end-to-end check is the same as with one stream.
+Over a link with a long round trip the file is cut into pieces (:func:`piece_size`: about
+32, of 32-256 MiB); each piece is copied into the staging directory (``copy_file_range``, in
+the kernel; only a few at a time) and sent by rsync (host key checked, encrypted,
+``--inplace`` and resumable as ever) to ``<remote path>.<k>``. Several streams take the
+pieces in order, each over an SSH connection of its own, so the file arrives nearly front to
+back and the destination's upload helper, which reads the pieces in order, follows right
+behind; it checks the digest of the whole, so the end-to-end check is the same as with one
+stream.
 
 ``STREAMS=auto`` (the default) measures the round trip to the site's SSH port (the time of
 one TCP connect): under :data:`ONE_STREAM_BELOW` one stream is as fast as the cipher and one
@@ -30,6 +33,7 @@ from pathlib import Path
 from migratio import rsync
 from migratio.config import SshTarget
 from migratio.errors import Cancelled
+from migratio.ssh import SshMaster
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,12 @@ ONE_STREAM_BELOW = 0.004
 #: round trip per extra stream above that: 2 MiB per window / 8 ms = 260 MB/s per stream
 RTT_PER_STREAM = 0.008
 MAX_AUTO = 8
-#: no range smaller than this: an rsync start costs a login
+#: no stream for less than this: an rsync start costs a few round trips
 MIN_RANGE = 8 << 20
+#: a file goes in about this many pieces, each no smaller than MIN_PIECE, no larger than MAX_PIECE
+PIECES = 32
+MIN_PIECE = 32 << 20
+MAX_PIECE = 256 << 20
 _ALIGN = 1 << 20
 
 
@@ -74,9 +82,15 @@ def stream_count(setting: int | None, rtt: float | None, size: int) -> int:
     return max(1, min(wanted, MAX_AUTO, most))
 
 
-def range_size(size: int, streams: int) -> int:
-    """The length of every range but the last (a whole MiB)."""
-    return math.ceil(size / streams / _ALIGN) * _ALIGN
+def piece_size(size: int) -> int:
+    """The length of every piece but the last (a whole MiB), for a file of ``size`` bytes.
+
+    It depends on the size alone, not on the number of streams, so that a re-run (with
+    another round trip, hence another stream count) finds the pieces of an earlier attempt
+    where it left them.
+    """
+    want = min(max(size // PIECES, MIN_PIECE), MAX_PIECE)
+    return math.ceil(want / _ALIGN) * _ALIGN
 
 
 def _copy_range(source: Path, target: Path, offset: int, length: int) -> None:
@@ -93,7 +107,7 @@ def _copy_range(source: Path, target: Path, offset: int, length: int) -> None:
 
 
 class _Sum:
-    """Adds up the progress of the streams for one ``on_progress``."""
+    """Adds up the progress of the pieces for one ``on_progress``."""
 
     def __init__(self, count: int, on_progress: Callable[[int], None] | None) -> None:
         self.done = [0] * count
@@ -112,7 +126,7 @@ class _Sum:
 
 
 @contextmanager
-def _linked(cancel: threading.Event) -> Iterator[threading.Event]:
+def linked(cancel: threading.Event) -> Iterator[threading.Event]:
     """An event set when ``cancel`` is, or by whoever holds it (a stream that failed)."""
     stop = threading.Event()
 
@@ -130,81 +144,127 @@ def _linked(cancel: threading.Event) -> Iterator[threading.Event]:
         watcher.join()
 
 
+class _Pieces:
+    """The pieces of one file: cut in order into the work directory, a few ahead of the streams.
+
+    At most ``ahead`` pieces are on disk at once, so a transfer needs that many pieces of
+    extra staging space, not a second copy of the image.
+    """
+
+    def __init__(self, source: Path, workdir: Path, piece: int, ahead: int) -> None:
+        self.source = source
+        size = source.stat().st_size
+        count = -(-size // piece)
+        self.spans = [(k, k * piece, min(piece, size - k * piece)) for k in range(count)]
+        self.paths = [workdir / f"{source.name}.{k}" for k, _, _ in self.spans]
+        self.ready = [threading.Event() for _ in self.spans]
+        self.room = threading.Semaphore(ahead)
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def cut_all(self, stop: threading.Event) -> None:
+        """Copy the pieces out in order (``copy_file_range``), waiting for room on disk."""
+        for (k, offset, count), path in zip(self.spans, self.paths, strict=True):
+            while not self.room.acquire(timeout=0.2):
+                if stop.is_set():
+                    return
+            if stop.is_set():
+                return
+            _copy_range(self.source, path, offset, count)
+            self.ready[k].set()
+
+    def take(self) -> int | None:
+        """The next piece to send (in order), or None when every piece is taken."""
+        with self._lock:
+            if self._next >= len(self.spans):
+                return None
+            self._next += 1
+            return self._next - 1
+
+    def sent(self, k: int) -> None:
+        self.paths[k].unlink(missing_ok=True)
+        self.room.release()
+
+    def remove(self) -> None:
+        for path in self.paths:
+            path.unlink(missing_ok=True)
+
+
 def push_ranges(
     source: Path,
     target: SshTarget,
     remote_path: str,
     *,
     streams: int,
+    piece: int,
     workdir: Path,
     timeout: float,
     cancel: threading.Event,
     on_progress: Callable[[int], None] | None,
     compress: str,
     bwlimit: int | None,
+    make_dir: str | None = None,
 ) -> rsync.RsyncResult:
-    """Send ``source`` as ``streams`` ranges to ``remote_path.0``, ``.1``... at once."""
-    size = source.stat().st_size
-    length = range_size(size, streams)
-    ranges = [(k, k * length, min(length, size - k * length)) for k in range(streams)]
-    ranges = [r for r in ranges if r[2] > 0]
-    progress = _Sum(len(ranges), on_progress)
+    """Send ``source`` in pieces of ``piece`` bytes to ``remote_path.0``, ``.1``..., by
+    ``streams`` SSH connections at once.
+
+    The pieces are taken in order: the file arrives nearly front to back, at most one
+    piece per stream out of order, so the destination's upload (which reads it front to
+    back) follows right behind the transfer instead of waiting for its end. Each stream is
+    one SSH connection of its own (:class:`SshMaster`: its own TCP window, its own cipher
+    process) through which the rsync of each of its pieces runs in about one round trip.
+    """
+    pieces = _Pieces(source, workdir, piece, ahead=streams + 1)
+    streams = max(1, min(streams, len(pieces.spans)))
+    progress = _Sum(len(pieces.spans), on_progress)
     begin = time.monotonic()
-    pieces = [workdir / f"{source.name}.{k}" for k, _, _ in ranges]
-    ready = [threading.Event() for _ in ranges]
+    results: list[rsync.RsyncResult] = []
 
-    def copy_all() -> None:
-        """Copy the ranges in order, so that the first stream starts after one range's copy."""
-        for (k, offset, count), piece in zip(ranges, pieces, strict=True):
-            if stop.is_set():
-                return
-            _copy_range(source, piece, offset, count)
-            ready[k].set()
-
-    def one(k: int) -> rsync.RsyncResult:
+    def lane() -> None:
         try:
-            while not ready[k].wait(0.1):
-                if stop.is_set():
-                    raise Cancelled("stopped")
-            return rsync.push(
-                pieces[k],
-                target,
-                f"{remote_path}.{k}",
-                sparse=False,
-                timeout=timeout,
-                cancel=stop,
-                on_progress=progress.of(k),
-                compress=compress,
-                bwlimit=None if bwlimit is None else max(1024, bwlimit // len(ranges)),
-            )
+            with SshMaster(target) as master:
+                while (k := pieces.take()) is not None:
+                    while not pieces.ready[k].wait(0.1):
+                        if stop.is_set():
+                            raise Cancelled("stopped")
+                    try:
+                        results.append(
+                            rsync.push(
+                                pieces.paths[k],
+                                master.target,
+                                f"{remote_path}.{k}",
+                                sparse=False,
+                                timeout=timeout,
+                                cancel=stop,
+                                on_progress=progress.of(k),
+                                compress=compress,
+                                bwlimit=None if bwlimit is None else max(1024, bwlimit // streams),
+                                make_dir=make_dir,
+                            )
+                        )
+                    finally:
+                        pieces.sent(k)
         except BaseException:
             stop.set()
             raise
-        finally:
-            pieces[k].unlink(missing_ok=True)
 
-    with _linked(cancel) as stop, ThreadPoolExecutor(len(ranges) + 1, "stream") as pool:
-        copier = pool.submit(copy_all)
-        futures = [pool.submit(one, k) for k, _, _ in ranges]
-        results, errors = [], []
-        try:
-            copier.result()
-        except BaseException as exc:
-            stop.set()
-            errors.append(exc)
-        for future in futures:
+    with linked(cancel) as stop, ThreadPoolExecutor(streams + 1, "stream") as pool:
+        cutter = pool.submit(pieces.cut_all, stop)
+        futures = [pool.submit(lane) for _ in range(streams)]
+        errors = []
+        for future in [cutter, *futures]:
             try:
-                results.append(future.result())
+                future.result()
             except BaseException as exc:
+                stop.set()
                 errors.append(exc)
-    for piece in pieces:
-        piece.unlink(missing_ok=True)
+    pieces.remove()
     if cancel.is_set():
         raise Cancelled("rsync was stopped on request")
     if errors:
         first = next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
         raise first
-    log.info("sent %d ranges of %d bytes at once", len(ranges), length)
+    log.info("sent %d pieces of %d bytes over %d streams", len(pieces.spans), piece, streams)
     return rsync.RsyncResult(
         bytes_sent=sum(r.bytes_sent for r in results),
         seconds=time.monotonic() - begin,

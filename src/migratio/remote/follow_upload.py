@@ -32,18 +32,51 @@ on our stdin) to abort.
 
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import os
+import queue
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import List, Optional
 
-READ = 4 << 20
+READ = 1 << 20
+#: the pipe into the command holds this much (fcntl F_SETPIPE_SZ; the default is 64 KiB),
+#: so that the command and this feeder are not woken for every 64 KiB
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = 1031
 PR_SET_PDEATHSIG = 1
 ABORTED = 3
+
+
+class Hasher:
+    """A digest computed in a thread of its own (hashlib lets go of the GIL), so that
+    hashing a chunk overlaps writing the next one into the pipe."""
+
+    def __init__(self, algo: str) -> None:
+        self.hash = hashlib.new(algo)
+        self.chunks = queue.Queue(maxsize=16)  # type: queue.Queue[Optional[bytes]]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            chunk = self.chunks.get()
+            if chunk is None:
+                return
+            self.hash.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self.chunks.put(chunk)
+
+    def hexdigest(self) -> str:
+        self.chunks.put(None)
+        self.thread.join()
+        return self.hash.hexdigest()
 
 
 class Abort(Exception):
@@ -121,8 +154,9 @@ def main(argv: List[str]) -> int:
         sys.exit("follow_upload: expected -- before the command")
     paths = ["%s.%d" % (path, k) for k in range(-(-size // segment))] if segment else [path]
     segment = segment or max(size, 1)
-    hasher = hashlib.new(algo)
     data_r, data_w = os.pipe()
+    with contextlib.suppress(OSError):  # not Linux, or a lower pipe-max-size: as it is
+        fcntl.fcntl(data_w, F_SETPIPE_SZ, PIPE_SIZE)
     life_r, life_w = os.pipe()
     guard_pid = os.fork()
     if guard_pid == 0:
@@ -136,11 +170,11 @@ def main(argv: List[str]) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupted)
     try:
+        hasher = Hasher(algo)  # after the fork: the guard has no threads
         feed(paths, segment, size, idle, hasher, data_w, guard_pid)
-        if hasher.hexdigest() != digest:
-            raise Abort(
-                "%s of the transferred file is %s, expected %s" % (algo, hasher.hexdigest(), digest)
-            )
+        got = hasher.hexdigest()
+        if got != digest:
+            raise Abort("%s of the transferred file is %s, expected %s" % (algo, got, digest))
         for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)  # released below: the image may complete
         os.write(life_w, b"release")
@@ -165,7 +199,7 @@ def feed(
     segment: int,
     size: int,
     idle: float,
-    hasher: "hashlib._Hash",
+    hasher: Hasher,
     out: int,
     guard: int,
 ) -> None:
