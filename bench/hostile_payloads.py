@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._sandbox import sandbox_with_redis  # noqa: E402
 from tests.hostile import through_the_service  # noqa: E402
 from tests.sandbox.images import make_qcow2  # noqa: E402
-from tests.sandbox.redis_server import RedisServer  # noqa: E402
-from tests.sandbox.site import Sandbox  # noqa: E402
-
-from migratio.config import load_settings  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -36,20 +32,15 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=20261130)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="migratio-bench-") as tmp:
-        work = Path(tmp)
-        with RedisServer(work / "redis") as server, Sandbox(work / "sandbox") as sb:
-            config = work / "config.yml"
-            config.write_text(
-                sb.config_path.read_text() + f"\nredis_url: {server.url}\nlog_dir: {work / 'log'}\n"
-            )
-            settings = load_settings(config)
-            image = make_qcow2(work / "t.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
-            image_id = sb.source.upload_image(image, name="bench", disk_format="qcow2")
-            figures = through_the_service(
-                settings, server.client(), image_id, "site-b", seed=args.seed, count=args.count
-            )
-            copies = sb.destination.find_by_property("source_uuid", image_id)
+    with sandbox_with_redis(own_log_dir=True) as site:
+        sb = site.sandbox
+        image = make_qcow2(site.work / "t.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+        image_id = sb.source.upload_image(image, name="bench", disk_format="qcow2")
+        figures = through_the_service(
+            site.settings, site.server.client(), image_id, "site-b", seed=args.seed,
+            count=args.count,
+        )  # fmt: skip
+        copies = sb.destination.find_by_property("source_uuid", image_id)
     print(f"hostile payloads through `migratio run` (seed {args.seed}):")
     for line in figures.lines():
         print("  " + line)

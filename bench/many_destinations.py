@@ -49,12 +49,11 @@ sys.path.insert(0, str(ROOT))
 from bench._measure import verdict  # noqa: E402
 from redis import Redis  # noqa: E402
 from tests.sandbox import sidekiq  # noqa: E402
-from tests.sandbox.glance_server import TOKEN  # noqa: E402
 from tests.sandbox.images import make_qcow2, make_raw  # noqa: E402
 from tests.sandbox.moto_server import MotoServer  # noqa: E402
 from tests.sandbox.redis_server import RedisServer  # noqa: E402
-from tests.sandbox.site import Sandbox  # noqa: E402
-from tests.support import settings_for  # noqa: E402
+from tests.sandbox.site import Sandbox, api_site_conf  # noqa: E402
+from tests.support import max_parallel_settings, settings_for, worker_argv  # noqa: E402
 
 from migratio.config import Settings  # noqa: E402
 from migratio.fair_share import DestinationShare  # noqa: E402
@@ -226,9 +225,7 @@ def phase_table(title: str, by_destination: dict[str, list[float]]) -> list[str]
 
 
 def workers(settings: Settings, count: int) -> None:
-    argv = [sys.executable, "-m", "migratio", "worker", "--burst", "--config",
-            str(settings.config_path)]  # fmt: skip
-    procs = [subprocess.Popen(argv) for _ in range(count)]
+    procs = [subprocess.Popen(worker_argv(settings)) for _ in range(count)]
     for proc in procs:
         if proc.wait(7200) != 0:
             raise SystemExit("a worker failed; see worker.log")
@@ -254,10 +251,7 @@ def part_one(args: argparse.Namespace, work: Path, sb: Sandbox, moto: MotoServer
         yaml=f"redis_url: {redis_url}\ncredentials_file: {creds}\nworkers: 3\n",
         **{
             "site-b": sb.site_conf.read_text() + "export DISK_FORMAT=raw\n",
-            "site-c": (
-                "export REGISTER=api\nexport DISK_FORMAT=raw\n"
-                f"export OS_AUTH_TOKEN={TOKEN}\nexport OS_IMAGE_URL={sb.source.endpoint}\n"
-            ),
+            "site-c": api_site_conf(sb.source.endpoint, "DISK_FORMAT=raw"),
             "aws-eu": moto.site_conf(),
         },
     )
@@ -361,18 +355,7 @@ def from_log(log: str, crowded: list[str]) -> tuple[int, dict[str, float]]:
 def part_two(args: argparse.Namespace, work: Path, sb: Sandbox, redis_url: str) -> None:
     work = work / "fair"
     work.mkdir()
-    settings = settings_for(
-        sb,
-        work,
-        yaml=f"redis_url: {redis_url}\nworkers: 4\nretry_delays: [1, 1, 1, 1, 1, 1]\n",
-        **{
-            "site-b-api": sb.site_api_conf.read_text() + "export MAX_PARALLEL=2\n",
-            "site-c": (
-                "export REGISTER=api\n"
-                f"export OS_AUTH_TOKEN={TOKEN}\nexport OS_IMAGE_URL={sb.source.endpoint}\n"
-            ),
-        },
-    )
+    settings = max_parallel_settings(sb, work, redis_url)
     redis = Redis.from_url(redis_url)
     images = []
     for i in range(10):

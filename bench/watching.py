@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -21,13 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._sandbox import sandbox_with_redis  # noqa: E402
 from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.registry import CollectorRegistry  # noqa: E402
 from tests.sandbox import sidekiq  # noqa: E402
-from tests.sandbox.redis_server import RedisServer  # noqa: E402
-from tests.sandbox.site import Sandbox  # noqa: E402
 
-from migratio.config import load_settings  # noqa: E402
 from migratio.keys import OPENSTACK_MIGRATOR, Keys, migration_queue  # noqa: E402
 from migratio.metrics import MetricsCollector  # noqa: E402
 from migratio.overview import overview  # noqa: E402
@@ -40,38 +37,34 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="migratio-bench-") as tmp:
-        work = Path(tmp)
-        with RedisServer(work / "redis") as server, Sandbox(work / "sandbox") as sb:
-            config = work / "config.yml"
-            config.write_text(sb.config_path.read_text() + f"\nredis_url: {server.url}\n")
-            settings = load_settings(config)
-            redis = server.client()
-            keys = Keys(settings.namespace)
-            queue = migration_queue(settings.name)
-            push = [str(uuid.uuid4()), "site-b-api"]
-            sidekiq.push(server.url, settings.namespace, queue, OPENSTACK_MIGRATOR, push,
-                         count=args.jobs)  # fmt: skip
-            service = Service(settings, redis)
-            while redis.llen(keys.queue(queue)):
-                service.run_once()
-            sidekiq.push(server.url, settings.namespace, queue, OPENSTACK_MIGRATOR, push,
-                         count=args.jobs)  # fmt: skip
+    with sandbox_with_redis() as site:
+        server, settings = site.server, site.settings
+        redis = server.client()
+        keys = Keys(settings.namespace)
+        queue = migration_queue(settings.name)
+        push = [str(uuid.uuid4()), "site-b-api"]
+        sidekiq.push(server.url, settings.namespace, queue, OPENSTACK_MIGRATOR, push,
+                     count=args.jobs)  # fmt: skip
+        service = Service(settings, redis)
+        while redis.llen(keys.queue(queue)):
+            service.run_once()
+        sidekiq.push(server.url, settings.namespace, queue, OPENSTACK_MIGRATOR, push,
+                     count=args.jobs)  # fmt: skip
 
-            status_times, scrape_times = [], []
-            registry = CollectorRegistry(auto_describe=False)
-            registry.register(MetricsCollector(settings, redis, service))  # type: ignore[arg-type]
-            for _ in range(args.rounds):
-                started = time.perf_counter()
-                snapshot = overview(settings, redis)
-                snapshot.to_json()
-                status_times.append(time.perf_counter() - started)
-                started = time.perf_counter()
-                text = generate_latest(registry).decode()
-                scrape_times.append(time.perf_counter() - started)
-            counts = snapshot.counts
-            assert counts["waiting"] == args.jobs and counts["queued"] == args.jobs, counts
-            assert f'migratio_jobs{{state="queued"}} {float(args.jobs)}' in text
+        status_times, scrape_times = [], []
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(MetricsCollector(settings, redis, service))  # type: ignore[arg-type]
+        for _ in range(args.rounds):
+            started = time.perf_counter()
+            snapshot = overview(settings, redis)
+            snapshot.to_json()
+            status_times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            text = generate_latest(registry).decode()
+            scrape_times.append(time.perf_counter() - started)
+        counts = snapshot.counts
+        assert counts["waiting"] == args.jobs and counts["queued"] == args.jobs, counts
+        assert f'migratio_jobs{{state="queued"}} {float(args.jobs)}' in text
 
     print(f"{args.jobs} jobs waiting in Atmosphere's queue + {args.jobs} queued for the workers")
     print(f"migratio status --json (read + render): median "

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # make `tests.sandbox` importable under any import mode
     sys.path.insert(0, str(ROOT))
 
+from tests.sandbox import sidekiq  # noqa: E402
 from tests.sandbox.glance_server import glance_venv_missing  # noqa: E402
 from tests.sandbox.moto_server import MotoServer  # noqa: E402
 from tests.sandbox.redis_server import RedisServer  # noqa: E402
@@ -69,9 +70,13 @@ def clean_sandbox(sandbox: Sandbox) -> Sandbox:
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A throw-away redis-server for one test module."""
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+def redis_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisServer]:
+    """A throw-away redis-server for one test module; in a module marked ``persistent_redis``
+    it saves to disk, as production runs it."""
+    persistent = request.node.get_closest_marker("persistent_redis") is not None
+    with RedisServer(tmp_path_factory.mktemp("redis"), persistent=persistent) as server:
         yield server
 
 
@@ -81,6 +86,15 @@ def redis(redis_server: RedisServer) -> Redis:
     client = redis_server.client()
     client.flushall()
     return client
+
+
+@pytest.fixture
+def atmosphere(
+    tmp_path: Path, redis_server: RedisServer, redis: Redis
+) -> Iterator[sidekiq.FeedbackServer]:
+    """A real Sidekiq server running Atmosphere's status worker on the module's Redis."""
+    with sidekiq.FeedbackServer(tmp_path / "sidekiq", redis_server.url, "atmosphere") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from tests.sandbox.site import Sandbox
+from tests.sandbox import sidekiq
+from tests.sandbox.site import Sandbox, api_site_conf
 
 from migratio.config import Settings, load_settings
+from migratio.keys import OPENSTACK_MIGRATOR, migration_queue
 
 
 def settings_for(
@@ -28,6 +35,20 @@ def settings_for(
         + yaml
     )
     return load_settings(config)
+
+
+def max_parallel_settings(sandbox: Sandbox, tmp_path: Path, redis_url: str) -> Settings:
+    """Four workers and two destinations through the Glance API: site-b-api with
+    ``MAX_PARALLEL=2`` and site-c (the source's own Glance), retried within seconds."""
+    return settings_for(
+        sandbox,
+        tmp_path,
+        yaml=f"redis_url: {redis_url}\nworkers: 4\nretry_delays: [1, 1, 1, 1, 1, 1]\n",
+        **{
+            "site-b-api": sandbox.site_api_conf.read_text() + "export MAX_PARALLEL=2\n",
+            "site-c": api_site_conf(sandbox.source.endpoint),
+        },
+    )
 
 
 class Lines(list[str]):
@@ -77,3 +98,65 @@ def redis_only_settings(
         f"staging_dir: {tmp_path / 'staging'}\nlog_dir: {tmp_path / 'log'}\n" + yaml
     )
     return load_settings(config)
+
+
+def push(settings: Settings, args: list[str], job_class: str = OPENSTACK_MIGRATOR) -> str:
+    """Push one job as Atmosphere does (the real Sidekiq client); return its jid."""
+    [jid] = sidekiq.push(
+        settings.redis_url, settings.namespace, migration_queue(settings.name), job_class, args
+    )
+    return jid
+
+
+def worker_argv(settings: Settings) -> list[str]:
+    """``migratio worker --burst``: a real RQ worker (a forked work-horse per job) until the
+    queue is empty."""
+    return [sys.executable, "-m", "migratio", "worker", "--burst", "--config",
+            str(settings.config_path)]  # fmt: skip
+
+
+def start_service(settings: Settings) -> subprocess.Popen[bytes]:
+    """``migratio run`` for ``settings``, as systemd starts it."""
+    env = {**os.environ, "MIGRATIO_CONFIG": str(settings.config_path)}
+    return subprocess.Popen([sys.executable, "-m", "migratio", "run"], env=env)
+
+
+def children_of() -> dict[int, list[int]]:
+    """Every process's children, by parent pid (from /proc)."""
+    found: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            found.setdefault(ppid, []).append(int(entry.name))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``."""
+    children = children_of()
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def wait_for_part(sb: Sandbox, image_id: str, size: int, timeout: float = 120) -> None:
+    """Wait until the transfer to site-b has written ``size`` bytes to the destination's
+    staging (the ``.part`` file or its pieces)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        staging = sb.remote_staging
+        parts = list(staging.glob(f"{image_id}-*.part*")) if staging.exists() else []
+        written = 0
+        for part in parts:
+            with contextlib.suppress(OSError):
+                written += part.stat().st_blocks * 512  # pieces are sparse until written
+        if written > size:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the transfer never got going")

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,15 @@ from tests.sandbox.images import make_qcow2, sha256_file
 from tests.sandbox.moto_server import MotoServer
 from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
-from tests.support import redis_only_settings, settings_for
+from tests.support import (
+    descendants,
+    push,
+    redis_only_settings,
+    settings_for,
+    start_service,
+    wait_for_part,
+    worker_argv,
+)
 
 from migratio.cli import main
 from migratio.config import Settings
@@ -52,40 +59,13 @@ def redis_settings(tmp_path: Path, redis_server: RedisServer) -> Settings:
     return redis_only_settings(tmp_path, redis_server.url)
 
 
-@pytest.fixture
-def atmosphere(
-    tmp_path: Path, redis_server: RedisServer, redis: Redis
-) -> Iterator[sidekiq.FeedbackServer]:
-    with sidekiq.FeedbackServer(tmp_path / "sidekiq", redis_server.url, "atmosphere") as server:
-        yield server
-
-
-def push(settings: Settings, args: list[str], job_class: str = OPENSTACK_MIGRATOR) -> str:
-    [jid] = sidekiq.push(
-        settings.redis_url, settings.namespace, migration_queue(settings.name), job_class, args
-    )
-    return jid
-
-
 def rq_job(redis: Redis, jid: str) -> Job:
     return Job.fetch(f"migratio-{jid}", connection=redis, serializer=JSONSerializer)
 
 
 def run_worker_burst(settings: Settings) -> None:
     """A real RQ worker (its own process, a forked work-horse per job) until the queue is empty."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "migratio",
-            "worker",
-            "--burst",
-            "--config",
-            str(settings.config_path),
-        ],
-        check=True,
-        timeout=300,
-    )
+    subprocess.run(worker_argv(settings), check=True, timeout=300)
 
 
 def test_keys_are_exactly_what_sidekiq_uses() -> None:
@@ -319,8 +299,7 @@ def test_a_job_end_to_end_through_the_service(
 
 def test_sigterm_stops_the_service(redis_settings: Settings, redis: Redis) -> None:
     settings = redis_settings  # needs only Redis
-    env = {**os.environ, "MIGRATIO_CONFIG": str(settings.config_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "migratio", "run"], env=env)
+    proc = start_service(settings)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not any(
@@ -339,40 +318,6 @@ def test_sigterm_stops_the_service(redis_settings: Settings, redis: Redis) -> No
     finally:
         if proc.poll() is None:
             proc.kill()
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children first found by walking /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def start_service(settings: Settings) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "MIGRATIO_CONFIG": str(settings.config_path)}
-    return subprocess.Popen([sys.executable, "-m", "migratio", "run"], env=env)
-
-
-def wait_for_part(sb: Sandbox, image_id: str, size: int, timeout: float = 120) -> None:
-    staging = sb.ssh.home / ".migratio-staging"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        parts = list(staging.glob(f"{image_id}-*.part")) if staging.exists() else []
-        if parts and parts[0].stat().st_size > size:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the transfer never got going")
 
 
 def wait_for_copy(sb: Sandbox, image_id: str, timeout: float) -> list[dict[str, object]]:

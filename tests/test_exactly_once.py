@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from tests.sandbox.images import make_qcow2, sha256_file
 from tests.sandbox.moto_server import MotoServer
 from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
-from tests.support import settings_for
+from tests.support import children_of, descendants, push, settings_for, start_service, wait_for_part
 
 from migratio import lease
 from migratio.config import OpenStackSite, Settings, load_settings
@@ -39,25 +38,7 @@ from migratio.sweep import sweep
 MiB = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis"), persistent=True) as server:
-        yield server
-
-
-@pytest.fixture
-def redis(redis_server: RedisServer) -> Redis:
-    client = redis_server.client()
-    client.flushall()
-    return client
-
-
-@pytest.fixture
-def atmosphere(
-    tmp_path: Path, redis_server: RedisServer, redis: Redis
-) -> Iterator[sidekiq.FeedbackServer]:
-    with sidekiq.FeedbackServer(tmp_path / "sidekiq", redis_server.url, "atmosphere") as server:
-        yield server
+pytestmark = pytest.mark.persistent_redis  # saves to disk, as production runs it
 
 
 def site_settings(
@@ -67,41 +48,7 @@ def site_settings(
     return settings_for(sb, tmp_path, yaml=yaml, **sites)
 
 
-def push(settings: Settings, image_id: str, destination: str, job_class: str) -> str:
-    [jid] = sidekiq.push(
-        settings.redis_url,
-        settings.namespace,
-        migration_queue(settings.name),
-        job_class,
-        [image_id, destination],
-    )
-    return jid
-
-
 # -- processes -------------------------------------------------------------------------------
-
-
-def children_of() -> dict[int, list[int]]:
-    found: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            found.setdefault(ppid, []).append(int(entry.name))
-    return found
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``."""
-    children = children_of()
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def alive(pid: int) -> bool:
@@ -143,8 +90,7 @@ class Service:
     """``migratio run`` as systemd runs it; ``seen`` collects every process it ever had."""
 
     def __init__(self, settings: Settings) -> None:
-        env = {**os.environ, "MIGRATIO_CONFIG": str(settings.config_path)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "migratio", "run"], env=env)
+        self.proc = start_service(settings)
         self.seen: dict[int, str | None] = {}
 
     def tree(self) -> list[int]:
@@ -345,14 +291,14 @@ def test_the_same_request_twice_makes_one_copy(
     image = make_qcow2(tmp_path / "t.qcow2", virtual_size=256 * MiB, data_bytes=64 * MiB)
     image_id = sb.source.upload_image(image, name="twice", disk_format="qcow2")
     job_class = AMAZON_MIGRATOR if destination == "aws-eu" else OPENSTACK_MIGRATOR
-    first = push(settings, image_id, destination, job_class)
+    first = push(settings, [image_id, destination], job_class)
     if gap:
         service = Service(settings)
         service.horse()
         time.sleep(gap)
-        second = push(settings, image_id, destination, job_class)
+        second = push(settings, [image_id, destination], job_class)
     else:
-        second = push(settings, image_id, destination, job_class)
+        second = push(settings, [image_id, destination], job_class)
         service = Service(settings)
     with service:
         finals = [wait_final(redis, jid, timeout=240) for jid in (first, second)]
@@ -374,22 +320,6 @@ def test_the_same_request_twice_makes_one_copy(
 # -- a worker killed on its own ----------------------------------------------------------------
 
 
-def wait_for_part(sb: Sandbox, image_id: str, size: int, timeout: float = 120) -> None:
-    """Wait until the transfer has written ``size`` bytes there (the file or its pieces)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        staging = sb.remote_staging
-        parts = list(staging.glob(f"{image_id}-*.part*")) if staging.exists() else []
-        written = 0
-        for part in parts:
-            with contextlib.suppress(OSError):
-                written += part.stat().st_blocks * 512  # pieces are sparse until written
-        if written > size:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the transfer never got going")
-
-
 @pytest.mark.slow
 def test_sigkill_of_the_worker_alone_never_makes_twins(
     clean_sandbox: Sandbox,
@@ -402,7 +332,7 @@ def test_sigkill_of_the_worker_alone_never_makes_twins(
     settings = site_settings(sb, tmp_path, redis_server.url, workers=1)
     image = make_qcow2(tmp_path / "big.qcow2", virtual_size=1024 * MiB, data_bytes=300 * MiB)
     image_id = sb.source.upload_image(image, name="big", disk_format="qcow2")
-    jid = push(settings, image_id, "site-b", OPENSTACK_MIGRATOR)
+    jid = push(settings, [image_id, "site-b"], OPENSTACK_MIGRATOR)
     with Service(settings) as service:
         worker, horse = service.horse()
         wait_for_part(sb, image_id, 30 * MiB)
@@ -473,7 +403,7 @@ def test_sigkill_of_the_work_horse_mid_conversion_serves_no_half_entry(
     settings = site_settings(sb, tmp_path, redis_server.url, workers=1, **{"site-raw": raw_site})
     image = make_qcow2(tmp_path / "big.qcow2", virtual_size=1024 * MiB, data_bytes=256 * MiB)
     image_id = sb.source.upload_image(image, name="big", disk_format="qcow2")
-    jid = push(settings, image_id, "site-raw", OPENSTACK_MIGRATOR)
+    jid = push(settings, [image_id, "site-raw"], OPENSTACK_MIGRATOR)
     cache = settings.staging_dir / "cache"
     with Service(settings) as service:
         qemu, target = conversion_into_the_cache(service)
@@ -543,7 +473,7 @@ def test_stops_lose_nothing_and_leave_nothing(
     settings = load_settings(settings.config_path)
     image = make_qcow2(tmp_path / "big.qcow2", virtual_size=2048 * MiB, data_bytes=600 * MiB)
     image_id = sb.source.upload_image(image, name="big", disk_format="qcow2")
-    jid = push(settings, image_id, "site-b", OPENSTACK_MIGRATOR)
+    jid = push(settings, [image_id, "site-b"], OPENSTACK_MIGRATOR)
     with Service(settings) as service:
         _, horse = service.horse()
         wait_for_part(sb, image_id, 20 * MiB)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -14,16 +11,14 @@ from typing import Any
 
 import pytest
 from redis import Redis
-from tests.sandbox import sidekiq
-from tests.sandbox.glance_server import TOKEN
 from tests.sandbox.images import make_raw
 from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
-from tests.support import settings_for
+from tests.support import max_parallel_settings, push, start_service
 
 from migratio.cli import main
 from migratio.fair_share import DestinationShare
-from migratio.keys import OPENSTACK_MIGRATOR, Keys, migration_queue
+from migratio.keys import Keys
 
 MiB = 1024 * 1024
 
@@ -86,38 +81,17 @@ def test_max_parallel_through_the_service(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     sb = clean_sandbox
-    settings = settings_for(
-        sb,
-        tmp_path,
-        yaml=f"redis_url: {redis_server.url}\nworkers: 4\nretry_delays: [1, 1, 1, 1, 1, 1]\n",
-        **{
-            "site-b-api": sb.site_api_conf.read_text() + "export MAX_PARALLEL=2\n",
-            "site-c": (
-                "export REGISTER=api\n"
-                f"export OS_AUTH_TOKEN={TOKEN}\nexport OS_IMAGE_URL={sb.source.endpoint}\n"
-            ),
-        },
-    )
+    settings = max_parallel_settings(sb, tmp_path, redis_server.url)
     images = []
     for i in range(10):
         raw = make_raw(tmp_path / f"i{i}.raw", virtual_size=2 * MiB, data_bytes=MiB, seed=i)
         images.append(sb.source.upload_image(raw, name=f"t{i}", disk_format="raw"))
     crowded, other = images[:8], images[8:]
-    queue = migration_queue(settings.name)
     for image_id in crowded:
-        sidekiq.push(
-            settings.redis_url,
-            settings.namespace,
-            queue,
-            OPENSTACK_MIGRATOR,
-            [image_id, "site-b-api"],
-        )
+        push(settings, [image_id, "site-b-api"])
     for image_id in other:
-        sidekiq.push(
-            settings.redis_url, settings.namespace, queue, OPENSTACK_MIGRATOR, [image_id, "site-c"]
-        )
-    env = {**os.environ, "MIGRATIO_CONFIG": str(settings.config_path)}
-    service = subprocess.Popen([sys.executable, "-m", "migratio", "run"], env=env)
+        push(settings, [image_id, "site-c"])
+    service = start_service(settings)
     share = DestinationShare(redis, Keys(settings.namespace), settings.name, "site-b-api", 2)
     seen_waiting = False
     shown = ""

@@ -5,7 +5,6 @@ valid job is migrated, and the service's memory stays bounded."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,6 @@ from tests.support import settings_for
 
 MiB = 1024 * 1024
 SEED = int(os.environ.get("MIGRATIO_HOSTILE_SEED", "20261130"))
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,12 +21,6 @@ from migratio.keys import OPENSTACK_MIGRATOR, migration_queue
 
 MiB = 1024 * 1024
 BROKEN = "export EXTERNAL_USER=atmosphere\nexport EXTERNAL_HOTS=10.0.0.9\n"  # a typo
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
 
 
 @pytest.mark.slow

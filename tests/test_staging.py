@@ -17,12 +17,11 @@ from typing import Any
 import pytest
 from redis import Redis
 from tests.sandbox import sidekiq
-from tests.sandbox.glance_server import TOKEN
 from tests.sandbox.images import make_qcow2, sha256_file
 from tests.sandbox.moto_server import MotoServer
 from tests.sandbox.redis_server import RedisServer
-from tests.sandbox.site import Sandbox
-from tests.support import no_work_left, redis_only_settings, settings_for
+from tests.sandbox.site import Sandbox, api_site_conf
+from tests.support import no_work_left, redis_only_settings, settings_for, worker_argv
 
 from migratio.config import Settings
 from migratio.errors import StagingFullError
@@ -197,27 +196,14 @@ def three_destinations(sb: Sandbox, tmp_path: Path, redis_url: str, moto: MotoSe
         **{
             "site-b": sb.site_conf.read_text() + "export DISK_FORMAT=raw\n",
             # the second OpenStack destination: the source's own Glance, through its API
-            "site-c": (
-                "export REGISTER=api\nexport DISK_FORMAT=raw\n"
-                f"export OS_AUTH_TOKEN={TOKEN}\nexport OS_IMAGE_URL={sb.source.endpoint}\n"
-            ),
+            "site-c": api_site_conf(sb.source.endpoint, "DISK_FORMAT=raw"),
             "aws-eu": moto.site_conf(),
         },
     )
 
 
 def worker(settings: Settings) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "migratio",
-            "worker",
-            "--burst",
-            "--config",
-            str(settings.config_path),
-        ]
-    )
+    return subprocess.Popen(worker_argv(settings))
 
 
 @pytest.mark.slow

@@ -23,33 +23,21 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 from redis import Redis
 from tests.sandbox import sidekiq
-from tests.sandbox.glance_server import TOKEN
 from tests.sandbox.images import make_qcow2
 from tests.sandbox.ports import free_port, wait_port
 from tests.sandbox.redis_server import RedisServer
-from tests.sandbox.site import Sandbox
-from tests.support import redis_only_settings, settings_for
+from tests.sandbox.site import Sandbox, api_site_conf
+from tests.support import descendants, push, redis_only_settings, settings_for, worker_argv
 
 from migratio import metrics
 from migratio.cli import main
 from migratio.config import Settings
 from migratio.errors import ConfigError
-from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
+from migratio.keys import AMAZON_MIGRATOR, Keys, migration_queue
 from migratio.logs import DailyFile
 from migratio.service import Service
 
 MiB = 1024 * 1024
-
-
-def push(settings: Settings, image_id: str, destination: str) -> str:
-    [jid] = sidekiq.push(
-        settings.redis_url,
-        settings.namespace,
-        migration_queue(settings.name),
-        OPENSTACK_MIGRATOR,
-        [image_id, destination],
-    )
-    return jid
 
 
 def worker_burst(settings: Settings, *, inject_bug: bool = False) -> None:
@@ -96,14 +84,12 @@ def test_status_shows_a_scheduled_retry_and_the_log_has_one_line_for_it(
         tmp_path,
         yaml=f"redis_url: {redis_server.url}\nretry_delays: [600, 900]\n",
         **{
-            "site-down": "export REGISTER=api\n"
-            f"export OS_AUTH_TOKEN={TOKEN}\n"
-            f"export OS_IMAGE_URL=http://127.0.0.1:{closed}\n"
+            "site-down": api_site_conf(f"http://127.0.0.1:{closed}"),
         },
     )
     image = make_qcow2(tmp_path / "t.qcow2", virtual_size=16 * MiB, data_bytes=2 * MiB)
     image_id = sb.source.upload_image(image, name="template", disk_format="qcow2")
-    jid = push(settings, image_id, "site-down")
+    jid = push(settings, [image_id, "site-down"])
     Service(settings, redis).run_once()
     before = time.time()
     worker_burst(settings)
@@ -165,7 +151,7 @@ def test_a_failed_job_has_one_error_line_and_a_bug_has_its_traceback(
 ) -> None:
     settings = settings_for(clean_sandbox, tmp_path, yaml=f"redis_url: {redis_server.url}\n")
     missing = "6f3c9a0e-1111-2222-3333-999999999999"
-    first = push(settings, missing, "site-b")  # no such image: fails for good
+    first = push(settings, [missing, "site-b"])  # no such image: fails for good
     wrong = "6f3c9a0e-1111-2222-3333-777777777777"  # an Amazon job for an OpenStack site
     [amazon] = sidekiq.push(
         settings.redis_url, settings.namespace, migration_queue("site-a"), AMAZON_MIGRATOR,
@@ -185,7 +171,7 @@ def test_a_failed_job_has_one_error_line_and_a_bug_has_its_traceback(
     assert "Traceback" not in log.read_text()
     assert "cleaning registries" not in log.read_text()  # RQ's routine upkeep: not an event
 
-    second = push(settings, "6f3c9a0e-1111-2222-3333-888888888888", "site-b")
+    second = push(settings, ["6f3c9a0e-1111-2222-3333-888888888888", "site-b"])
     Service(settings, redis).run_once()
     worker_burst(settings, inject_bug=True)
     text = log.read_text()
@@ -265,7 +251,7 @@ def test_metrics_endpoint_during_a_real_migration(
             assert sample(before, "migratio_jobs_taken_total") == 0
             assert sample(before, "migratio_jobs_succeeded_total") == 0
             assert sample(before, "migratio_info", site="site-a") == 1
-            push(settings, image_id, "site-b")
+            push(settings, [image_id, "site-b"])
             seen_running = False
             running: list[dict[str, object]] = []
             deadline = time.monotonic() + 180
@@ -347,7 +333,7 @@ def test_metrics_collector_reads_counters_from_every_process(
     assert redis.hget(keys.metrics("site-a"), "jobs_succeeded|destination=site-b") == b"3"
 
     # the intake counts what it takes and what it refuses
-    push(settings, "6f3c9a0e-1111-2222-3333-444455556666", "site-b")
+    push(settings, ["6f3c9a0e-1111-2222-3333-444455556666", "site-b"])
     redis.lpush(keys.queue(migration_queue("site-a")), b"not json")
     service = Service(settings, redis)
     service.run_once()
@@ -501,7 +487,7 @@ def test_a_job_over_its_time_limit_has_one_error_line(
     )
     image = make_qcow2(tmp_path / "t.qcow2", virtual_size=512 * MiB, data_bytes=192 * MiB)
     image_id = sb.source.upload_image(image, name="template", disk_format="qcow2")
-    jid = push(settings, image_id, "site-b")
+    jid = push(settings, [image_id, "site-b"])
     Service(settings, redis).run_once()
     worker_burst(settings)
     log = settings.log_dir / "worker.log"
@@ -523,15 +509,6 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in text.split()]
 
 
-def descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        for child in children(todo.pop()):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 @pytest.mark.slow
 def test_a_killed_work_horse_gives_one_line_and_a_reason(
     clean_sandbox: Sandbox,
@@ -544,12 +521,9 @@ def test_a_killed_work_horse_gives_one_line_and_a_reason(
     settings = settings_for(sb, tmp_path, yaml=f"redis_url: {redis_server.url}\n")
     image = make_qcow2(tmp_path / "t.qcow2", virtual_size=1024 * MiB, data_bytes=300 * MiB)
     image_id = sb.source.upload_image(image, name="template", disk_format="qcow2")
-    jid = push(settings, image_id, "site-b")
+    jid = push(settings, [image_id, "site-b"])
     Service(settings, redis).run_once()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "migratio", "worker", "--burst", "--config",
-         str(settings.config_path)]
-    )  # fmt: skip
+    worker = subprocess.Popen(worker_argv(settings))
     below: list[int] = []
     try:
         deadline = time.monotonic() + 60

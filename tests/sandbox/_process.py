@@ -236,3 +236,75 @@ class PortDaemon(Service):
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+
+class UwsgiDaemon(PortDaemon):
+    """An OpenStack API (Glance, Keystone) served by uWSGI from the venv ``venv``.
+
+    Subclasses set ``KIND`` and ``ERROR`` and the attributes below, and implement ``_env()``
+    (the service's environment) and ``_ready()`` (it answers).
+    """
+
+    #: the service's name in messages ("Glance") and, lower case, in the process name
+    KIND = ""
+    #: what a failed start or set-up raises
+    ERROR: type[Exception] = RuntimeError
+    READY_TIMEOUT = 60.0
+    #: a second address to listen on (same port), besides where it is placed
+    also_on: str | None = None
+
+    name: str
+    dir: Path
+    venv: Path
+    log_path: Path
+    uwsgi_log_path: Path
+
+    def _env(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _manage(self, argv: list[str], what: str, *, cwd: Path | None = None) -> None:
+        """Run a set-up command (``*-manage``); raise ``ERROR`` with its output if it fails."""
+        result = subprocess.run(
+            argv, cwd=cwd, env=self._env(), capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise self.ERROR(
+                f"{what} failed ({result.returncode}) for {self.name}:\n"
+                f"{result.stdout[-3000:]}{result.stderr[-3000:]}\n{tail(self.log_path)}"
+            )
+
+    def _serve_uwsgi(self, app: list[str], options: list[str]) -> str:
+        """Start uWSGI with the application ``app`` and ``options`` and wait for the API;
+        return '' when ready, else an error text."""
+        sockets = ["--http-socket", f"{self.address}:{self.port}"]
+        if self.also_on:
+            sockets += ["--http-socket", f"{self.also_on}:{self.port}"]
+        argv = [
+            *self._exec_prefix,
+            str(self.venv / "bin" / "uwsgi"),
+            *sockets,
+            *app,
+            "--master", "--processes", "1", "--threads", "4", "--enable-threads",
+            "--die-on-term", "--need-app", "--lazy-apps",
+            *options,
+            "--buffer-size", "65535",
+            # --http-socket closes every connection after the response; saying so stops
+            # clients from reusing a pooled, already-closed connection ("connection reset")
+            "--add-header", "Connection: close",
+            "--procname-prefix-spaced", f"migratio-sandbox-{self.KIND.lower()}-{self.name}",
+        ]  # fmt: skip
+        self._proc, self._log_file = spawn_logged(
+            argv, cwd=self.dir, env=self._env(), log_path=self.uwsgi_log_path
+        )
+        why = wait_ready(self._proc, self._ready, self.READY_TIMEOUT)
+        if not why:
+            return ""
+        self.stop()
+        return (
+            f"{self.KIND} {self.name!r} on {self.endpoint} did not start ({why}).\n"
+            f"--- {self.uwsgi_log_path} ---\n{tail(self.uwsgi_log_path)}\n"
+            f"--- {self.log_path} ---\n{tail(self.log_path)}"
+        )

@@ -11,13 +11,12 @@ import http.client
 import os
 import shutil
 import sqlite3
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._process import PortDaemon, child_env, spawn_logged, tail, wait_ready
+from ._process import UwsgiDaemon, child_env, tail
 
 DEFAULT_GLANCE_VENV = Path("/opt/migratio-sandbox/glance-venv")
 TOKEN = "sandbox"  # Glance runs without Keystone: any token is accepted
@@ -73,14 +72,15 @@ from glance.wsgi.api import application  # noqa: E402
 """
 
 
-class GlanceServer(PortDaemon):
+class GlanceServer(UwsgiDaemon):
     """One Glance API server whose state lives in ``workdir/name``.
 
     ``start()`` writes the config, runs ``glance-manage db_sync`` and serves the
     API with uWSGI on a free port of 127.0.0.1; ``stop()`` terminates uWSGI.
     """
 
-    READY_TIMEOUT = 60.0
+    KIND = "Glance"
+    ERROR = GlanceServerError
 
     def __init__(self, workdir: Path, name: str, *, keystone: KeystoneAuth | None = None) -> None:
         super().__init__()
@@ -190,26 +190,11 @@ filesystem_store_datadir = {d}/tasks
     def _db_sync(self) -> None:
         if self.db_path.exists():
             return
-        result = subprocess.run(
-            [
-                str(self.venv / "bin" / "glance-manage"),
-                "--config-dir",
-                str(self.etc_dir),
-                "db_sync",
-            ],
-            env=self._env(),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode == 0:
-            with contextlib.closing(sqlite3.connect(self.db_path)) as db:
-                db.execute("PRAGMA journal_mode=WAL")
-        if result.returncode != 0:
-            raise GlanceServerError(
-                f"glance-manage db_sync failed ({result.returncode}) for {self.name}:\n"
-                f"{result.stdout[-3000:]}{result.stderr[-3000:]}\n{tail(self.log_path)}"
-            )
+        glance_manage = str(self.venv / "bin" / "glance-manage")
+        self._manage([glance_manage, "--config-dir", str(self.etc_dir), "db_sync"],
+                     "glance-manage db_sync")  # fmt: skip
+        with contextlib.closing(sqlite3.connect(self.db_path)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
 
     def _wsgi_file(self) -> Path:
         """Glance's own WSGI entry point, behind :data:`_WSGI` (sqlite transactions serialised)."""
@@ -222,36 +207,12 @@ filesystem_store_datadir = {d}/tasks
 
     def _serve(self) -> str:
         """Start uWSGI and wait for the API; return '' when ready, else an error text."""
-        sockets = ["--http-socket", f"{self.address}:{self.port}"]
-        if self.also_on:
-            sockets += ["--http-socket", f"{self.also_on}:{self.port}"]
-        argv = [
-            *self._exec_prefix,
-            str(self.venv / "bin" / "uwsgi"),
-            *sockets,
-            "--wsgi-file", str(self._wsgi_file()),
-            "--master", "--processes", "1", "--threads", "4", "--enable-threads",
-            "--die-on-term", "--need-app", "--lazy-apps",
-            "--http-chunked-input", "--http-auto-chunked", "--http-raw-body",
-            "--chunked-input-limit", "134217728", "--chunked-input-timeout", "300",
-            "--socket-timeout", "300", "--buffer-size", "65535",
-            # --http-socket closes every connection after the response; saying so stops
-            # clients from reusing a pooled, already-closed connection ("connection reset")
-            "--add-header", "Connection: close",
-            "--procname-prefix-spaced", f"migratio-sandbox-glance-{self.name}",
-        ]  # fmt: skip
-        self._proc, self._log_file = spawn_logged(
-            argv, cwd=self.dir, env=self._env(), log_path=self.uwsgi_log_path
-        )
-        why = wait_ready(self._proc, self._ready, self.READY_TIMEOUT)
-        if not why:
-            return ""
-        self.stop()
-        return (
-            f"Glance {self.name!r} on {self.endpoint} did not start ({why}).\n"
-            f"--- {self.uwsgi_log_path} ---\n{tail(self.uwsgi_log_path)}\n"
-            f"--- {self.log_path} ---\n{tail(self.log_path)}"
-        )
+        return self._serve_uwsgi(
+            ["--wsgi-file", str(self._wsgi_file())],
+            ["--http-chunked-input", "--http-auto-chunked", "--http-raw-body",
+             "--chunked-input-limit", "134217728", "--chunked-input-timeout", "300",
+             "--socket-timeout", "300"],
+        )  # fmt: skip
 
     def _ready(self) -> bool:
         conn = http.client.HTTPConnection(self.address, self.port, timeout=2)

@@ -7,13 +7,12 @@ import http.client
 import os
 import pwd
 import secrets
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from ._process import PortDaemon, child_env, spawn_logged, tail, wait_ready
+from ._process import UwsgiDaemon, child_env, tail
 from .glance_server import glance_venv
 
 DEFAULT_KEYSTONE_VENV = Path("/opt/migratio-sandbox/keystone-venv")
@@ -59,7 +58,7 @@ class KeystoneServerError(RuntimeError):
     """The Keystone server did not come up, or refused an admin request."""
 
 
-class KeystoneServer(PortDaemon):
+class KeystoneServer(UwsgiDaemon):
     """One Keystone whose state lives in ``workdir/name``.
 
     ``start()`` writes keystone.conf, runs ``keystone-manage`` db_sync, fernet_setup,
@@ -68,7 +67,8 @@ class KeystoneServer(PortDaemon):
     the API with uWSGI on a free port of 127.0.0.1; ``stop()`` terminates uWSGI.
     """
 
-    READY_TIMEOUT = 60.0
+    KIND = "Keystone"
+    ERROR = KeystoneServerError
 
     def __init__(self, workdir: Path, name: str = "keystone") -> None:
         super().__init__()
@@ -103,9 +103,9 @@ class KeystoneServer(PortDaemon):
             # independent, and each mostly Python start-up time: run them side by side
             with ThreadPoolExecutor(3, thread_name_prefix=f"setup-{self.name}") as pool:
                 steps = [
-                    pool.submit(self._manage, "db_sync"),
-                    pool.submit(self._manage, "fernet_setup", *owner),
-                    pool.submit(self._manage, "credential_setup", *owner),
+                    pool.submit(self._keystone_manage, "db_sync"),
+                    pool.submit(self._keystone_manage, "fernet_setup", *owner),
+                    pool.submit(self._keystone_manage, "credential_setup", *owner),
                 ]
             for step in steps:
                 step.result()
@@ -160,25 +160,13 @@ enabled = false
 """
         )
 
-    def _manage(self, *args: str) -> None:
+    def _keystone_manage(self, *args: str) -> None:
         argv = [str(self.venv / "bin" / "keystone-manage"), "--config-file", str(self.config_path)]
-        result = subprocess.run(
-            [*argv, *args],
-            cwd=self.dir,
-            env=self._env(),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise KeystoneServerError(
-                f"keystone-manage {args[0]} failed ({result.returncode}) for {self.name}:\n"
-                f"{result.stdout[-3000:]}{result.stderr[-3000:]}\n{tail(self.log_path)}"
-            )
+        self._manage([*argv, *args], f"keystone-manage {args[0]}", cwd=self.dir)
 
     def _bootstrap(self) -> None:
         """Admin user/project/role, region and identity endpoints (idempotent, updates URLs)."""
-        self._manage(
+        self._keystone_manage(
             "bootstrap",
             "--bootstrap-password", self.admin_password,
             "--bootstrap-username", ADMIN_USER,
@@ -195,30 +183,8 @@ enabled = false
         """Bootstrap for this port (the catalog's identity URLs name it), start uWSGI and
         wait for the API; return '' when ready, else an error text."""
         self._bootstrap()
-        argv = [
-            *self._exec_prefix,
-            str(self.venv / "bin" / "uwsgi"),
-            "--http-socket", f"{self.address}:{self.port}",
-            "--module", "keystone.wsgi.api:application",
-            "--master", "--processes", "1", "--threads", "4", "--enable-threads",
-            "--die-on-term", "--need-app", "--lazy-apps",
-            "--socket-timeout", "60", "--buffer-size", "65535",
-            # --http-socket closes every connection after the response; saying so stops
-            # clients from reusing a pooled, already-closed connection ("connection reset")
-            "--add-header", "Connection: close",
-            "--procname-prefix-spaced", f"migratio-sandbox-keystone-{self.name}",
-        ]  # fmt: skip
-        self._proc, self._log_file = spawn_logged(
-            argv, cwd=self.dir, env=self._env(), log_path=self.uwsgi_log_path
-        )
-        why = wait_ready(self._proc, self._ready, self.READY_TIMEOUT)
-        if not why:
-            return ""
-        self.stop()
-        return (
-            f"Keystone {self.name!r} on {self.endpoint} did not start ({why}).\n"
-            f"--- {self.uwsgi_log_path} ---\n{tail(self.uwsgi_log_path)}\n"
-            f"--- {self.log_path} ---\n{tail(self.log_path)}"
+        return self._serve_uwsgi(
+            ["--module", "keystone.wsgi.api:application"], ["--socket-timeout", "60"]
         )
 
     def _ready(self) -> bool:

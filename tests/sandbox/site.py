@@ -167,12 +167,7 @@ class Sandbox(Service):
             f"export SSH_KEY={self.ssh.client_key}\n"
             f"export SSH_KNOWN_HOSTS={self.ssh.known_hosts}\n",
         )
-        _write_private(
-            self.site_api_conf,
-            "export REGISTER=api\n"
-            f"export OS_AUTH_TOKEN={TOKEN}\n"
-            f"export OS_IMAGE_URL={self.destination.endpoint}\n",
-        )
+        _write_private(self.site_api_conf, api_site_conf(self.destination.endpoint))
         remote_creds = self.ssh.home / ".creds"
         if (
             not self.ssh.is_root
@@ -187,6 +182,13 @@ class Sandbox(Service):
             f"export OS_IMAGE_URL={self.destination.endpoint}\n"
             f"export PATH={glance_venv()}/bin:$PATH\n",
         )
+
+
+def api_site_conf(image_url: str, *exports: str) -> str:
+    """A site file for a destination reached through the Glance API at ``image_url`` (a sandbox
+    Glance's token), with ``exports`` (``"KEY=value"``) after ``REGISTER=api``."""
+    lines = ["REGISTER=api", *exports, f"OS_AUTH_TOKEN={TOKEN}", f"OS_IMAGE_URL={image_url}"]
+    return "".join(f"export {line}\n" for line in lines)
 
 
 def _two_hosts_wanted() -> bool:
