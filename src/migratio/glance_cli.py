@@ -81,6 +81,12 @@ def parse_ids(text: str) -> list[str]:
     return ids
 
 
+def find_path(path: str) -> str:
+    """``path`` as ``find`` takes it: it has no ``--``, and reads a first word that starts
+    with ``-`` as an expression (``REMOTE_STAGING_DIR=-x``)."""
+    return f"./{path}" if path.startswith("-") else path
+
+
 def follow_upload_source() -> str:
     """The Python source of the remote helper that feeds the growing file to glance."""
     return resources.files("migratio.remote").joinpath("follow_upload.py").read_text("utf-8")
@@ -221,8 +227,8 @@ class RemoteGlance:
         """Names of the staging files there (last written more than the minutes given ago)."""
         age = ["-mmin", f"+{older_than_minutes}"] if older_than_minutes > 0 else []
         done = self.ssh.run(
-            ["find", remote_dir, "-maxdepth", "1", "-type", "f", "-name", "*.part*", *age,
-             "-printf", "%f\\n"],
+            ["find", find_path(remote_dir), "-maxdepth", "1", "-type", "f", "-name", "*.part*",
+             *age, "-printf", "%f\\n"],
             what="list remote staging files",
             creds=False,
             check=False,
@@ -235,8 +241,9 @@ class RemoteGlance:
 
     def remove_parts(self, remote_dir: str, image_id: str) -> None:
         """Remove the staging files of ``image_id`` there (any attempt's, any format, pieces)."""
+        where = find_path(remote_dir)
         self.ssh.run(
-            ["find", remote_dir, "-maxdepth", "1", "-name", f"{image_id}-*.part*", "-delete"],
+            ["find", where, "-maxdepth", "1", "-name", f"{image_id}-*.part*", "-delete"],
             what="remove remote staging files",
             creds=False,
         )

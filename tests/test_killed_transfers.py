@@ -1,0 +1,150 @@
+"""REGISTER=ssh under attack: the migrating process killed (SIGKILL) mid-step, hostile remote
+staging directories, and what each leaves behind.
+
+The migrating process is a real child process (what a work-horse is) running one migration
+against the real sandbox (Glance, sshd, rsync, the remote helper); it is killed with SIGKILL,
+re-run, and then the destination must hold exactly one active copy with the right bytes, and
+nothing may be left: no ssh master, rsync or remote helper, no piece in the local staging
+directory, no ``.part`` file at the destination, no ``migratio-ssh-*`` directory.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tests.sandbox.images import make_qcow2, sha256_file
+from tests.sandbox.site import Sandbox
+from tests.support import Lines, settings_for
+
+from migratio.config import Settings
+from migratio.openstack_migration import migrate_to_openstack
+from migratio.request import MigrationRequest, Outcome
+
+MiB = 1 << 20
+
+#: one migration, as a work-horse runs it (no lease: the tests drive the re-runs themselves)
+MIGRATE = """
+import sys
+from pathlib import Path
+from migratio.config import load_settings
+from migratio.openstack_migration import migrate_to_openstack
+from migratio.request import MigrationRequest
+
+settings = load_settings(Path(sys.argv[1]))
+migrate_to_openstack(settings, MigrationRequest(sys.argv[2], sys.argv[3]), print)
+"""
+
+
+def site_b_with(sandbox: Sandbox, *lines: str) -> str:
+    return (sandbox.sites_dir / "site-b.conf").read_text() + "".join(f"{x}\n" for x in lines)
+
+
+def start_migration(
+    settings: Settings, image_id: str, site: str, tmpdir: Path
+) -> subprocess.Popen[bytes]:
+    """The migration in a process of its own, whose temporary files go to ``tmpdir``."""
+    tmpdir.mkdir(exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", MIGRATE, str(settings.config_path), image_id, site],
+        env={**os.environ, "TMPDIR": str(tmpdir)},
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def wait_for(
+    what: str,
+    condition: Callable[[], object],
+    timeout: float = 120,
+    process: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Wait until ``condition``; fail after ``timeout`` or once ``process`` has ended."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the migration ended (exit {process.returncode}) before {what}")
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def processes_of(user: str, needle: str) -> list[int]:
+    """``user``'s live processes whose command line contains ``needle``."""
+    uid = pwd.getpwnam(user).pw_uid
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle.encode() in argv and alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def active_copies(sb: Sandbox, image_id: str) -> list[dict[str, object]]:
+    return [
+        image
+        for image in sb.destination.find_by_property("source_uuid", image_id)
+        if image["status"] == "active"
+    ]
+
+
+def assert_one_good_copy(sb: Sandbox, image_id: str, image: Path, tmp_path: Path) -> None:
+    copies = sb.destination.find_by_property("source_uuid", image_id)
+    assert [c["status"] for c in copies] == ["active"], copies
+    arrived = sb.destination.download_to(str(copies[0]["id"]), tmp_path / "arrived")
+    assert sha256_file(arrived) == sha256_file(image)
+
+
+HOSTILE_DIRS = ["-leading-dash", "sp ace;'q\"$(touch pwned)`touch pwned2`&&x", "--x=1 y"]
+
+
+@pytest.mark.parametrize("remote_dir", HOSTILE_DIRS)
+def test_hostile_remote_staging_dir(
+    clean_sandbox: Sandbox, tmp_path: Path, remote_dir: str
+) -> None:
+    """REMOTE_STAGING_DIR is a name, never syntax or an option, to every remote command:
+    rsync, the helper, and the clean-up of a found copy."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "s.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+    image_id = sb.source.upload_image(image, name="hostile-dir", disk_format="qcow2")
+    settings = settings_for(
+        sb, tmp_path, **{"site-s": site_b_with(sb, f"REMOTE_STAGING_DIR={shlex.quote(remote_dir)}")}
+    )
+    staged = sb.ssh.home / remote_dir
+    try:
+        result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines())
+        assert result.outcome is Outcome.MIGRATED
+        assert staged.is_dir() and not list(staged.iterdir())
+        # a killed attempt's piece; the next attempt finds the copy and removes it
+        stale = staged / f"{image_id}-0123456789ab.qcow2.part.3"
+        stale.write_bytes(b"x")
+        user = pwd.getpwnam(sb.ssh.user)
+        os.chown(stale, user.pw_uid, user.pw_gid)
+        again = migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines())
+        assert again.outcome is Outcome.ALREADY_THERE
+        assert not list(staged.iterdir()), "staging files left at the destination"
+        assert_one_good_copy(sb, image_id, image, tmp_path)
+        assert not (sb.ssh.home / "pwned").exists() and not (sb.ssh.home / "pwned2").exists()
+    finally:
+        sb.ssh.remove_home_path(remote_dir)
