@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pwd
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 from tests.sandbox.images import make_qcow2, sha256_file
 from tests.sandbox.site import Sandbox
-from tests.support import Lines, settings_for
+from tests.support import Lines, descendants, settings_for, wait_for_part
 
 from migratio.config import Settings
 from migratio.openstack_migration import migrate_to_openstack
@@ -114,6 +115,58 @@ def assert_one_good_copy(sb: Sandbox, image_id: str, image: Path, tmp_path: Path
     assert [c["status"] for c in copies] == ["active"], copies
     arrived = sb.destination.download_to(str(copies[0]["id"]), tmp_path / "arrived")
     assert sha256_file(arrived) == sha256_file(image)
+
+
+def remote_glance_running(sb: Sandbox, command: str) -> bool:
+    return bool(processes_of(sb.ssh.user, "\0".join(["--os-image-api-version", "2", command])))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["lookup", "pieces", "upload"])
+def test_sigkill_at_each_step_leaves_one_copy_and_nothing_else(
+    clean_sandbox: Sandbox, tmp_path: Path, step: str
+) -> None:
+    """SIGKILL of the migrating process while it looks for a copy (three streams already
+    sending pieces), while the pieces go, and while the destination uploads them: the
+    re-run finishes with one copy, and the killed run's ssh masters and their private
+    directories, its rsyncs, its remote helper, the local and the remote pieces are gone."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=256 * MiB, data_bytes=120 * MiB)
+    image_id = sb.source.upload_image(image, name="pieces", disk_format="qcow2")
+    settings = settings_for(
+        sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=3", "BWLIMIT=20M", "COMPRESS=none")}
+    )
+    tmpdir = tmp_path / "tmp"
+    migrating = start_migration(settings, image_id, "site-s", tmpdir)
+    try:
+        if step == "lookup":
+            wait_for(
+                "the lookup", lambda: remote_glance_running(sb, "image-list"), process=migrating
+            )
+        elif step == "pieces":
+            wait_for_part(sb, image_id, 20 * MiB)
+        else:
+            wait_for(
+                "the upload", lambda: processes_of(sb.ssh.user, "follow_upload"), process=migrating
+            )
+        assert list(tmpdir.glob("migratio-ssh-*"))
+        below = descendants(migrating.pid)
+        os.kill(migrating.pid, signal.SIGKILL)
+        migrating.wait()
+    finally:
+        if migrating.poll() is None:
+            migrating.kill()
+    wait_for("the killed run's ssh and rsync to end", lambda: not any(map(alive, below)), 15)
+    wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
+
+    again = start_migration(settings, image_id, "site-s", tmpdir)
+    assert again.wait(timeout=300) == 0
+
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+    assert not list(sb.remote_staging.glob(f"{image_id}-*")), "remote pieces left"
+    assert not list(settings.staging_dir.glob(f"{image_id}-*")), "local pieces left"
+    assert not list(tmpdir.iterdir()), "ssh master directories left"
+    assert not processes_of(sb.ssh.user, image_id)
 
 
 HOSTILE_DIRS = ["-leading-dash", "sp ace;'q\"$(touch pwned)`touch pwned2`&&x", "--x=1 y"]

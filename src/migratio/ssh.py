@@ -7,8 +7,11 @@ so that no image name, property or path can become shell syntax on the other sid
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
+import os
 import shlex
 import shutil
 import tempfile
@@ -132,6 +135,61 @@ class SshClient:
         return processes.Child(self.argv(remote, stdin=True), what=what, stdin=True)
 
 
+#: a master's private directory: ``<tmp>/migratio-ssh-XXXXXXXX``, holding its control socket
+#: and a ``lock`` that the process owning the master holds (``flock``) for as long as it lives
+CONTROL_DIR_PREFIX = "migratio-ssh-"
+_LOCK = "lock"
+
+
+def remove_stale_control_dirs(parent: Path | None = None) -> list[Path]:
+    """Remove the master directories whose process is gone, and return them.
+
+    A process killed outright (SIGKILL, the OOM killer) cannot remove its own; its master
+    ends with it (parent-death signal), and with it the ``flock`` on the directory's
+    ``lock``. A directory whose lock is held, or not there yet, is in use.
+    """
+    parent = Path(tempfile.gettempdir()) if parent is None else parent
+    removed = []
+    me = os.geteuid()
+    for path in parent.glob(f"{CONTROL_DIR_PREFIX}*"):
+        try:
+            if path.is_symlink() or path.lstat().st_uid != me:
+                continue
+            fd = os.open(path / _LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its process lives
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed %d ssh master directories of killed processes", len(removed))
+    return removed
+
+
+def _locked_dir() -> tuple[Path, int]:
+    """A new private master directory, and the fd of its ``lock``, held (``flock``).
+
+    The lock is taken under another name and only then named ``lock``, so that
+    :func:`remove_stale_control_dirs` never takes a new directory for a dead one.
+    """
+    path = Path(tempfile.mkdtemp(prefix=CONTROL_DIR_PREFIX))
+    try:
+        fd = os.open(path / f"{_LOCK}.new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(path / f"{_LOCK}.new", path / _LOCK)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path, fd
+
+
 class SshMaster:
     """One SSH connection that the later ssh commands to an account share (``ControlMaster``).
 
@@ -142,12 +200,14 @@ class SshMaster:
 
     The control socket lives in a private directory of its own (0700), and the master is an
     ordinary child (:mod:`migratio.processes`): stopped with the migration, never left behind
-    (no ``ControlPersist``).
+    (no ``ControlPersist``). The directories of processes that were killed are removed by the
+    next master (:func:`remove_stale_control_dirs`).
     """
 
     def __init__(self, target: SshTarget) -> None:
         self.plain = dataclasses.replace(target, control_path=None)
-        self._dir = Path(tempfile.mkdtemp(prefix="migratio-ssh-"))
+        remove_stale_control_dirs()
+        self._dir, self._lock = _locked_dir()
         #: the target, reached through this master
         self.target = dataclasses.replace(target, control_path=self._dir / "master")
         self._child: processes.Child | None = None
@@ -158,7 +218,7 @@ class SshMaster:
         try:
             self._child = processes.Child(argv, what="ssh master connection")
         except Exception:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._remove_dir()
             raise
         return self
 
@@ -182,4 +242,9 @@ class SshMaster:
     def __exit__(self, *_exc: object) -> None:
         if self._child is not None:
             self._child.stop(grace=2.0)
+        self._remove_dir()
+
+    def _remove_dir(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.close(self._lock)
