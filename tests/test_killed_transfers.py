@@ -169,6 +169,59 @@ def test_sigkill_at_each_step_leaves_one_copy_and_nothing_else(
     assert not processes_of(sb.ssh.user, image_id)
 
 
+def slow_glance(sb: Sandbox, seconds: int) -> Path:
+    """A ``glance`` at the destination that takes ``seconds`` to start an upload (a loaded
+    head node's CLI); every other command (stdin closed) starts at once."""
+    return sb.ssh.write_home_file(
+        "slow-glance",
+        f'#!/bin/sh\nif [ -p /dev/stdin ]; then sleep {seconds}; fi\nexec glance "$@"\n',
+        0o755,
+    )
+
+
+def test_sigkill_as_the_upload_starts_never_makes_a_second_copy(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The migrating process dies right after it started the destination's upload, the file
+    being there in full. Its re-run must not end with two copies: the orphaned helper may not
+    complete an image the migrating side never confirmed."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "small.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+    image_id = sb.source.upload_image(image, name="orphan", disk_format="qcow2")
+    glance = slow_glance(sb, 8)
+    settings = settings_for(
+        sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=1", f"REMOTE_GLANCE={glance}")}
+    )
+    size = image.stat().st_size
+
+    def whole_file_there_and_upload_started() -> bool:
+        parts = (
+            list(sb.remote_staging.glob(f"{image_id}-*.part")) if sb.remote_staging.exists() else []
+        )
+        full = bool(parts) and parts[0].stat().st_size == size
+        return full and bool(processes_of(sb.ssh.user, "follow_upload"))
+
+    migrating = start_migration(settings, image_id, "site-s", tmp_path / "tmp")
+    try:
+        wait_for("the upload to start", whole_file_there_and_upload_started, process=migrating)
+        os.kill(migrating.pid, signal.SIGKILL)
+        migrating.wait()
+    finally:
+        if migrating.poll() is None:
+            migrating.kill()
+
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines())
+    assert result.outcome is Outcome.MIGRATED
+    wait_for("the orphaned helper to end", lambda: not processes_of(sb.ssh.user, image_id), 60)
+    time.sleep(1)  # Glance finishing what it got, if it ever would
+
+    assert [c["id"] for c in active_copies(sb, image_id)] == [result.destination_image_id]
+    # the orphan's unfinished record goes with the next attempt
+    again = migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines())
+    assert again.outcome is Outcome.ALREADY_THERE
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+
+
 HOSTILE_DIRS = ["-leading-dash", "sp ace;'q\"$(touch pwned)`touch pwned2`&&x", "--x=1 y"]
 
 

@@ -13,8 +13,9 @@ usage: follow_upload.py [--segment-size=BYTES] PATH SIZE ALGO HEXDIGEST IDLE_SEC
 With ``--segment-size`` the file arrives in pieces, each written by its own rsync at once:
 ``PATH.0`` holds the first BYTES, ``PATH.1`` the next, and so on; they are fed in order.
 
-The command gets EOF only after exactly SIZE bytes whose ALGO digest is HEXDIGEST; in every
-other case it is killed first, so Glance sees a broken upload and never completes an image.
+The command gets EOF only after exactly SIZE bytes whose ALGO digest is HEXDIGEST, and only
+once the local side has said ``done`` and is still connected; in every other case it is killed
+first, so Glance sees a broken upload and never completes an image.
 That holds however this helper ends, because EOF on a pipe needs every writer gone:
 
 - this process (the feeder) writes the bytes into the command's stdin pipe;
@@ -171,10 +172,13 @@ def main(argv: List[str]) -> int:
         signal.signal(signum, interrupted)
     try:
         hasher = Hasher(algo)  # after the fork: the guard has no threads
-        feed(paths, segment, size, idle, hasher, data_w, guard_pid)
+        if not feed(paths, segment, size, idle, hasher, data_w, guard_pid):
+            wait_for_done(idle, guard_pid)
         got = hasher.hexdigest()
         if got != digest:
             raise Abort("%s of the transferred file is %s, expected %s" % (algo, got, digest))
+        if gone():
+            raise Abort("the migrating side went away")
         for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)  # released below: the image may complete
         os.write(life_w, b"release")
@@ -202,9 +206,10 @@ def feed(
     hasher: Hasher,
     out: int,
     guard: int,
-) -> None:
+) -> bool:
     """Write the file's SIZE bytes (``paths[k]`` holding piece ``k`` of ``segment`` bytes) to
-    ``out`` as rsync writes them; :class:`Abort` otherwise."""
+    ``out`` as rsync writes them; :class:`Abort` otherwise. Whether the migrating side has
+    said ``done`` on the way."""
     fed = 0
     source: Optional[int] = None
     opened = -1
@@ -245,6 +250,44 @@ def feed(
                 raise Abort("the migrating side went away")
             if b"done" in message:
                 rsync_done = True
+    return rsync_done
+
+
+def wait_for_done(idle: float, guard: int) -> None:
+    """Wait for the migrating side's ``done``; :class:`Abort` if it went away.
+
+    The whole file may be there before the migrating side says so (a re-run finds it, or
+    the upload lags behind the transfer). If that side was killed meanwhile, its next
+    attempt may already be looking for a copy, or uploading its own: a helper left
+    behind must not complete a second image.
+    """
+    deadline = time.monotonic() + idle
+    while time.monotonic() < deadline:
+        if not running(guard):
+            raise Abort("the upload command exited early")
+        ready, _, _ = select.select([0], [], [], 0.1)
+        if ready:
+            message = os.read(0, 64)
+            if not message:
+                raise Abort("the migrating side went away")
+            if b"done" in message:
+                return
+    raise Abort("the migrating side did not confirm the transfer for %.0f s" % idle)
+
+
+def gone() -> bool:
+    """Whether our stdin -- the SSH channel from the migrating side -- has reached its end.
+
+    Asked last, just before the command may complete the image: by then the command has
+    made the image's record, so an attempt that starts after the migrating side died
+    finds that record (and deletes it, or takes the finished copy) -- never no copy.
+    """
+    while True:
+        ready, _, _ = select.select([0], [], [], 0)
+        if not ready:
+            return False
+        if not os.read(0, 64):
+            return True
 
 
 def write_all(fd: int, data: bytes) -> None:
