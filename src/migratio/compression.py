@@ -147,29 +147,31 @@ class PieceCompression:
         self.streams = streams
         self.algorithm = "lz4" if choice.provisional and choice.compresses else choice.algorithm
         self.used: list[str] = []
-        self._wire = 0
-        self._pieces = 0
+        self._rates: list[float] = []
         self._decided = not (choice.provisional and choice.compresses)
         self._lock = threading.Lock()
 
-    def sent(self, algorithm: str, wire_bytes: int, elapsed: float) -> None:
-        """A piece went with ``algorithm`` (what rsync really used), ``elapsed`` s in."""
+    def sent(self, algorithm: str, wire_bytes: int, seconds: float) -> None:
+        """A piece went with ``algorithm`` (what rsync really used) in ``seconds``.
+
+        The link's rate is taken as the mean rate of a piece times the streams, which run
+        at once: a rate since the transfer's start would count the logins before it.
+        """
         with self._lock:
             if algorithm not in self.used:
                 self.used.append(algorithm)
             if algorithm == "none" and self.algorithm != "none":
                 self.algorithm, self._decided = "none", True  # the peer cannot compress
-            self._wire += wire_bytes
-            self._pieces += 1
-            if self._decided or self._pieces < self.streams or elapsed <= 0:
+            self._rates.append(wire_bytes / max(seconds, 1e-3))
+            if self._decided or len(self._rates) < self.streams:
                 return
             self._decided = True
-            rate = self._wire / elapsed
+            rate = sum(self._rates) / len(self._rates) * self.streams
             if rate < SLOW_LINK:
                 self.algorithm = "zstd"
             log.info(
                 "compression %s from now on (link reached %.0f MB/s over the first %d pieces)",
-                self.algorithm, rate / 1e6, self._pieces,
+                self.algorithm, rate / 1e6, len(self._rates),
             )  # fmt: skip
 
     def summary(self) -> str:

@@ -247,7 +247,7 @@ def push_ranges(
                     finally:
                         pieces.sent(k)
                     results.append(result)
-                    compress.sent(result.compress, result.bytes_sent, time.monotonic() - begin)
+                    compress.sent(result.compress, result.bytes_sent, result.seconds)
         except BaseException:
             stop.set()
             raise
