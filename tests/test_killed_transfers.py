@@ -1,5 +1,5 @@
 """REGISTER=ssh under attack: the migrating process killed (SIGKILL) mid-step, hostile remote
-staging directories, and what each leaves behind.
+staging directories, an sshd that refuses logins, and what each leaves behind.
 
 The migrating process is a real child process (what a work-horse is) running one migration
 against the real sandbox (Glance, sshd, rsync, the remote helper); it is killed with SIGKILL,
@@ -10,14 +10,17 @@ directory, no ``.part`` file at the destination, no ``migratio-ssh-*`` directory
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,8 @@ from tests.sandbox.images import make_qcow2, sha256_file
 from tests.sandbox.site import Sandbox
 from tests.support import Lines, descendants, settings_for, wait_for_part
 
-from migratio.config import Settings
+from migratio import rsync
+from migratio.config import OpenStackSite, Settings
 from migratio.openstack_migration import migrate_to_openstack
 from migratio.request import MigrationRequest, Outcome
 
@@ -254,3 +258,63 @@ def test_hostile_remote_staging_dir(
         assert not (sb.ssh.home / "pwned").exists() and not (sb.ssh.home / "pwned2").exists()
     finally:
         sb.ssh.remove_home_path(remote_dir)
+
+
+class Refusals(logging.Handler):
+    """Counts migratio's "login ... was refused; again" lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "was refused" in record.getMessage():
+            self.count += 1
+
+
+def test_a_login_sshd_refuses_is_tried_again(
+    clean_sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sshd drops logins beyond ``MaxStartups``: ssh says kex_exchange_identification and
+    exits 255, and rsync exits 255 -- or 12, when it sees the stream end before it can reap
+    ssh (a busy machine). Either way the copy is tried again, and arrives once the busy
+    moment has passed."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "s.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+    site = settings_for(sb, tmp_path).site("site-b")
+    assert isinstance(site, OpenStackSite) and site.ssh is not None
+    slow_exit = tmp_path / "ssh"
+    slow_exit.write_text(
+        '#!/bin/sh\nssh "$@"\ncode=$?\n'
+        "exec <&- >&- 2>&-\n"  # rsync sees the stream end now,
+        "sleep 1\n"  # and ssh's exit only later
+        "exit $code\n"
+    )
+    slow_exit.chmod(0o755)
+    monkeypatch.setattr("migratio.ssh.SSH", str(slow_exit))
+    refusals = Refusals()
+    logger = logging.getLogger("migratio.rsync")
+    logger.addHandler(refusals)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    sb.ssh.reconfigure("MaxStartups 1")  # one login at a time
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            # a login in progress (a connection that never says hello) takes the one place
+            with socket.create_connection((sb.ssh.address, sb.ssh.port)):
+                copy = pool.submit(
+                    rsync.push,
+                    image,
+                    site.ssh,
+                    ".migratio-staging/refused",
+                    sparse=False,
+                    timeout=120,
+                    make_dir=".migratio-staging",
+                )
+                wait_for("the copy's login to be refused", lambda: refusals.count or copy.done())
+            copy.result()
+    finally:
+        sb.ssh.reconfigure()
+        logger.removeHandler(refusals)
+        logger.setLevel(old_level)
+    assert sha256_file(sb.remote_staging / "refused") == sha256_file(image)
