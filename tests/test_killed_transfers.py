@@ -318,3 +318,42 @@ def test_a_login_sshd_refuses_is_tried_again(
         logger.removeHandler(refusals)
         logger.setLevel(old_level)
     assert sha256_file(sb.remote_staging / "refused") == sha256_file(image)
+
+
+def logins(sb: Sandbox) -> int:
+    """SSH logins the destination's sshd has accepted so far."""
+    return sb.ssh.log_path.read_text(errors="replace").count("Accepted publickey")
+
+
+def test_a_refused_master_is_tried_again_and_carries_every_command(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The migration's first login, its master connection, meets a busy sshd: it is tried
+    again, and the lookups, the upload helper and the read-back still share it -- not a
+    login each, every one of them at the same risk of being refused."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "s.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+    image_id = sb.source.upload_image(image, name="busy-sshd", disk_format="qcow2")
+    settings = settings_for(sb, tmp_path)
+    refusals = Refusals()
+    logger = logging.getLogger("migratio")
+    logger.addHandler(refusals)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    sb.ssh.reconfigure("MaxStartups 1")
+    before = logins(sb)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            with socket.create_connection((sb.ssh.address, sb.ssh.port)):
+                migration = pool.submit(
+                    migrate_to_openstack, settings, MigrationRequest(image_id, "site-b"), Lines()
+                )
+                wait_for("a login to be refused", lambda: refusals.count or migration.done())
+            result = migration.result()
+    finally:
+        sb.ssh.reconfigure()
+        logger.removeHandler(refusals)
+        logger.setLevel(old_level)
+    assert result.outcome is Outcome.MIGRATED
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+    assert logins(sb) - before == 2  # the master and rsync's, each once refused

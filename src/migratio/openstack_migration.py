@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from migratio import compression, qemu_img, rsync, status
+from migratio import compression, processes, qemu_img, rsync, status
 from migratio.bandwidth import ThrottledReader
 from migratio.compression import LinkHistory, PieceCompression
 from migratio.config import OpenStackSite, Settings
@@ -44,7 +45,7 @@ from migratio.hashing import Digests
 from migratio.images import CONVERTED_HASH, LINK_PROPERTIES, SOURCE_HASH, ImageRecord
 from migratio.request import MigrationRequest, MigrationResult, Outcome
 from migratio.source_site import SourceSite
-from migratio.ssh import SshMaster
+from migratio.ssh import LOGIN_RETRIES, SshMaster, login_refused
 from migratio.status import Progress, StatusSink, human_bytes
 from migratio.streams import linked, measure_rtt, piece_size, push_ranges, stream_count
 
@@ -444,9 +445,13 @@ class Migration:
         log.info(
             "no copy at %s yet: uploading into its Glance as the file arrives", self.site.site_id
         )
-        follower = cli.start_follow_create(
-            fields, remote_path, digests.size, algo, digest, FOLLOW_IDLE, piece
-        )
+
+        def start() -> processes.Child:
+            return cli.start_follow_create(
+                fields, remote_path, digests.size, algo, digest, FOLLOW_IDLE, piece
+            )
+
+        follower = start()
         copy: ImageRecord | None = None
         try:
             try:
@@ -456,10 +461,22 @@ class Migration:
                     f"{status.TRANSFERED} {human_bytes(digests.size)} to {self.site.ssh.host} "
                     f"({human_bytes(sent)} sent, compression {pushed.compress})"
                 )
-                _tell(follower.popen.stdin, b"done\n")
-                upload = follower.communicate(
-                    timeout=self.settings.command_timeout, cancel=self.cancel
-                )
+                for pause in (*LOGIN_RETRIES, None):
+                    _tell(follower.popen.stdin, b"done\n")
+                    upload = follower.communicate(
+                        timeout=self.settings.command_timeout, cancel=self.cancel
+                    )
+                    if (
+                        pause is None
+                        or upload.returncode != 255
+                        or not login_refused(upload.stderr)
+                    ):
+                        break
+                    # the helper never ran (no master: a login of its own, which sshd refused)
+                    log.info("the ssh login to %s was refused (%s); again in %.1f s",
+                             self.site.ssh.host, upload.tail(1), pause)  # fmt: skip
+                    time.sleep(pause)
+                    follower = start()
                 log.info(
                     "glance image-create at %s exited %d", self.site.site_id, upload.returncode
                 )

@@ -213,29 +213,47 @@ class SshMaster:
         self._child: processes.Child | None = None
 
     def __enter__(self) -> SshMaster:
-        argv = [*ssh_options(self.plain), "-M", "-N", "-o", "ControlPersist=no"]
-        argv += ["-o", f"ControlPath={self.target.control_path}", "--", self.plain.destination]
         try:
-            self._child = processes.Child(argv, what="ssh master connection")
+            self._start()
         except Exception:
             self._remove_dir()
             raise
         return self
 
+    def _start(self) -> None:
+        argv = [*ssh_options(self.plain), "-M", "-N", "-o", "ControlPersist=no"]
+        argv += ["-o", f"ControlPath={self.target.control_path}", "--", self.plain.destination]
+        self._child = processes.Child(argv, what="ssh master connection")
+
     def wait(self) -> bool:
         """Wait until the master is up (True), or has failed or timed out (False).
 
         Commands that wait for it share its login instead of making one of their own
-        at the same time.
+        at the same time. A login sshd refused (``MaxStartups``) is tried again, as any
+        other: without the master every command would log in on its own, each at the
+        same risk.
         """
         assert self.target.control_path is not None and self._child is not None
+        pauses = iter(LOGIN_RETRIES)
         deadline = time.monotonic() + self.plain.connect_timeout + 5
         while time.monotonic() < deadline:
             if self.target.control_path.exists():
                 return True
             if self._child.poll() is not None:
-                log.info("ssh master connection to %s failed", self.plain.destination)
-                return False
+                ended = self._child.communicate(timeout=5)
+                pause = next(pauses, None)
+                if pause is None or not login_refused(ended.stderr):
+                    log.info(
+                        "ssh master connection to %s failed: %s",
+                        self.plain.destination, ended.tail(1),
+                    )  # fmt: skip
+                    return False
+                log.info("the ssh login to %s was refused (%s); again in %.1f s",
+                         self.plain.destination, ended.tail(1), pause)  # fmt: skip
+                time.sleep(pause)
+                self._start()
+                deadline = time.monotonic() + self.plain.connect_timeout + 5
+                continue
             time.sleep(0.01)
         return False
 
