@@ -357,3 +357,32 @@ def test_a_refused_master_is_tried_again_and_carries_every_command(
     assert result.outcome is Outcome.MIGRATED
     assert_one_good_copy(sb, image_id, image, tmp_path)
     assert logins(sb) - before == 2  # the master and rsync's, each once refused
+
+
+def test_staging_files_of_an_earlier_layout_go_with_the_success(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """An interrupted attempt sent pieces over three streams; the next one goes as one file
+    (STREAMS=auto measured another round trip, or the site file changed). Its success
+    leaves neither layout's files at the destination."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=256 * MiB, data_bytes=120 * MiB)
+    image_id = sb.source.upload_image(image, name="layouts", disk_format="qcow2")
+    settings = settings_for(
+        sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=3", "BWLIMIT=20M", "COMPRESS=none")}
+    )
+    migrating = start_migration(settings, image_id, "site-s", tmp_path / "tmp")
+    try:
+        wait_for_part(sb, image_id, 20 * MiB)
+    finally:
+        os.kill(migrating.pid, signal.SIGKILL)
+        migrating.wait()
+    wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
+    assert list(sb.remote_staging.glob(f"{image_id}-*.part.*"))
+
+    settings = settings_for(sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=1")})
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines())
+
+    assert result.outcome is Outcome.MIGRATED
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+    assert not list(sb.remote_staging.glob(f"{image_id}-*")), "staging files left there"

@@ -285,6 +285,9 @@ class Migration:
                 copy_id, sent = self.rsync_and_upload(
                     cli, image, payload, digests, fields, lookup, rtt.result()
                 )
+                # the helper removed what it fed; an earlier attempt may have sent the file
+                # in another layout (one file, or pieces: STREAMS=auto found another round trip)
+                quietly(self.remove_staged, cli, image.id)
             except AlreadyThere as there:
                 quietly(cli.remove_parts, self.remote_dir, image.id)
                 return self.already_there(there.copy)
@@ -292,6 +295,11 @@ class Migration:
                 self.staged.close()
                 shutil.rmtree(self.workdir, ignore_errors=True)
         return MigrationResult(Outcome.MIGRATED, copy_id, sent)
+
+    def remove_staged(self, cli: RemoteGlance, image_id: str) -> None:
+        """Remove the image's staging files there (this pair's: only while the lease is ours)."""
+        self.fence()
+        cli.remove_parts(self.remote_dir, image_id)
 
     # 6-8, REGISTER=api
     def stream_to_api(self, payload: Path, digests: Digests, fields: Mapping[str, Any]) -> str:
