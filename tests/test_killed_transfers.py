@@ -386,3 +386,21 @@ def test_staging_files_of_an_earlier_layout_go_with_the_success(
     assert result.outcome is Outcome.MIGRATED
     assert_one_good_copy(sb, image_id, image, tmp_path)
     assert not list(sb.remote_staging.glob(f"{image_id}-*")), "staging files left there"
+
+
+def test_a_deep_tmpdir_still_has_room_for_the_control_socket(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """A socket's path holds 107 bytes: with ``TMPDIR`` 90 characters deep the master's
+    socket went there all the same, and ssh refused every command ("ControlPath too long")."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "s.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+    image_id = sb.source.upload_image(image, name="deep-tmp", disk_format="qcow2")
+    settings = settings_for(sb, tmp_path)
+    deep = tmp_path / ("t" * max(1, 90 - len(str(tmp_path)) - 1))
+    before = logins(sb)
+
+    assert start_migration(settings, image_id, "site-b", deep).wait(timeout=300) == 0
+
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+    assert logins(sb) - before == 2  # through the master, as ever

@@ -139,6 +139,18 @@ class SshClient:
 #: and a ``lock`` that the process owning the master holds (``flock``) for as long as it lives
 CONTROL_DIR_PREFIX = "migratio-ssh-"
 _LOCK = "lock"
+#: the longest control socket path a master can use: a socket's path holds 107 bytes, and the
+#: master first binds ``<path>.<16 random characters>``
+_SOCKET_PATH_MAX = 107 - 17
+
+
+def control_parent() -> Path:
+    """Where master directories are made: the temporary directory, unless its path (a deep
+    ``TMPDIR``) leaves no room for a control socket's; then ``/tmp``."""
+    parent = Path(tempfile.gettempdir())
+    if len(str(parent / f"{CONTROL_DIR_PREFIX}XXXXXXXX" / "master")) > _SOCKET_PATH_MAX:
+        return Path("/tmp")  # noqa: S108  # mkdtemp: a private directory of a random name
+    return parent
 
 
 def remove_stale_control_dirs(parent: Path | None = None) -> list[Path]:
@@ -148,7 +160,7 @@ def remove_stale_control_dirs(parent: Path | None = None) -> list[Path]:
     ends with it (parent-death signal), and with it the ``flock`` on the directory's
     ``lock``. A directory whose lock is held, or not there yet, is in use.
     """
-    parent = Path(tempfile.gettempdir()) if parent is None else parent
+    parent = control_parent() if parent is None else parent
     removed = []
     me = os.geteuid()
     for path in parent.glob(f"{CONTROL_DIR_PREFIX}*"):
@@ -179,7 +191,7 @@ def _locked_dir() -> tuple[Path, int]:
     The lock is taken under another name and only then named ``lock``, so that
     :func:`remove_stale_control_dirs` never takes a new directory for a dead one.
     """
-    path = Path(tempfile.mkdtemp(prefix=CONTROL_DIR_PREFIX))
+    path = Path(tempfile.mkdtemp(prefix=CONTROL_DIR_PREFIX, dir=control_parent()))
     try:
         fd = os.open(path / f"{_LOCK}.new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
