@@ -497,8 +497,14 @@ class Migration:
                 if "follow_upload: aborted" in upload.stderr and algo in upload.stderr:
                     for path in remote_files(remote_path, digests.size, piece):
                         quietly(cli.remove_file, path)  # wrong bytes: nothing to resume
+                why = upload.tail() or (
+                    f"the ssh connection to {self.site.ssh.host} was lost"
+                    if upload.returncode == 255
+                    else "it printed nothing"
+                )
                 raise RemoteError(
-                    f"uploading into Glance at {self.site.site_id} failed: {upload.tail()}",
+                    f"uploading into Glance at {self.site.site_id} failed "
+                    f"(exit {upload.returncode}): {why}",
                     retryable=True,
                 )
             if copy is None:
