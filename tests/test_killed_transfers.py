@@ -1,5 +1,5 @@
 """REGISTER=ssh under attack: the migrating process killed (SIGKILL) mid-step, hostile remote
-staging directories, and what each leaves behind.
+staging directories, an sshd that refuses logins, and what each leaves behind.
 
 The migrating process is a real child process (what a work-horse is) running one migration
 against the real sandbox (Glance, sshd, rsync, the remote helper); it is killed with SIGKILL,
@@ -10,14 +10,17 @@ directory, no ``.part`` file at the destination, no ``migratio-ssh-*`` directory
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,8 @@ from tests.sandbox.images import make_qcow2, sha256_file
 from tests.sandbox.site import Sandbox
 from tests.support import Lines, descendants, settings_for, wait_for_part
 
-from migratio.config import Settings
+from migratio import rsync
+from migratio.config import OpenStackSite, Settings
 from migratio.openstack_migration import migrate_to_openstack
 from migratio.request import MigrationRequest, Outcome
 
@@ -254,3 +258,196 @@ def test_hostile_remote_staging_dir(
         assert not (sb.ssh.home / "pwned").exists() and not (sb.ssh.home / "pwned2").exists()
     finally:
         sb.ssh.remove_home_path(remote_dir)
+
+
+class Refusals(logging.Handler):
+    """Counts migratio's "login ... was refused; again" lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "was refused" in record.getMessage():
+            self.count += 1
+
+
+def test_a_login_sshd_refuses_is_tried_again(
+    clean_sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sshd drops logins beyond ``MaxStartups``: ssh says kex_exchange_identification and
+    exits 255, and rsync exits 255 -- or 12, when it sees the stream end before it can reap
+    ssh (a busy machine). Either way the copy is tried again, and arrives once the busy
+    moment has passed."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "s.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+    site = settings_for(sb, tmp_path).site("site-b")
+    assert isinstance(site, OpenStackSite) and site.ssh is not None
+    slow_exit = tmp_path / "ssh"
+    slow_exit.write_text(
+        '#!/bin/sh\nssh "$@"\ncode=$?\n'
+        "exec <&- >&- 2>&-\n"  # rsync sees the stream end now,
+        "sleep 1\n"  # and ssh's exit only later
+        "exit $code\n"
+    )
+    slow_exit.chmod(0o755)
+    monkeypatch.setattr("migratio.ssh.SSH", str(slow_exit))
+    refusals = Refusals()
+    logger = logging.getLogger("migratio.rsync")
+    logger.addHandler(refusals)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    sb.ssh.reconfigure("MaxStartups 1")  # one login at a time
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            # a login in progress (a connection that never says hello) takes the one place
+            with socket.create_connection((sb.ssh.address, sb.ssh.port)):
+                copy = pool.submit(
+                    rsync.push,
+                    image,
+                    site.ssh,
+                    ".migratio-staging/refused",
+                    sparse=False,
+                    timeout=120,
+                    make_dir=".migratio-staging",
+                )
+                wait_for("the copy's login to be refused", lambda: refusals.count or copy.done())
+            copy.result()
+    finally:
+        sb.ssh.reconfigure()
+        logger.removeHandler(refusals)
+        logger.setLevel(old_level)
+    assert sha256_file(sb.remote_staging / "refused") == sha256_file(image)
+
+
+def logins(sb: Sandbox) -> int:
+    """SSH logins the destination's sshd has accepted so far."""
+    return sb.ssh.log_path.read_text(errors="replace").count("Accepted publickey")
+
+
+def test_a_refused_master_is_tried_again_and_carries_every_command(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The migration's first login, its master connection, meets a busy sshd: it is tried
+    again, and the lookups, the upload helper and the read-back still share it -- not a
+    login each, every one of them at the same risk of being refused."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "s.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+    image_id = sb.source.upload_image(image, name="busy-sshd", disk_format="qcow2")
+    settings = settings_for(sb, tmp_path)
+    refusals = Refusals()
+    logger = logging.getLogger("migratio")
+    logger.addHandler(refusals)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    sb.ssh.reconfigure("MaxStartups 1")
+    before = logins(sb)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            with socket.create_connection((sb.ssh.address, sb.ssh.port)):
+                migration = pool.submit(
+                    migrate_to_openstack, settings, MigrationRequest(image_id, "site-b"), Lines()
+                )
+                wait_for("a login to be refused", lambda: refusals.count or migration.done())
+            result = migration.result()
+    finally:
+        sb.ssh.reconfigure()
+        logger.removeHandler(refusals)
+        logger.setLevel(old_level)
+    assert result.outcome is Outcome.MIGRATED
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+    assert logins(sb) - before == 2  # the master and rsync's, each once refused
+
+
+def test_staging_files_of_an_earlier_layout_go_with_the_success(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """An interrupted attempt sent pieces over three streams; the next one goes as one file
+    (STREAMS=auto measured another round trip, or the site file changed). Its success
+    leaves neither layout's files at the destination."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=256 * MiB, data_bytes=120 * MiB)
+    image_id = sb.source.upload_image(image, name="layouts", disk_format="qcow2")
+    settings = settings_for(
+        sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=3", "BWLIMIT=20M", "COMPRESS=none")}
+    )
+    migrating = start_migration(settings, image_id, "site-s", tmp_path / "tmp")
+    try:
+        wait_for_part(sb, image_id, 20 * MiB)
+    finally:
+        os.kill(migrating.pid, signal.SIGKILL)
+        migrating.wait()
+    wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
+    assert list(sb.remote_staging.glob(f"{image_id}-*.part.*"))
+
+    settings = settings_for(sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=1")})
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines())
+
+    assert result.outcome is Outcome.MIGRATED
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+    assert not list(sb.remote_staging.glob(f"{image_id}-*")), "staging files left there"
+
+
+def test_a_deep_tmpdir_still_has_room_for_the_control_socket(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """A socket's path holds 107 bytes: with ``TMPDIR`` 90 characters deep the master's
+    socket went there all the same, and ssh refused every command ("ControlPath too long")."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "s.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+    image_id = sb.source.upload_image(image, name="deep-tmp", disk_format="qcow2")
+    settings = settings_for(sb, tmp_path)
+    deep = tmp_path / ("t" * max(1, 90 - len(str(tmp_path)) - 1))
+    before = logins(sb)
+
+    assert start_migration(settings, image_id, "site-b", deep).wait(timeout=300) == 0
+
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+    assert logins(sb) - before == 2  # through the master, as ever
+
+
+def test_the_master_connection_killed_during_the_upload(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The ssh master (through which the upload helper runs) is killed mid-upload: the
+    attempt fails, saying so, with no copy left; the next one makes exactly one."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=256 * MiB, data_bytes=120 * MiB)
+    image_id = sb.source.upload_image(image, name="master", disk_format="qcow2")
+    settings = settings_for(
+        sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=1", "BWLIMIT=20M", "COMPRESS=none")}
+    )
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    migrating = subprocess.Popen(
+        [sys.executable, "-c", MIGRATE, str(settings.config_path), image_id, "site-s"],
+        env={**os.environ, "TMPDIR": str(tmpdir)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            "the upload", lambda: processes_of(sb.ssh.user, "follow_upload"), process=migrating
+        )
+        [master] = [
+            pid
+            for pid in descendants(migrating.pid)
+            if b"-M" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        ]
+        os.kill(master, signal.SIGKILL)
+        lines, _ = migrating.communicate(timeout=300)
+    finally:
+        if migrating.poll() is None:
+            migrating.kill()
+    assert migrating.returncode != 0
+    last = lines.splitlines()[-1]
+    assert last.startswith("Error: uploading into Glance at site-s failed (exit 255)"), last
+    assert "connection" in last, last
+    wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
+    assert sb.destination.find_by_property("source_uuid", image_id) == []
+
+    again = start_migration(settings, image_id, "site-s", tmpdir)
+    assert again.wait(timeout=300) == 0
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+    assert not list(sb.remote_staging.glob(f"{image_id}-*"))
+    assert not list(tmpdir.iterdir())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from migratio import compression, qemu_img, rsync, status
+from migratio import compression, processes, qemu_img, rsync, status
 from migratio.bandwidth import ThrottledReader
 from migratio.compression import LinkHistory, PieceCompression
 from migratio.config import OpenStackSite, Settings
@@ -44,7 +45,7 @@ from migratio.hashing import Digests
 from migratio.images import CONVERTED_HASH, LINK_PROPERTIES, SOURCE_HASH, ImageRecord
 from migratio.request import MigrationRequest, MigrationResult, Outcome
 from migratio.source_site import SourceSite
-from migratio.ssh import SshMaster
+from migratio.ssh import LOGIN_RETRIES, SshMaster, login_refused
 from migratio.status import Progress, StatusSink, human_bytes
 from migratio.streams import linked, measure_rtt, piece_size, push_ranges, stream_count
 
@@ -284,6 +285,9 @@ class Migration:
                 copy_id, sent = self.rsync_and_upload(
                     cli, image, payload, digests, fields, lookup, rtt.result()
                 )
+                # the helper removed what it fed; an earlier attempt may have sent the file
+                # in another layout (one file, or pieces: STREAMS=auto found another round trip)
+                quietly(self.remove_staged, cli, image.id)
             except AlreadyThere as there:
                 quietly(cli.remove_parts, self.remote_dir, image.id)
                 return self.already_there(there.copy)
@@ -291,6 +295,11 @@ class Migration:
                 self.staged.close()
                 shutil.rmtree(self.workdir, ignore_errors=True)
         return MigrationResult(Outcome.MIGRATED, copy_id, sent)
+
+    def remove_staged(self, cli: RemoteGlance, image_id: str) -> None:
+        """Remove the image's staging files there (this pair's: only while the lease is ours)."""
+        self.fence()
+        cli.remove_parts(self.remote_dir, image_id)
 
     # 6-8, REGISTER=api
     def stream_to_api(self, payload: Path, digests: Digests, fields: Mapping[str, Any]) -> str:
@@ -444,9 +453,13 @@ class Migration:
         log.info(
             "no copy at %s yet: uploading into its Glance as the file arrives", self.site.site_id
         )
-        follower = cli.start_follow_create(
-            fields, remote_path, digests.size, algo, digest, FOLLOW_IDLE, piece
-        )
+
+        def start() -> processes.Child:
+            return cli.start_follow_create(
+                fields, remote_path, digests.size, algo, digest, FOLLOW_IDLE, piece
+            )
+
+        follower = start()
         copy: ImageRecord | None = None
         try:
             try:
@@ -456,10 +469,22 @@ class Migration:
                     f"{status.TRANSFERED} {human_bytes(digests.size)} to {self.site.ssh.host} "
                     f"({human_bytes(sent)} sent, compression {pushed.compress})"
                 )
-                _tell(follower.popen.stdin, b"done\n")
-                upload = follower.communicate(
-                    timeout=self.settings.command_timeout, cancel=self.cancel
-                )
+                for pause in (*LOGIN_RETRIES, None):
+                    _tell(follower.popen.stdin, b"done\n")
+                    upload = follower.communicate(
+                        timeout=self.settings.command_timeout, cancel=self.cancel
+                    )
+                    if (
+                        pause is None
+                        or upload.returncode != 255
+                        or not login_refused(upload.stderr)
+                    ):
+                        break
+                    # the helper never ran (no master: a login of its own, which sshd refused)
+                    log.info("the ssh login to %s was refused (%s); again in %.1f s",
+                             self.site.ssh.host, upload.tail(1), pause)  # fmt: skip
+                    time.sleep(pause)
+                    follower = start()
                 log.info(
                     "glance image-create at %s exited %d", self.site.site_id, upload.returncode
                 )
@@ -472,8 +497,14 @@ class Migration:
                 if "follow_upload: aborted" in upload.stderr and algo in upload.stderr:
                     for path in remote_files(remote_path, digests.size, piece):
                         quietly(cli.remove_file, path)  # wrong bytes: nothing to resume
+                why = upload.tail() or (
+                    f"the ssh connection to {self.site.ssh.host} was lost"
+                    if upload.returncode == 255
+                    else "it printed nothing"
+                )
                 raise RemoteError(
-                    f"uploading into Glance at {self.site.site_id} failed: {upload.tail()}",
+                    f"uploading into Glance at {self.site.site_id} failed "
+                    f"(exit {upload.returncode}): {why}",
                     retryable=True,
                 )
             if copy is None:

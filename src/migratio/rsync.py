@@ -76,7 +76,8 @@ def push(
         argv, what="rsync", timeout=timeout, cancel=cancel, check=False, on_line=on_line, nice=NICE
     )
     for pause in LOGIN_RETRIES:
-        if done.returncode != 255 or not login_refused(done.stderr) or cancelled(cancel):
+        # rsync exits 255 or 12 (its stream closed before ssh was reaped), as it happens
+        if done.returncode == 0 or not login_refused(done.stderr) or cancelled(cancel):
             break
         log.info("the ssh login to %s was refused (%s); again in %.0f s",
                  target.destination, done.tail(1), pause)  # fmt: skip

@@ -139,6 +139,18 @@ class SshClient:
 #: and a ``lock`` that the process owning the master holds (``flock``) for as long as it lives
 CONTROL_DIR_PREFIX = "migratio-ssh-"
 _LOCK = "lock"
+#: the longest control socket path a master can use: a socket's path holds 107 bytes, and the
+#: master first binds ``<path>.<16 random characters>``
+_SOCKET_PATH_MAX = 107 - 17
+
+
+def control_parent() -> Path:
+    """Where master directories are made: the temporary directory, unless its path (a deep
+    ``TMPDIR``) leaves no room for a control socket's; then ``/tmp``."""
+    parent = Path(tempfile.gettempdir())
+    if len(str(parent / f"{CONTROL_DIR_PREFIX}XXXXXXXX" / "master")) > _SOCKET_PATH_MAX:
+        return Path("/tmp")  # noqa: S108  # mkdtemp: a private directory of a random name
+    return parent
 
 
 def remove_stale_control_dirs(parent: Path | None = None) -> list[Path]:
@@ -148,7 +160,7 @@ def remove_stale_control_dirs(parent: Path | None = None) -> list[Path]:
     ends with it (parent-death signal), and with it the ``flock`` on the directory's
     ``lock``. A directory whose lock is held, or not there yet, is in use.
     """
-    parent = Path(tempfile.gettempdir()) if parent is None else parent
+    parent = control_parent() if parent is None else parent
     removed = []
     me = os.geteuid()
     for path in parent.glob(f"{CONTROL_DIR_PREFIX}*"):
@@ -179,7 +191,7 @@ def _locked_dir() -> tuple[Path, int]:
     The lock is taken under another name and only then named ``lock``, so that
     :func:`remove_stale_control_dirs` never takes a new directory for a dead one.
     """
-    path = Path(tempfile.mkdtemp(prefix=CONTROL_DIR_PREFIX))
+    path = Path(tempfile.mkdtemp(prefix=CONTROL_DIR_PREFIX, dir=control_parent()))
     try:
         fd = os.open(path / f"{_LOCK}.new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -213,29 +225,47 @@ class SshMaster:
         self._child: processes.Child | None = None
 
     def __enter__(self) -> SshMaster:
-        argv = [*ssh_options(self.plain), "-M", "-N", "-o", "ControlPersist=no"]
-        argv += ["-o", f"ControlPath={self.target.control_path}", "--", self.plain.destination]
         try:
-            self._child = processes.Child(argv, what="ssh master connection")
+            self._start()
         except Exception:
             self._remove_dir()
             raise
         return self
 
+    def _start(self) -> None:
+        argv = [*ssh_options(self.plain), "-M", "-N", "-o", "ControlPersist=no"]
+        argv += ["-o", f"ControlPath={self.target.control_path}", "--", self.plain.destination]
+        self._child = processes.Child(argv, what="ssh master connection")
+
     def wait(self) -> bool:
         """Wait until the master is up (True), or has failed or timed out (False).
 
         Commands that wait for it share its login instead of making one of their own
-        at the same time.
+        at the same time. A login sshd refused (``MaxStartups``) is tried again, as any
+        other: without the master every command would log in on its own, each at the
+        same risk.
         """
         assert self.target.control_path is not None and self._child is not None
+        pauses = iter(LOGIN_RETRIES)
         deadline = time.monotonic() + self.plain.connect_timeout + 5
         while time.monotonic() < deadline:
             if self.target.control_path.exists():
                 return True
             if self._child.poll() is not None:
-                log.info("ssh master connection to %s failed", self.plain.destination)
-                return False
+                ended = self._child.communicate(timeout=5)
+                pause = next(pauses, None)
+                if pause is None or not login_refused(ended.stderr):
+                    log.info(
+                        "ssh master connection to %s failed: %s",
+                        self.plain.destination, ended.tail(1),
+                    )  # fmt: skip
+                    return False
+                log.info("the ssh login to %s was refused (%s); again in %.1f s",
+                         self.plain.destination, ended.tail(1), pause)  # fmt: skip
+                time.sleep(pause)
+                self._start()
+                deadline = time.monotonic() + self.plain.connect_timeout + 5
+                continue
             time.sleep(0.01)
         return False
 

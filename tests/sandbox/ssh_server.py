@@ -19,6 +19,7 @@ import os
 import pwd
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -68,6 +69,8 @@ class SshServer(PortDaemon):
         self.pid_path = self.dir / "sshd.pid"
         self.authorized_keys = Path()
         self._lock: IO[str] | None = None
+        #: lines added to sshd's config (:meth:`reconfigure`)
+        self.extra_config: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -180,8 +183,24 @@ class SshServer(PortDaemon):
             "PrintMotd no",
             "Subsystem sftp internal-sftp",
             f"AllowUsers {self.user}",
+            *self.extra_config,
         ]
         self.config_path.write_text("\n".join(lines) + "\n")
+
+    def reconfigure(self, *lines: str) -> None:
+        """Add ``lines`` to the running sshd's config (none: back to the sandbox's own).
+
+        sshd re-reads it on SIGHUP (it executes itself again); this returns once it listens.
+        """
+        self.extra_config = list(lines)
+        self._write_config()
+        restarted = self.log_path.read_text(errors="replace").count("Server listening on") + 1
+        os.kill(int(self.pid_path.read_text().split()[0]), signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while self.log_path.read_text(errors="replace").count("Server listening on") < restarted:
+            if time.monotonic() > deadline:
+                raise SshServerError(f"sshd did not restart:\n{tail(self.log_path)}")
+            time.sleep(0.05)
 
     def _serve(self) -> str:
         """Start sshd on ``self.port``; '' when it listens, else an error text."""
