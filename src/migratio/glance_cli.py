@@ -239,11 +239,13 @@ class RemoteGlance:
             raise RemoteError(f"listing {remote_dir} at {self.site.site_id} failed: {done.tail()}")
         return [name for name in done.stdout.splitlines() if _UUID.match(name)]
 
-    def remove_parts(self, remote_dir: str, image_id: str) -> None:
-        """Remove the staging files of ``image_id`` there (any attempt's, any format, pieces)."""
+    def remove_parts(self, remote_dir: str, image_id: str, disk_format: str = "*") -> None:
+        """Remove the staging files of ``image_id`` there (any attempt's, pieces; of any
+        format, or of ``disk_format`` only)."""
         where = find_path(remote_dir)
+        name = f"{image_id}-*.{disk_format}.part*"
         self.ssh.run(
-            ["find", where, "-maxdepth", "1", "-name", f"{image_id}-*.part*", "-delete"],
+            ["find", where, "-maxdepth", "1", "-name", name, "-delete"],
             what="remove remote staging files",
             creds=False,
         )
