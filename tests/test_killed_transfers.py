@@ -451,3 +451,36 @@ def test_the_master_connection_killed_during_the_upload(
     assert_one_good_copy(sb, image_id, image, tmp_path)
     assert not list(sb.remote_staging.glob(f"{image_id}-*"))
     assert not list(tmpdir.iterdir())
+
+
+def test_sigkill_while_learning_the_owner_leaves_no_probe_image(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Killed while it makes the empty probe image that tells it its project there (the
+    first migration to a site): the next attempt's probe removes the one left behind."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "s.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+    image_id = sb.source.upload_image(image, name="probe", disk_format="qcow2")
+    settings = settings_for(sb, tmp_path)
+    sb.destination.upload_image(image, name="old-copy", disk_format="qcow2")  # a candidate
+    # ... of this image, so that the lookup has to learn the owner
+    [old] = [i for i in sb.destination.images() if i["name"] == "old-copy"]
+    sb.destination.client().images.update(old["id"], source_uuid=image_id)
+    migrating = start_migration(settings, image_id, "site-b", tmp_path / "tmp")
+    try:
+        wait_for(
+            "the probe",
+            lambda: processes_of(sb.ssh.user, "--name=migratio-owner-probe"),
+            process=migrating,
+        )
+        os.kill(migrating.pid, signal.SIGKILL)
+        migrating.wait()
+    finally:
+        if migrating.poll() is None:
+            migrating.kill()
+    wait_for("the probe's glance", lambda: not processes_of(sb.ssh.user, "owner-probe"), 30)
+
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-b"), Lines())
+
+    assert result.outcome is Outcome.MIGRATED
+    assert [i for i in sb.destination.images() if i["name"] == "migratio-owner-probe"] == []

@@ -146,6 +146,14 @@ class RemoteGlance:
             return probe.owner
         finally:
             quietly(self.delete, probe.id)
+            quietly(self.delete_old_probes, probe)
+
+    def delete_old_probes(self, probe: ImageRecord) -> None:
+        """Delete the probes of attempts killed while they probed (ours, never given data);
+        learning the owner is what they were doing, so only the next probe finds them."""
+        for old in self.find(name=str(PROBE_FIELDS["name"])):
+            if old.id != probe.id and old.owner == probe.owner and old.status == "queued":
+                self.delete(old.id)
 
     def check_fields(self, image_id: str, fields: Mapping[str, Any]) -> None:
         """Refuse, before anything is sent, what ``--property KEY=VALUE`` cannot carry."""
