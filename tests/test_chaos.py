@@ -143,7 +143,7 @@ def test_chaos(
         redis_at = rng.randrange(2, KILLS - 2)
         try:
             for image_id, dest in requests:
-                jids.append((push(settings, image_id, dest, OPENSTACK_MIGRATOR), image_id, dest))
+                jids.append((push(settings, [image_id, dest], OPENSTACK_MIGRATOR), image_id, dest))
                 time.sleep(rng.uniform(0, 0.5))
             while sum(actions.values()) < KILLS:
                 time.sleep(rng.uniform(1.0, 4.0))
