@@ -145,6 +145,7 @@ class Case:
 def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float | None) -> Run:
     assert sb.network is not None
     migratio = str(ROOT / ".venv" / "bin" / "migratio")
+    os.sync()  # the previous leg's dirty pages are written back before, not during, this one
     cpu_before = namespace_cpu(sb.network)
     with LinkMeter(sb.network) as meter:
         begin = time.perf_counter()
@@ -185,6 +186,7 @@ def run_original(sb: Sandbox, image: Path, rate: float | None) -> Run:
     ssh = sb.ssh.ssh_argv()
     remote_file = ".bench-bare.qcow2"
     size = image.stat().st_size
+    os.sync()
     cpu_before = namespace_cpu(sb.network)
     children = os.times()
     with LinkMeter(sb.network) as meter:

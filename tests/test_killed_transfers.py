@@ -404,3 +404,83 @@ def test_a_deep_tmpdir_still_has_room_for_the_control_socket(
 
     assert_one_good_copy(sb, image_id, image, tmp_path)
     assert logins(sb) - before == 2  # through the master, as ever
+
+
+def test_the_master_connection_killed_during_the_upload(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The ssh master (through which the upload helper runs) is killed mid-upload: the
+    attempt fails, saying so, with no copy left; the next one makes exactly one."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=256 * MiB, data_bytes=120 * MiB)
+    image_id = sb.source.upload_image(image, name="master", disk_format="qcow2")
+    settings = settings_for(
+        sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=1", "BWLIMIT=20M", "COMPRESS=none")}
+    )
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    migrating = subprocess.Popen(
+        [sys.executable, "-c", MIGRATE, str(settings.config_path), image_id, "site-s"],
+        env={**os.environ, "TMPDIR": str(tmpdir)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            "the upload", lambda: processes_of(sb.ssh.user, "follow_upload"), process=migrating
+        )
+        [master] = [
+            pid
+            for pid in descendants(migrating.pid)
+            if b"-M" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        ]
+        os.kill(master, signal.SIGKILL)
+        lines, _ = migrating.communicate(timeout=300)
+    finally:
+        if migrating.poll() is None:
+            migrating.kill()
+    assert migrating.returncode != 0
+    last = lines.splitlines()[-1]
+    assert last.startswith("Error: uploading into Glance at site-s failed (exit 255)"), last
+    assert "connection" in last, last
+    wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
+    assert sb.destination.find_by_property("source_uuid", image_id) == []
+
+    again = start_migration(settings, image_id, "site-s", tmpdir)
+    assert again.wait(timeout=300) == 0
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+    assert not list(sb.remote_staging.glob(f"{image_id}-*"))
+    assert not list(tmpdir.iterdir())
+
+
+def test_sigkill_while_learning_the_owner_leaves_no_probe_image(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Killed while it makes the empty probe image that tells it its project there (the
+    first migration to a site): the next attempt's probe removes the one left behind."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "s.qcow2", virtual_size=64 * MiB, data_bytes=8 * MiB)
+    image_id = sb.source.upload_image(image, name="probe", disk_format="qcow2")
+    settings = settings_for(sb, tmp_path)
+    sb.destination.upload_image(image, name="old-copy", disk_format="qcow2")  # a candidate
+    # ... of this image, so that the lookup has to learn the owner
+    [old] = [i for i in sb.destination.images() if i["name"] == "old-copy"]
+    sb.destination.client().images.update(old["id"], source_uuid=image_id)
+    migrating = start_migration(settings, image_id, "site-b", tmp_path / "tmp")
+    try:
+        wait_for(
+            "the probe",
+            lambda: processes_of(sb.ssh.user, "--name=migratio-owner-probe"),
+            process=migrating,
+        )
+        os.kill(migrating.pid, signal.SIGKILL)
+        migrating.wait()
+    finally:
+        if migrating.poll() is None:
+            migrating.kill()
+    wait_for("the probe's glance", lambda: not processes_of(sb.ssh.user, "owner-probe"), 30)
+
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-b"), Lines())
+
+    assert result.outcome is Outcome.MIGRATED
+    assert [i for i in sb.destination.images() if i["name"] == "migratio-owner-probe"] == []

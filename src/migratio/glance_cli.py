@@ -146,6 +146,14 @@ class RemoteGlance:
             return probe.owner
         finally:
             quietly(self.delete, probe.id)
+            quietly(self.delete_old_probes, probe)
+
+    def delete_old_probes(self, probe: ImageRecord) -> None:
+        """Delete the probes of attempts killed while they probed (ours, never given data);
+        learning the owner is what they were doing, so only the next probe finds them."""
+        for old in self.find(name=str(PROBE_FIELDS["name"])):
+            if old.id != probe.id and old.owner == probe.owner and old.status == "queued":
+                self.delete(old.id)
 
     def check_fields(self, image_id: str, fields: Mapping[str, Any]) -> None:
         """Refuse, before anything is sent, what ``--property KEY=VALUE`` cannot carry."""
@@ -239,11 +247,13 @@ class RemoteGlance:
             raise RemoteError(f"listing {remote_dir} at {self.site.site_id} failed: {done.tail()}")
         return [name for name in done.stdout.splitlines() if _UUID.match(name)]
 
-    def remove_parts(self, remote_dir: str, image_id: str) -> None:
-        """Remove the staging files of ``image_id`` there (any attempt's, any format, pieces)."""
+    def remove_parts(self, remote_dir: str, image_id: str, disk_format: str = "*") -> None:
+        """Remove the staging files of ``image_id`` there (any attempt's, pieces; of any
+        format, or of ``disk_format`` only)."""
         where = find_path(remote_dir)
+        name = f"{image_id}-*.{disk_format}.part*"
         self.ssh.run(
-            ["find", where, "-maxdepth", "1", "-name", f"{image_id}-*.part*", "-delete"],
+            ["find", where, "-maxdepth", "1", "-name", name, "-delete"],
             what="remove remote staging files",
             creds=False,
         )

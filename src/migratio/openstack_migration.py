@@ -287,7 +287,7 @@ class Migration:
                 )
                 # the helper removed what it fed; an earlier attempt may have sent the file
                 # in another layout (one file, or pieces: STREAMS=auto found another round trip)
-                quietly(self.remove_staged, cli, image.id)
+                quietly(self.remove_staged, cli, image.id, target_format)
             except AlreadyThere as there:
                 quietly(cli.remove_parts, self.remote_dir, image.id)
                 return self.already_there(there.copy)
@@ -296,10 +296,11 @@ class Migration:
                 shutil.rmtree(self.workdir, ignore_errors=True)
         return MigrationResult(Outcome.MIGRATED, copy_id, sent)
 
-    def remove_staged(self, cli: RemoteGlance, image_id: str) -> None:
-        """Remove the image's staging files there (this pair's: only while the lease is ours)."""
+    def remove_staged(self, cli: RemoteGlance, image_id: str, disk_format: str) -> None:
+        """Remove the image's staging files there in ``disk_format`` (this pair's: only while
+        the lease is ours; another site on the same account may be sending another format)."""
         self.fence()
-        cli.remove_parts(self.remote_dir, image_id)
+        cli.remove_parts(self.remote_dir, image_id, disk_format)
 
     # 6-8, REGISTER=api
     def stream_to_api(self, payload: Path, digests: Digests, fields: Mapping[str, Any]) -> str:
@@ -497,8 +498,14 @@ class Migration:
                 if "follow_upload: aborted" in upload.stderr and algo in upload.stderr:
                     for path in remote_files(remote_path, digests.size, piece):
                         quietly(cli.remove_file, path)  # wrong bytes: nothing to resume
+                why = upload.tail() or (
+                    f"the ssh connection to {self.site.ssh.host} was lost"
+                    if upload.returncode == 255
+                    else "it printed nothing"
+                )
                 raise RemoteError(
-                    f"uploading into Glance at {self.site.site_id} failed: {upload.tail()}",
+                    f"uploading into Glance at {self.site.site_id} failed "
+                    f"(exit {upload.returncode}): {why}",
                     retryable=True,
                 )
             if copy is None:

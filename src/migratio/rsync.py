@@ -72,18 +72,10 @@ def push(
         if match and on_progress is not None:
             on_progress(int(match.group(1).replace(",", "")))
 
-    done = processes.run(
-        argv, what="rsync", timeout=timeout, cancel=cancel, check=False, on_line=on_line, nice=NICE
-    )
-    for pause in LOGIN_RETRIES:
-        # rsync exits 255 or 12 (its stream closed before ssh was reaped), as it happens
-        if done.returncode == 0 or not login_refused(done.stderr) or cancelled(cancel):
-            break
-        log.info("the ssh login to %s was refused (%s); again in %.0f s",
-                 target.destination, done.tail(1), pause)  # fmt: skip
-        time.sleep(pause)
+    def run(argv: list[str]) -> processes.Completed:
+        """One run of rsync, within what is left of ``timeout``."""
         remaining = max(timeout - (time.monotonic() - begin), 1.0)
-        done = processes.run(
+        return processes.run(
             argv,
             what="rsync",
             timeout=remaining,
@@ -92,22 +84,24 @@ def push(
             on_line=on_line,
             nice=NICE,
         )
+
+    done = run(argv)
+    for pause in LOGIN_RETRIES:
+        # rsync exits 255 or 12 (its stream closed before ssh was reaped), as it happens
+        if done.returncode == 0 or not login_refused(done.stderr) or cancelled(cancel):
+            break
+        log.info("the ssh login to %s was refused (%s); again in %.0f s",
+                 target.destination, done.tail(1), pause)  # fmt: skip
+        time.sleep(pause)
+        done = run(argv)
     if done.returncode != 0 and compress != "none" and _refused_compression(done.stderr):
         log.warning(
             "rsync at %s cannot do %s compression (%s); sending uncompressed",
             target.destination, compress, done.tail(),
         )  # fmt: skip
         compress = "none"
-        argv = _argv(source, target, remote_path, sparse, io_timeout, compress, bwlimit, make_dir)
-        remaining = max(timeout - (time.monotonic() - begin), 1.0)
-        done = processes.run(
-            argv,
-            what="rsync",
-            timeout=remaining,
-            cancel=cancel,
-            check=False,
-            on_line=on_line,
-            nice=NICE,
+        done = run(
+            _argv(source, target, remote_path, sparse, io_timeout, compress, bwlimit, make_dir)
         )
     if done.returncode != 0:
         host_key = "Host key verification failed" in done.stderr

@@ -243,14 +243,21 @@ def feed(
             raise Abort("the transferred file is %d bytes, expected %d" % (fed, size))
         if time.monotonic() - last_growth > idle:
             raise Abort("the file stopped growing for %.0f s" % idle)
-        ready, _, _ = select.select([0], [], [], 0.1)
-        if ready:
-            message = os.read(0, 64)
-            if not message:
-                raise Abort("the migrating side went away")
-            if b"done" in message:
-                rsync_done = True
+        if heard_done(0.1):
+            rsync_done = True
     return rsync_done
+
+
+def heard_done(seconds: float) -> bool:
+    """Whether the migrating side said ``done`` within ``seconds``; :class:`Abort` if it went
+    away (EOF on our stdin)."""
+    ready, _, _ = select.select([0], [], [], seconds)
+    if not ready:
+        return False
+    message = os.read(0, 64)
+    if not message:
+        raise Abort("the migrating side went away")
+    return b"done" in message
 
 
 def wait_for_done(idle: float, guard: int) -> None:
@@ -265,13 +272,8 @@ def wait_for_done(idle: float, guard: int) -> None:
     while time.monotonic() < deadline:
         if not running(guard):
             raise Abort("the upload command exited early")
-        ready, _, _ = select.select([0], [], [], 0.1)
-        if ready:
-            message = os.read(0, 64)
-            if not message:
-                raise Abort("the migrating side went away")
-            if b"done" in message:
-                return
+        if heard_done(0.1):
+            return
     raise Abort("the migrating side did not confirm the transfer for %.0f s" % idle)
 
 
