@@ -20,7 +20,7 @@ destination Glance (site-b), the sshd side (rsync receiver, remote glance CLI), 
 rest of the machine (other sessions), against the cores' capacity over the run's wall time.
 
     MIGRATIO_SANDBOX_USER=... .venv/bin/python bench/many_destinations.py \\
-        [--data-mib 1024] [--virtual-mib 4096] [--small-mib 8]
+        [--data-mib 1024] [--virtual-mib 4096] [--small-mib 8] [--skip-part-one | --skip-part-two]
 
 Targets (issue 12): downloaded 1.0 x the image; one conversion per target format; wall time at
 once <= 0.5 x one after another; peak staging <= image + one copy per target format; never
@@ -408,6 +408,7 @@ def main() -> int:
     parser.add_argument("--virtual-mib", type=int, default=4096)
     parser.add_argument("--small-mib", type=int, default=8)
     parser.add_argument("--skip-part-one", action="store_true")
+    parser.add_argument("--skip-part-two", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="migratio-bench-") as tmp:
         work = Path(tmp)
@@ -418,7 +419,8 @@ def main() -> int:
         ):
             if not args.skip_part_one:
                 part_one(args, work, sb, moto, server.url)
-            part_two(args, work, sb, server.url)
+            if not args.skip_part_two:
+                part_two(args, work, sb, server.url)
     return 0
 
 
