@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -160,3 +161,34 @@ def wait_for_part(sb: Sandbox, image_id: str, size: int, timeout: float = 120) -
             return
         time.sleep(0.05)
     raise AssertionError("the transfer never got going")
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def processes_of(user: str, needle: str, program: str = "") -> dict[int, int]:
+    """pid → parent pid of ``user``'s live processes whose command line (its arguments
+    joined by NUL bytes) contains ``needle`` and whose program's name starts with
+    ``program``."""
+    uid = pwd.getpwnam(user).pw_uid
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        named = Path(cmdline.split(b"\0")[0].decode()).name.startswith(program)
+        if named and needle.encode() in cmdline and stat[0] != "Z":
+            found[int(entry)] = int(stat[1])
+    return found

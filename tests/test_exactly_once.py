@@ -25,7 +25,15 @@ from tests.sandbox.images import make_qcow2, sha256_file
 from tests.sandbox.moto_server import MotoServer
 from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
-from tests.support import children_of, descendants, push, settings_for, start_service, wait_for_part
+from tests.support import (
+    alive,
+    children_of,
+    descendants,
+    push,
+    settings_for,
+    start_service,
+    wait_for_part,
+)
 
 from migratio import lease
 from migratio.config import OpenStackSite, Settings, load_settings
@@ -49,14 +57,6 @@ def site_settings(
 
 
 # -- processes -------------------------------------------------------------------------------
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def started_at(pid: int) -> str | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from tests.sandbox.images import make_qcow2, sha256_file
 from tests.sandbox.site import Sandbox
-from tests.support import Lines, descendants, settings_for, wait_for_part
+from tests.support import Lines, alive, descendants, processes_of, settings_for, wait_for_part
 
 from migratio import rsync
 from migratio.config import OpenStackSite, Settings
@@ -78,32 +78,6 @@ def wait_for(
         if process is not None and process.poll() is not None:
             raise AssertionError(f"the migration ended (exit {process.returncode}) before {what}")
         time.sleep(0.02)
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def processes_of(user: str, needle: str) -> list[int]:
-    """``user``'s live processes whose command line contains ``needle``."""
-    uid = pwd.getpwnam(user).pw_uid
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{entry}").st_uid != uid:
-                continue
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle.encode() in argv and alive(int(entry)):
-            found.append(int(entry))
-    return found
 
 
 def active_copies(sb: Sandbox, image_id: str) -> list[dict[str, object]]:

@@ -20,7 +20,7 @@ import pytest
 from tests.sandbox.images import make_raw, sha256_file
 from tests.sandbox.old_python import python_for_user
 from tests.sandbox.site import Sandbox
-from tests.support import Lines, settings_for
+from tests.support import Lines, processes_of, settings_for
 
 from migratio.cli import main
 from migratio.config import OpenStackSite
@@ -96,27 +96,6 @@ def test_check_runs_the_helper_and_reports_an_unusable_python(
 
 
 # --- failing closed -----------------------------------------------------------------------
-
-
-def processes_of(user: str, needle: str, program: str = "") -> dict[int, int]:
-    """pid → parent pid of ``user``'s processes whose command line contains ``needle`` (and
-    whose program's name starts with ``program``)."""
-    uid = pwd.getpwnam(user).pw_uid
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{entry}").st_uid != uid:
-                continue
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        named = Path(argv[0].decode()).name.startswith(program)
-        if named and needle.encode() in b" ".join(argv) and stat[0] != "Z":
-            found[int(entry)] = int(stat[1])
-    return found
 
 
 def wait_for(what: str, condition: Callable[[], object], timeout: float = 60) -> None:
