@@ -14,12 +14,14 @@ import logging
 import os
 import pwd
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -64,6 +66,16 @@ def start_migration(
     )
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A TMPDIR for the migrating process short enough to hold its ssh master's control
+    socket, wherever pytest's ``tmp_path`` is (a deeper one makes the master use /tmp: see
+    test_a_deep_tmpdir_still_has_room_for_the_control_socket)."""
+    path = Path(tempfile.mkdtemp(prefix="kt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def wait_for(
     what: str,
     condition: Callable[[], object],
@@ -102,7 +114,7 @@ def remote_glance_running(sb: Sandbox, command: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("step", ["lookup", "pieces", "upload"])
 def test_sigkill_at_each_step_leaves_one_copy_and_nothing_else(
-    clean_sandbox: Sandbox, tmp_path: Path, step: str
+    clean_sandbox: Sandbox, tmp_path: Path, short_tmp: Path, step: str
 ) -> None:
     """SIGKILL of the migrating process while it looks for a copy (three streams already
     sending pieces), while the pieces go, and while the destination uploads them: the
@@ -114,7 +126,7 @@ def test_sigkill_at_each_step_leaves_one_copy_and_nothing_else(
     settings = settings_for(
         sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=3", "BWLIMIT=20M", "COMPRESS=none")}
     )
-    tmpdir = tmp_path / "tmp"
+    tmpdir = short_tmp
     migrating = start_migration(settings, image_id, "site-s", tmpdir)
     try:
         if step == "lookup":
@@ -381,7 +393,7 @@ def test_a_deep_tmpdir_still_has_room_for_the_control_socket(
 
 
 def test_the_master_connection_killed_during_the_upload(
-    clean_sandbox: Sandbox, tmp_path: Path
+    clean_sandbox: Sandbox, tmp_path: Path, short_tmp: Path
 ) -> None:
     """The ssh master (through which the upload helper runs) is killed mid-upload: the
     attempt fails, saying so, with no copy left; the next one makes exactly one."""
@@ -391,8 +403,7 @@ def test_the_master_connection_killed_during_the_upload(
     settings = settings_for(
         sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=1", "BWLIMIT=20M", "COMPRESS=none")}
     )
-    tmpdir = tmp_path / "tmp"
-    tmpdir.mkdir()
+    tmpdir = short_tmp
     migrating = subprocess.Popen(
         [sys.executable, "-c", MIGRATE, str(settings.config_path), image_id, "site-s"],
         env={**os.environ, "TMPDIR": str(tmpdir)},
