@@ -15,8 +15,10 @@ Steps, each idempotent so that a re-run after any failure finishes the job:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -490,7 +492,7 @@ class Migration:
                     "glance image-create at %s exited %d", self.site.site_id, upload.returncode
                 )
             finally:
-                follower.stop()
+                _end(follower)
             table = parse_table(upload.stdout)
             if "id" in table:
                 copy = ImageRecord.from_glance(table)
@@ -597,6 +599,19 @@ def remote_files(remote_path: str, size: int, segment: int | None) -> list[str]:
     if not segment:
         return [remote_path]
     return [f"{remote_path}.{k}" for k in range(-(-size // segment))]
+
+
+def _end(follower: processes.Child, grace: float = 10.0) -> None:
+    """End the remote upload and wait for it: EOF on its stdin makes the helper kill its
+    ``glance image-create`` and exit, so that an image record the CLI was still creating
+    exists before the caller looks for leftovers (then stop whatever is left)."""
+    if follower.poll() is None:
+        with contextlib.suppress(OSError):
+            if follower.popen.stdin is not None:
+                follower.popen.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            follower.popen.wait(timeout=grace)
+    follower.stop()
 
 
 def _tell(stream: Any, message: bytes) -> None:
