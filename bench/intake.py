@@ -34,8 +34,8 @@ from rq.serializers import JSONSerializer  # noqa: E402
 from tests.sandbox import sidekiq  # noqa: E402
 from tests.sandbox.images import make_qcow2  # noqa: E402
 
-from migratio.keys import OPENSTACK_MIGRATOR, Keys, migration_queue  # noqa: E402
-from migratio.openstack_migration import migrate_to_openstack  # noqa: E402
+from migratio.atmosphere.keys import OPENSTACK_MIGRATOR, Keys, migration_queue  # noqa: E402
+from migratio.openstack.migration import migrate_to_openstack  # noqa: E402
 from migratio.request import MigrationRequest  # noqa: E402
 from migratio.service import Service  # noqa: E402
 

@@ -55,9 +55,9 @@ from tests.sandbox.redis_server import RedisServer  # noqa: E402
 from tests.sandbox.site import Sandbox, api_site_conf  # noqa: E402
 from tests.support import max_parallel_settings, settings_for, worker_argv  # noqa: E402
 
+from migratio.atmosphere.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue  # noqa: E402
 from migratio.config import Settings  # noqa: E402
 from migratio.fair_share import DestinationShare  # noqa: E402
-from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue  # noqa: E402
 from migratio.service import Service  # noqa: E402
 from migratio.staging import disk_usage  # noqa: E402
 

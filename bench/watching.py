@@ -25,7 +25,7 @@ from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.registry import CollectorRegistry  # noqa: E402
 from tests.sandbox import sidekiq  # noqa: E402
 
-from migratio.keys import OPENSTACK_MIGRATOR, Keys, migration_queue  # noqa: E402
+from migratio.atmosphere.keys import OPENSTACK_MIGRATOR, Keys, migration_queue  # noqa: E402
 from migratio.metrics import MetricsCollector  # noqa: E402
 from migratio.overview import overview  # noqa: E402
 from migratio.service import Service  # noqa: E402

@@ -23,7 +23,7 @@ from tests.sandbox.images import make_qcow2, sha256_file  # noqa: E402
 from tests.sandbox.redis_server import RedisServer  # noqa: E402
 from tests.sandbox.site import Sandbox  # noqa: E402
 
-from migratio.keys import OPENSTACK_MIGRATOR, migration_queue  # noqa: E402
+from migratio.atmosphere.keys import OPENSTACK_MIGRATOR, migration_queue  # noqa: E402
 
 MiB = 1024 * 1024
 MIGRATIO = str(ROOT / ".venv" / "bin" / "migratio")

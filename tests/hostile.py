@@ -20,8 +20,8 @@ from pathlib import Path
 from redis import Redis
 from tests.sandbox import sidekiq
 
+from migratio.atmosphere.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.config import Settings
-from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
 
 MiB = 1024 * 1024
 CLASSES = (OPENSTACK_MIGRATOR, AMAZON_MIGRATOR)

@@ -14,8 +14,8 @@ from pathlib import Path
 from tests.sandbox import sidekiq
 from tests.sandbox.site import Sandbox, api_site_conf
 
+from migratio.atmosphere.keys import OPENSTACK_MIGRATOR, migration_queue
 from migratio.config import Settings, load_settings
-from migratio.keys import OPENSTACK_MIGRATOR, migration_queue
 
 
 def settings_for(
@@ -62,7 +62,7 @@ class Lines(list[str]):
 def no_work_left(staging_dir: Path) -> bool:
     """Nothing in staging but complete cache entries (no work dir, no half-made entry).
 
-    Dot files (the link history of :mod:`migratio.compression`) do not count.
+    Dot files (the link history of :mod:`migratio.openstack.compression`) do not count.
     """
     others = [p.name for p in staging_dir.iterdir() if p.name != "cache" and p.name[0] != "."]
     partial = list((staging_dir / "cache").glob("*.partial"))

@@ -25,13 +25,13 @@ from tests.sandbox.moto_server import MotoServer
 from tests.sandbox.site import Sandbox
 from tests.support import Lines, no_work_left, settings_for
 
-from migratio import status
-from migratio.amazon_migration import ami_name, migrate_to_amazon, register_params
-from migratio.aws import AwsClients
+from migratio.adapters.aws import AwsClients
+from migratio.amazon.migration import ami_name, migrate_to_amazon, register_params
+from migratio.amazon.raw_blocks import BLOCK_SIZE, allocated_bytes, nonzero_blocks
+from migratio.atmosphere import status
 from migratio.config import AmazonSite, Settings
 from migratio.errors import AwsError, Cancelled, ConfigError, ImageRefusedError, MigratioError
 from migratio.images import ImageRecord
-from migratio.raw_blocks import BLOCK_SIZE, allocated_bytes, nonzero_blocks
 from migratio.request import MigrationRequest, Outcome
 from migratio.waiting import wait_until
 

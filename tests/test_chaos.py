@@ -38,9 +38,9 @@ from tests.test_exactly_once import (
     wait_left,
 )
 
+from migratio.atmosphere.keys import OPENSTACK_MIGRATOR, Keys, migration_queue
+from migratio.atmosphere.status import ALREADY_UPLOADED
 from migratio.config import Settings, load_settings
-from migratio.keys import OPENSTACK_MIGRATOR, Keys, migration_queue
-from migratio.status import ALREADY_UPLOADED
 from migratio.sweep import sweep
 
 MiB = 1024 * 1024

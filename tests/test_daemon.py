@@ -31,10 +31,8 @@ from tests.support import (
     worker_argv,
 )
 
-from migratio.cli import main
-from migratio.config import Settings
-from migratio.feedback import AtmosphereSink
-from migratio.keys import (
+from migratio.atmosphere.feedback import AtmosphereSink
+from migratio.atmosphere.keys import (
     AMAZON_MIGRATOR,
     FEEDBACK_CLASS,
     FEEDBACK_QUEUE,
@@ -42,6 +40,8 @@ from migratio.keys import (
     Keys,
     migration_queue,
 )
+from migratio.cli import main
+from migratio.config import Settings
 from migratio.service import Service
 
 MiB = 1024 * 1024
@@ -291,8 +291,8 @@ def test_a_job_end_to_end_through_the_service(
     assert all(
         any(tag in x for tag in tags)
         for x in job_lines
-        if " migratio.openstack_migration:" in x
-        or " migratio.amazon_migration:" in x
+        if " migratio.openstack.migration:" in x
+        or " migratio.amazon.migration:" in x
         or " migratio.jobs:" in x
     )
 

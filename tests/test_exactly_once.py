@@ -36,11 +36,11 @@ from tests.support import (
 )
 
 from migratio import lease
+from migratio.adapters.glance_cli import RemoteGlance
+from migratio.amazon.raw_blocks import BLOCK_SIZE
+from migratio.atmosphere.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
+from migratio.atmosphere.status import ALREADY_UPLOADED
 from migratio.config import OpenStackSite, Settings, load_settings
-from migratio.glance_cli import RemoteGlance
-from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
-from migratio.raw_blocks import BLOCK_SIZE
-from migratio.status import ALREADY_UPLOADED
 from migratio.sweep import sweep
 
 MiB = 1024 * 1024

@@ -16,9 +16,9 @@ from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
 from tests.support import max_parallel_settings, push, start_service
 
+from migratio.atmosphere.keys import Keys
 from migratio.cli import main
 from migratio.fair_share import DestinationShare
-from migratio.keys import Keys
 
 MiB = 1024 * 1024
 

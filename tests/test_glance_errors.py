@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from tests.sandbox.ports import free_port
 
+from migratio.adapters.glance_api import GlanceApi
 from migratio.config import OpenStackCredentials
 from migratio.errors import GlanceError
-from migratio.glance_api import GlanceApi
 
 
 @pytest.mark.parametrize("via", ["keystone", "token"])

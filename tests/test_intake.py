@@ -31,12 +31,12 @@ from tests.sandbox import sidekiq
 from tests.sandbox.redis_server import RedisServer
 from tests.support import redis_only_settings
 
+from migratio.atmosphere.intake import Intake
+from migratio.atmosphere.keys import FEEDBACK_QUEUE, OPENSTACK_MIGRATOR, Keys, migration_queue
+from migratio.atmosphere.sidekiq import MAX_NESTING, MAX_PAYLOAD_BYTES, BadPayload, parse_job
 from migratio.config import Settings
-from migratio.intake import Intake
-from migratio.keys import FEEDBACK_QUEUE, OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.overview import overview
 from migratio.service import Service, rq_queue
-from migratio.sidekiq import MAX_NESTING, MAX_PAYLOAD_BYTES, BadPayload, parse_job
 
 IMAGE = "6f3c9a0e-1111-2222-3333-444455556666"
 MiB = 1024 * 1024

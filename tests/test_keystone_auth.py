@@ -18,10 +18,10 @@ from tests.sandbox.keystone_server import KeystoneServer
 from tests.sandbox.ports import free_port
 from tests.sandbox.site import Sandbox
 
+from migratio.adapters.glance_api import GlanceApi
 from migratio.cli import main
 from migratio.config import OpenStackCredentials
 from migratio.errors import GlanceError
-from migratio.glance_api import GlanceApi
 
 MiB = 1024 * 1024
 IMAGE_NAME = "keystone-auth-probe"

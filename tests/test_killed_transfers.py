@@ -30,9 +30,9 @@ from tests.sandbox.images import make_qcow2, sha256_file
 from tests.sandbox.site import Sandbox
 from tests.support import Lines, alive, descendants, processes_of, settings_for, wait_for_part
 
-from migratio import rsync
+from migratio.adapters import rsync
 from migratio.config import OpenStackSite, Settings
-from migratio.openstack_migration import migrate_to_openstack
+from migratio.openstack.migration import migrate_to_openstack
 from migratio.request import MigrationRequest, Outcome
 
 MiB = 1 << 20
@@ -42,7 +42,7 @@ MIGRATE = """
 import sys
 from pathlib import Path
 from migratio.config import load_settings
-from migratio.openstack_migration import migrate_to_openstack
+from migratio.openstack.migration import migrate_to_openstack
 from migratio.request import MigrationRequest
 
 settings = load_settings(Path(sys.argv[1]))
@@ -277,9 +277,9 @@ def test_a_login_sshd_refuses_is_tried_again(
         "exit $code\n"
     )
     slow_exit.chmod(0o755)
-    monkeypatch.setattr("migratio.ssh.SSH", str(slow_exit))
+    monkeypatch.setattr("migratio.adapters.ssh.SSH", str(slow_exit))
     refusals = Refusals()
-    logger = logging.getLogger("migratio.rsync")
+    logger = logging.getLogger("migratio.adapters.rsync")
     logger.addHandler(refusals)
     old_level = logger.level
     logger.setLevel(logging.INFO)

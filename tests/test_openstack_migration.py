@@ -20,7 +20,7 @@ from migratio.errors import (
     RemoteError,
     UnknownSiteError,
 )
-from migratio.openstack_migration import migrate_to_openstack
+from migratio.openstack.migration import migrate_to_openstack
 from migratio.request import MigrationRequest, Outcome
 
 HOSTILE_NAME = 'x"; touch /tmp/pwned; "'

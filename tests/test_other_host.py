@@ -23,7 +23,7 @@ from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
 from tests.support import settings_for
 
-from migratio.keys import OPENSTACK_MIGRATOR, migration_queue
+from migratio.atmosphere.keys import OPENSTACK_MIGRATOR, migration_queue
 from migratio.service import Service
 
 MiB = 1024 * 1024

@@ -26,7 +26,7 @@ from tests.support import Lines, settings_for
 
 from migratio.config import Settings
 from migratio.hashing import Digests, file_digests
-from migratio.openstack_migration import migrate_to_openstack
+from migratio.openstack.migration import migrate_to_openstack
 from migratio.request import MigrationRequest, Outcome
 
 MiB = 1024 * 1024

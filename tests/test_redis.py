@@ -19,9 +19,9 @@ from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
 from tests.support import settings_for
 
+from migratio.atmosphere.keys import OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.config import load_settings
 from migratio.errors import ConfigError, RedisFailure
-from migratio.keys import OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.redis_client import check_version, redacted
 from migratio.service import Service
 

@@ -20,15 +20,15 @@ from tests.sandbox.moto_server import MotoServer
 from tests.sandbox.site import Sandbox
 from tests.support import Lines, settings_for
 
-from migratio import status
-from migratio.amazon_migration import migrate_to_amazon
+from migratio.adapters.glance_api import GlanceApi
+from migratio.adapters.glance_cli import parse_table
+from migratio.adapters.qemu_img import QEMU_DRIVERS, WRITABLE, check_convertible
+from migratio.amazon.migration import migrate_to_amazon
+from migratio.atmosphere import status
 from migratio.config import OpenStackCredentials, OpenStackSite
 from migratio.errors import ConversionError, GlanceError, MetadataError
-from migratio.glance_api import GlanceApi
-from migratio.glance_cli import parse_table
 from migratio.hashing import Digests
-from migratio.openstack_migration import Migration, destination_for, migrate_to_openstack
-from migratio.qemu_img import QEMU_DRIVERS, WRITABLE, check_convertible
+from migratio.openstack.migration import Migration, destination_for, migrate_to_openstack
 from migratio.request import MigrationRequest, Outcome
 from migratio.source_site import SourceSite
 

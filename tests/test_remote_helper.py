@@ -22,10 +22,10 @@ from tests.sandbox.old_python import python_for_user
 from tests.sandbox.site import Sandbox
 from tests.support import Lines, processes_of, settings_for
 
+from migratio.adapters.glance_cli import RemoteGlance
 from migratio.cli import main
 from migratio.config import OpenStackSite
-from migratio.glance_cli import RemoteGlance
-from migratio.openstack_migration import migrate_to_openstack
+from migratio.openstack.migration import migrate_to_openstack
 from migratio.request import MigrationRequest, Outcome
 
 MiB = 1024 * 1024

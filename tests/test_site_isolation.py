@@ -17,7 +17,7 @@ from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
 from tests.support import settings_for
 
-from migratio.keys import OPENSTACK_MIGRATOR, migration_queue
+from migratio.atmosphere.keys import OPENSTACK_MIGRATOR, migration_queue
 
 MiB = 1024 * 1024
 BROKEN = "export EXTERNAL_USER=atmosphere\nexport EXTERNAL_HOTS=10.0.0.9\n"  # a typo

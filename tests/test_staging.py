@@ -23,9 +23,9 @@ from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox, api_site_conf
 from tests.support import no_work_left, redis_only_settings, settings_for, worker_argv
 
+from migratio.atmosphere.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, migration_queue
 from migratio.config import Settings
 from migratio.errors import StagingFullError
-from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, migration_queue
 from migratio.preflight import Level
 from migratio.preflight import _check_staging as check_staging
 from migratio.service import Service

@@ -13,16 +13,16 @@ from tests.sandbox.images import make_os_like_qcow2, make_qcow2, sha256_file
 from tests.sandbox.site import Sandbox
 from tests.support import Lines, settings_for
 
-from migratio import rsync
-from migratio.bandwidth import ThrottledReader
-from migratio.compression import LinkHistory, PieceCompression, choose
+from migratio.adapters import rsync
+from migratio.adapters.glance_api import GlanceApi
 from migratio.config import ConfigError, OpenStackSite, load_site
 from migratio.errors import Cancelled, RemoteError
-from migratio.glance_api import GlanceApi
 from migratio.hashing import Digests, file_digests
-from migratio.openstack_migration import migrate_to_openstack
+from migratio.openstack.bandwidth import ThrottledReader
+from migratio.openstack.compression import LinkHistory, PieceCompression, choose
+from migratio.openstack.migration import migrate_to_openstack
+from migratio.openstack.streams import piece_size, stream_count
 from migratio.request import MigrationRequest, Outcome
-from migratio.streams import piece_size, stream_count
 
 MiB = 1 << 20
 
@@ -40,7 +40,7 @@ def migrate(
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("migratio.openstack_migration")
+    logger = logging.getLogger("migratio.openstack.migration")
     logger.addHandler(handler)
     old_level = logger.level
     logger.setLevel(logging.INFO)

@@ -30,10 +30,10 @@ from tests.sandbox.site import Sandbox, api_site_conf
 from tests.support import descendants, push, redis_only_settings, settings_for, worker_argv
 
 from migratio import metrics
+from migratio.atmosphere.keys import AMAZON_MIGRATOR, Keys, migration_queue
 from migratio.cli import main
 from migratio.config import Settings
 from migratio.errors import ConfigError
-from migratio.keys import AMAZON_MIGRATOR, Keys, migration_queue
 from migratio.logs import DailyFile
 from migratio.service import Service
 

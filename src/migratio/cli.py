@@ -16,9 +16,11 @@ from types import FrameType
 from redis.exceptions import RedisError
 
 from migratio import __version__, metrics
+from migratio.atmosphere.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
+from migratio.atmosphere.sidekiq import payload, push
+from migratio.atmosphere.status import FanOut, LogSink, StatusSink
 from migratio.config import Settings, default_config_path, load_settings
 from migratio.errors import Cancelled, ConfigError, MigratioError, RedisFailure
-from migratio.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.lease import Lease
 from migratio.logs import setup_logging
 from migratio.operations import retry_failed
@@ -32,8 +34,6 @@ from migratio.service import (
     run_worker,
     worker_command,
 )
-from migratio.sidekiq import payload, push
-from migratio.status import FanOut, LogSink, StatusSink
 
 log = logging.getLogger("migratio")
 

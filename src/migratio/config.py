@@ -150,7 +150,8 @@ class SshTarget:
     known_hosts: Path | None = None
     ciphers: str = DEFAULT_CIPHERS
     connect_timeout: int = 15
-    #: a running master connection to share (:class:`migratio.ssh.SshMaster`); not configured
+    #: a running master connection to share (:class:`~migratio.adapters.ssh.SshMaster`);
+    #: not configured
     control_path: Path | None = None
 
     @property
@@ -174,7 +175,7 @@ class OpenStackSite:
     remote_creds: str = "~/.creds"
     remote_glance: str = "glance"
     remote_python: str = "python3"
-    #: rsync compression: auto (decided per image, see migratio.compression), zstd, lz4, none
+    #: rsync compression: auto (decided per image, see openstack.compression), zstd, lz4, none
     compress: Literal["auto", "zstd", "lz4", "none"] = "auto"
     #: the cap, in bytes per second, of what goes over the link to this site (None: no cap)
     bwlimit: int | None = None

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from migratio import status
+from migratio.atmosphere import status
 
 log = logging.getLogger(__name__)
 

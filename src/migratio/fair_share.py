@@ -28,7 +28,7 @@ from rq import Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from migratio.keys import Keys
+from migratio.atmosphere.keys import Keys
 
 log = logging.getLogger(__name__)
 

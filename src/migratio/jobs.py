@@ -14,17 +14,17 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from migratio import metrics
+from migratio.atmosphere.feedback import AtmosphereSink
+from migratio.atmosphere.keys import Keys
+from migratio.atmosphere.status import FanOut, LogSink, StatusSink
 from migratio.config import Settings, load_settings
 from migratio.errors import MigratioError
 from migratio.fair_share import DestinationShare, first_job, wait_off_worker
-from migratio.feedback import AtmosphereSink
-from migratio.keys import Keys
 from migratio.lease import Lease
 from migratio.logs import job_context, job_tag, mark_logged
 from migratio.migration import migrate
 from migratio.request import MigrationRequest, MigrationResult
 from migratio.rq_worker import record_failure
-from migratio.status import FanOut, LogSink, StatusSink
 
 log = logging.getLogger(__name__)
 

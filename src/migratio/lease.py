@@ -28,8 +28,8 @@ from contextlib import contextmanager, suppress
 from redis import Redis
 from redis.exceptions import RedisError
 
+from migratio.atmosphere.keys import Keys
 from migratio.errors import Cancelled
-from migratio.keys import Keys
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from migratio import __version__, redis_client
+from migratio.atmosphere.keys import Keys, migration_queue
 from migratio.errors import ConfigError
-from migratio.keys import Keys, migration_queue
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector

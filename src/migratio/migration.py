@@ -6,11 +6,11 @@ import threading
 from collections.abc import Callable
 from typing import Literal
 
+from migratio.atmosphere.status import StatusSink
 from migratio.config import Settings
 from migratio.errors import ConfigError, MigratioError
-from migratio.openstack_migration import migrate_to_openstack
+from migratio.openstack.migration import migrate_to_openstack
 from migratio.request import MigrationRequest, MigrationResult
-from migratio.status import StatusSink
 
 _KIND_NAMES = {"openstack": "OpenStack", "amazon": "Amazon"}
 
@@ -42,7 +42,7 @@ def migrate(
         raise
     if site.kind == "amazon":
         # imported here: boto3 costs ~0.3 s that a migration to OpenStack need not wait for
-        from migratio.amazon_migration import migrate_to_amazon  # noqa: PLC0415
+        from migratio.amazon.migration import migrate_to_amazon  # noqa: PLC0415
 
         return migrate_to_amazon(settings, request, sink, cancel=cancel, fence=fence)
     return migrate_to_openstack(settings, request, sink, cancel=cancel, fence=fence)

@@ -31,13 +31,13 @@ from rq.job import Job
 from rq.registry import BaseRegistry
 from rq.serializers import JSONSerializer
 
+from migratio.atmosphere.keys import Keys, migration_queue
+from migratio.atmosphere.sidekiq import BadPayload, parse_job, printable
 from migratio.config import Settings
 from migratio.fair_share import DestinationShare
-from migratio.keys import Keys, migration_queue
 from migratio.metrics import queue_depths
 from migratio.redis_client import redacted
 from migratio.service import rq_queue
-from migratio.sidekiq import BadPayload, parse_job, printable
 
 #: jobs listed per state (the counts are always complete)
 SHOWN = 20

@@ -8,14 +8,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from migratio import processes, redis_client
-from migratio.aws import AwsClients, aws_errors, known_regions
+from migratio import redis_client
+from migratio.adapters import processes
+from migratio.adapters.aws import AwsClients, aws_errors, known_regions
+from migratio.adapters.glance_api import GlanceApi
+from migratio.adapters.glance_cli import follow_upload_source
+from migratio.adapters.ssh import SshClient
+from migratio.atmosphere.status import human_bytes
 from migratio.config import AmazonSite, OpenStackSite, Settings
 from migratio.errors import AwsError, MigratioError, RedisFailure
-from migratio.glance_api import GlanceApi
-from migratio.glance_cli import follow_upload_source
-from migratio.ssh import SshClient
-from migratio.status import human_bytes
 
 
 class Level(Enum):

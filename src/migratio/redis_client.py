@@ -25,8 +25,8 @@ from urllib.parse import parse_qs, urlsplit
 from redis import Redis
 from redis import exceptions as rexc
 
+from migratio.atmosphere.keys import Keys, migration_queue
 from migratio.errors import ConfigError, RedisFailure
-from migratio.keys import Keys, migration_queue
 
 SCHEMES = ("redis", "rediss", "unix")
 #: BLMOVE, which takes jobs without losing one, came with Redis 6.2

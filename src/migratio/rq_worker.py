@@ -11,7 +11,7 @@ RQ's worker forks a work-horse per job into its own process group. Here:
 * the work-horse gets SIGKILL when its worker dies (``PR_SET_PDEATHSIG``), so a worker killed
   on its own (the OOM killer, ``kill -9 PID``) never leaves a horse migrating on under PID 1
   while the job is re-queued; the horse's tools get SIGTERM in turn (see
-  :mod:`migratio.processes`);
+  :mod:`migratio.adapters.processes`);
 * the first SIGTERM is a warm stop (the running migration finishes), every later one — at any
   time, not only a second after — a cold stop: the horse and its tools are killed, the lease
   is released and the job goes back to the front of the queue, without using up a retry.
@@ -40,11 +40,11 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 
 from migratio import metrics
+from migratio.atmosphere.keys import Keys
+from migratio.atmosphere.sidekiq import push_status
 from migratio.config import Settings
-from migratio.keys import Keys
 from migratio.lease import release_job
 from migratio.logs import job_context, job_tag, was_logged
-from migratio.sidekiq import push_status
 
 log = logging.getLogger(__name__)
 

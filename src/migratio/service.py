@@ -1,11 +1,11 @@
 """``migratio run``: the long-running service for one site.
 
 The loop is ``while not stopping: run_once()``; :meth:`Service.run_once` is what tests drive.
-It takes Atmosphere's jobs (see :mod:`migratio.intake`), keeps the RQ worker processes alive,
-and re-queues jobs whose worker died. Redis being down is an outage to wait out with capped
-exponential backoff, logged once, never a crash. Signal handlers only count requests: the first
-SIGTERM is a warm stop (workers finish their current job), every later one a cold one (see
-:mod:`migratio.rq_worker`).
+It takes Atmosphere's jobs (see :mod:`~migratio.atmosphere.intake`), keeps the RQ worker
+processes alive, and re-queues jobs whose worker died. Redis being down is an outage to wait
+out with capped exponential backoff, logged once, never a crash. Signal handlers only count
+requests: the first SIGTERM is a warm stop (workers finish their current job), every later one
+a cold one (see :mod:`migratio.rq_worker`).
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from rq import Queue
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
-from migratio import processes, redis_client, sweep
+from migratio import redis_client, sweep
+from migratio.adapters import processes
+from migratio.atmosphere.intake import Intake
+from migratio.atmosphere.keys import Keys
 from migratio.config import Settings
-from migratio.intake import Intake
-from migratio.keys import Keys
 from migratio.rq_worker import MigratioWorker, reclaim_abandoned
 
 log = logging.getLogger(__name__)

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from migratio import qemu_img
+from migratio.adapters import qemu_img
+from migratio.adapters.glance_api import GlanceApi
+from migratio.atmosphere.status import Progress, StatusSink, human_bytes
 from migratio.config import Settings
 from migratio.errors import ImageNotFoundError
-from migratio.glance_api import GlanceApi
 from migratio.hashing import file_digests
 from migratio.images import ImageRecord
 from migratio.inspection import inspect_image
 from migratio.staging import Entry, StagingCache, entry_name
-from migratio.status import Progress, StatusSink, human_bytes
 
 log = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from migratio.atmosphere.status import human_bytes
 from migratio.errors import Cancelled, StagingFullError
-from migratio.status import human_bytes
 
 log = logging.getLogger(__name__)
 

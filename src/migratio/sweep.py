@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 from redis import Redis
 
+from migratio.atmosphere.keys import Keys
 from migratio.config import AmazonSite, OpenStackSite, Settings
 from migratio.errors import MigratioError
-from migratio.keys import Keys
 from migratio.lease import Lease
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class Sweeper:
                     self.report.removed.append(f"local {entry}")
 
     def openstack(self, site: OpenStackSite) -> None:
-        from migratio.openstack_migration import destination_for  # noqa: PLC0415 (heavy)
+        from migratio.openstack.migration import destination_for  # noqa: PLC0415 (heavy)
 
         destination = destination_for(site, self.settings)
         owner: str | None = None
@@ -115,7 +115,7 @@ class Sweeper:
                     self.report.removed.append(f"{copy.status} image {copy.id} at {site.site_id}")
         if site.register != "ssh":
             return
-        from migratio.glance_cli import RemoteGlance  # noqa: PLC0415
+        from migratio.adapters.glance_cli import RemoteGlance  # noqa: PLC0415
 
         assert isinstance(destination, RemoteGlance)
         remote_dir = site.remote_staging_dir.rstrip("/") or "."
@@ -128,8 +128,8 @@ class Sweeper:
                     self.report.removed.append(f"{remote_dir}/{name} at {site.site_id}")
 
     def amazon(self, site: AmazonSite) -> None:
-        from migratio.amazon_migration import unused_snapshots  # noqa: PLC0415 (heavy)
-        from migratio.aws import AwsClients  # noqa: PLC0415
+        from migratio.adapters.aws import AwsClients  # noqa: PLC0415
+        from migratio.amazon.migration import unused_snapshots  # noqa: PLC0415 (heavy)
 
         clients = AwsClients(site, self.settings.aws)
         for image_id, snapshot_id in unused_snapshots(clients.ec2, self.settings.name):

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from migratio import processes
+from migratio.adapters import processes
 from migratio.config import SshTarget
 from migratio.errors import RemoteError
 
@@ -211,8 +211,8 @@ class SshMaster:
     comes before it is up (or after it died) logs in on its own, as without a master.
 
     The control socket lives in a private directory of its own (0700), and the master is an
-    ordinary child (:mod:`migratio.processes`): stopped with the migration, never left behind
-    (no ``ControlPersist``). The directories of processes that were killed are removed by the
+    ordinary child (:mod:`~migratio.adapters.processes`): stopped with the migration, never left
+    behind (no ``ControlPersist``). The directories of processes that were killed are removed by the
     next master (:func:`remove_stale_control_dirs`).
     """
 

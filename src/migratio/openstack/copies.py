@@ -59,7 +59,7 @@ def _why_not_converted(copy: ImageRecord, image: ImageRecord) -> str | None:
 
 class Owners:
     """The project each destination registers into, remembered across jobs in ``directory``
-    (the staging directory, ``.owner-<site>.json``, beside :mod:`migratio.compression`'s).
+    (the staging directory, ``.owner-<site>.json``, beside :mod:`migratio.openstack.compression`'s).
 
     An entry is tied to the site file's contents: a changed file (other credentials, another
     host) is learned again. Every image migratio registers refreshes the entry.

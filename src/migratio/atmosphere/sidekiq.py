@@ -18,9 +18,9 @@ from typing import Any, Literal
 from redis import Redis
 from redis.client import Pipeline
 
+from migratio.atmosphere.keys import FEEDBACK_CLASS, FEEDBACK_QUEUE, MIGRATION_CLASSES, Keys
 from migratio.config import check_site_id
 from migratio.errors import MigratioError, PayloadError
-from migratio.keys import FEEDBACK_CLASS, FEEDBACK_QUEUE, MIGRATION_CLASSES, Keys
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _JID = re.compile(r"[0-9a-f]{24}")

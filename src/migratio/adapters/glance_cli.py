@@ -1,6 +1,6 @@
 """Adapter for the destination host's ``glance`` CLI, run over SSH as the original did.
 
-Every argument is quoted by :mod:`migratio.ssh`; the CLI's tables are parsed here.
+Every argument is quoted by :mod:`migratio.adapters.ssh`; the CLI's tables are parsed here.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
-from migratio import processes
+from migratio.adapters import processes
+from migratio.adapters.ssh import SshClient
 from migratio.config import OpenStackSite
-from migratio.copies import PROBE_FIELDS
 from migratio.errors import MetadataError, RemoteError, quietly
 from migratio.images import ImageRecord
-from migratio.ssh import SshClient
+from migratio.openstack.copies import PROBE_FIELDS
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _ROW = re.compile(r"^\|\s?(.*?)\s*\|\s?(.*?)\s*\|$")

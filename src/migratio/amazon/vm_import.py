@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 
-from migratio.aws import aws_errors, describe, tag_dict, tags
+from migratio.adapters.aws import aws_errors, describe, tag_dict, tags
 from migratio.errors import AwsError, Cancelled, NotUploadedError
 from migratio.waiting import wait_until
 

@@ -30,11 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from migratio import rsync
-from migratio.compression import PieceCompression
+from migratio.adapters import rsync
+from migratio.adapters.ssh import SshMaster
 from migratio.config import SshTarget
 from migratio.errors import Cancelled
-from migratio.ssh import SshMaster
+from migratio.openstack.compression import PieceCompression
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ Steps, each safe to run again after any failure:
    failed AMIs and unfinished snapshots that an earlier attempt left;
 3. get the bytes and inspect them (:mod:`migratio.source_site`, as for OpenStack);
 4. by default (``UPLOAD_METHOD=ebs``): qemu-img to a sparse raw file, its data blocks into an
-   EBS snapshot (:mod:`migratio.ebs_snapshot`), ``register_image`` from it;
+   EBS snapshot (:mod:`migratio.amazon.ebs_snapshot`), ``register_image`` from it;
    with ``UPLOAD_METHOD=vmimport``: a stream-optimized VMDK, S3, ``import_image``
-   (:mod:`migratio.vm_import`), the S3 object deleted;
+   (:mod:`migratio.amazon.vm_import`), the S3 object deleted;
 5. tag the AMI and its snapshots: ``Name``, ``source_uuid``, ``source_cs``, ``source_t``.
 
 On failure, what this attempt made (snapshot, AMI, S3 object, import task) is removed.
@@ -27,24 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from migratio import qemu_img, status
-from migratio.aws import AwsClients, aws_errors, tag_dict, tag_filters, tags
-from migratio.config import AmazonSite, Settings
-from migratio.ebs_snapshot import upload_snapshot
-from migratio.errors import (
-    AwsError,
-    ConfigError,
-    ImageRefusedError,
-    MigratioError,
-    quietly,
-)
-from migratio.glance_api import GlanceApi
-from migratio.images import ImageRecord
-from migratio.raw_blocks import BLOCK_SIZE, data_block_count
-from migratio.request import MigrationRequest, MigrationResult, Outcome
-from migratio.source_site import SourceSite
-from migratio.status import Progress, StatusSink, human_bytes
-from migratio.vm_import import (
+from migratio.adapters import qemu_img
+from migratio.adapters.aws import AwsClients, aws_errors, tag_dict, tag_filters, tags
+from migratio.adapters.glance_api import GlanceApi
+from migratio.amazon.ebs_snapshot import upload_snapshot
+from migratio.amazon.raw_blocks import BLOCK_SIZE, data_block_count
+from migratio.amazon.vm_import import (
     ImportedImage,
     delete_object,
     start_import,
@@ -52,6 +40,19 @@ from migratio.vm_import import (
     upload_to_s3,
     wait_for_import,
 )
+from migratio.atmosphere import status
+from migratio.atmosphere.status import Progress, StatusSink, human_bytes
+from migratio.config import AmazonSite, Settings
+from migratio.errors import (
+    AwsError,
+    ConfigError,
+    ImageRefusedError,
+    MigratioError,
+    quietly,
+)
+from migratio.images import ImageRecord
+from migratio.request import MigrationRequest, MigrationResult, Outcome
+from migratio.source_site import SourceSite
 from migratio.waiting import wait_until
 
 if TYPE_CHECKING:

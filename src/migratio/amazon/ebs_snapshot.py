@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from migratio.aws import aws_errors, tags
+from migratio.adapters.aws import aws_errors, tags
+from migratio.amazon.raw_blocks import BLOCK_SIZE, Block, nonzero_blocks
 from migratio.errors import Cancelled, NotUploadedError
-from migratio.raw_blocks import BLOCK_SIZE, Block, nonzero_blocks
 from migratio.waiting import wait_until
 
 if TYPE_CHECKING:

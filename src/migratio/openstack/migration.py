@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from migratio import compression, processes, qemu_img, rsync, status
-from migratio.bandwidth import ThrottledReader
-from migratio.compression import LinkHistory, PieceCompression
+from migratio.adapters import processes, qemu_img, rsync
+from migratio.adapters.glance_api import GlanceApi
+from migratio.adapters.glance_cli import RemoteGlance, parse_table
+from migratio.adapters.ssh import LOGIN_RETRIES, SshMaster, login_refused
+from migratio.atmosphere import status
+from migratio.atmosphere.status import Progress, StatusSink, human_bytes
 from migratio.config import OpenStackSite, Settings
-from migratio.copies import Owners, why_not_ours
 from migratio.errors import (
     ConfigError,
     MetadataError,
@@ -41,15 +43,15 @@ from migratio.errors import (
     VerificationError,
     quietly,
 )
-from migratio.glance_api import GlanceApi
-from migratio.glance_cli import RemoteGlance, parse_table
 from migratio.hashing import Digests
 from migratio.images import CONVERTED_HASH, LINK_PROPERTIES, SOURCE_HASH, ImageRecord
+from migratio.openstack import compression
+from migratio.openstack.bandwidth import ThrottledReader
+from migratio.openstack.compression import LinkHistory, PieceCompression
+from migratio.openstack.copies import Owners, why_not_ours
+from migratio.openstack.streams import linked, measure_rtt, piece_size, push_ranges, stream_count
 from migratio.request import MigrationRequest, MigrationResult, Outcome
 from migratio.source_site import SourceSite
-from migratio.ssh import LOGIN_RETRIES, SshMaster, login_refused
-from migratio.status import Progress, StatusSink, human_bytes
-from migratio.streams import linked, measure_rtt, piece_size, push_ranges, stream_count
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ class Migration:
         return self.owners.get(self.site.site_id, self.site.path, self.destination.own_project)
 
     def existing_copy(self, image: ImageRecord, target_format: str) -> ImageRecord | None:
-        """Our proven copy of the image there (:mod:`migratio.copies`), or None.
+        """Our proven copy of the image there (:mod:`migratio.openstack.copies`), or None.
 
         Unfinished copies an interrupted attempt of ours left are deleted on the way.
         """
@@ -340,7 +342,7 @@ class Migration:
         """rsync ``payload`` there, compressed as the site's ``COMPRESS`` says (or ``auto``).
 
         With ``piece``, it goes in pieces of that size over ``streams`` connections at once
-        (:mod:`migratio.streams`). The remote staging directory is made on the way.
+        (:mod:`migratio.openstack.streams`). The remote staging directory is made on the way.
         """
         assert self.site.ssh is not None
         history = LinkHistory(self.settings.staging_dir)

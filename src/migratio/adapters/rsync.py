@@ -11,10 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from migratio import processes
+from migratio.adapters import processes
+from migratio.adapters.ssh import LOGIN_RETRIES, cancelled, login_refused, rsync_shell
 from migratio.config import SshTarget
 from migratio.errors import TransferError
-from migratio.ssh import LOGIN_RETRIES, cancelled, login_refused, rsync_shell
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from redis import Redis
 from redis.exceptions import RedisError
 
-from migratio.keys import Keys
-from migratio.sidekiq import push_status
+from migratio.atmosphere.keys import Keys
+from migratio.atmosphere.sidekiq import push_status
 
 log = logging.getLogger(__name__)
 

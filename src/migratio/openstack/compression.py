@@ -11,7 +11,7 @@
    of input; lz4 is nearly free but sends more.  Over a link slower than
    :data:`ZSTD_BELOW` zstd wins; above :data:`LZ4_BELOW` (a LAN, loopback) compression only
    costs CPU and nothing is compressed; in between, lz4.  While the link is not known yet,
-   the round trip to the site's SSH port (measured anyway, see :mod:`migratio.streams`)
+   the round trip to the site's SSH port (measured anyway, see :mod:`migratio.openstack.streams`)
    stands in: :data:`WAN_RTT` or more is a WAN (zstd), less or unknown lz4.  Only transfers
    sent uncompressed are remembered: a compressed one measures the compressor, not the link.
 3. **whether there is a core to spare**: zstd only when the load average leaves at least one
@@ -20,7 +20,7 @@
    so lz4, which costs a fraction of zstd's CPU, is used instead -- except over a link known
    to be slower than :data:`SLOW_LINK`, which a fraction of a core keeps full.
    While the link's rate is not known, a transfer in pieces (several streams, see
-   :mod:`migratio.streams`) measures it: its first pieces go with lz4 (cheap enough not to
+   :mod:`migratio.openstack.streams`) measures it: its first pieces go with lz4 (cheap enough not to
    be the limit), and if the wire rate they reached is under :data:`SLOW_LINK` the rest goes
    with zstd (:class:`PieceCompression`). A round trip alone cannot tell a slow link from a
    fast one far away (200 Mbit/s and 1 Gbit/s at 40 ms): zstd wins on the first and makes
@@ -134,7 +134,7 @@ def _choose(setting: str, path: Path, link_rate: float | None, rtt: float | None
 
 
 class PieceCompression:
-    """The algorithm for each piece of a transfer in pieces (:mod:`migratio.streams`).
+    """The algorithm for each piece of a transfer in pieces (:mod:`migratio.openstack.streams`).
 
     A provisional ``auto`` choice (the link's rate not known) starts with lz4 and, once
     ``streams`` pieces have gone, looks at the wire rate they reached: under

@@ -22,10 +22,10 @@ from keystoneauth1 import session, token_endpoint
 from keystoneauth1.identity import generic
 
 from migratio.config import OpenStackCredentials
-from migratio.copies import PROBE_FIELDS
 from migratio.errors import GlanceError, VerificationError, quietly
 from migratio.hashing import BLOCK, Digests, Readable, VerifyingReader
 from migratio.images import ImageRecord
+from migratio.openstack.copies import PROBE_FIELDS
 
 log = logging.getLogger(__name__)
 

@@ -37,10 +37,8 @@ from rq.job import Job, JobStatus
 from rq.queue import EnqueueData
 
 from migratio import metrics
-from migratio.config import Settings
-from migratio.errors import SiteConfigError, UnknownSiteError
-from migratio.keys import FEEDBACK_QUEUE, Keys, migration_queue
-from migratio.sidekiq import (
+from migratio.atmosphere.keys import FEEDBACK_QUEUE, Keys, migration_queue
+from migratio.atmosphere.sidekiq import (
     MAX_PAYLOAD_BYTES,
     BadPayload,
     MigrationJob,
@@ -50,6 +48,8 @@ from migratio.sidekiq import (
     shown,
     status_payload,
 )
+from migratio.config import Settings
+from migratio.errors import SiteConfigError, UnknownSiteError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from migratio import processes
+from migratio.adapters import processes
 from migratio.errors import ConversionError
 
 QEMU_IMG = "qemu-img"
