@@ -184,7 +184,7 @@ def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float |
         wire=meter.wire / size,
         utilisation=meter.rate() / link if link else 0.0,
         decision=decision.group(1) if decision else "-",
-        trial=trial[-1].split("compression: ", 1)[1] if trial else "",
+        trial=trial[-1].split("compression: ")[-1] if trial else "",
         peak_rss=peak.bytes / MB,
         cpu_src=(usage.ru_utime + usage.ru_stime) / (size / GiB),
         cpu_dst=cpu_dst / (size / GiB),

@@ -336,6 +336,29 @@ def test_auto_tries_lz4_against_zstd_on_an_unknown_link(
         "compression: lz4 reached 16 MB/s of file per piece, zstd 23 MB/s: zstd from now on"
     )
 
+    slowed = PieceCompression(guess, streams=2, pieces=10)  # zstd chosen, then the load grew
+    for k, algorithm, seconds in [
+        (0, "lz4", 2.0),
+        (1, "lz4", 2.0),
+        (2, "zstd", 1.4),
+        (3, "zstd", 1.4),
+    ]:
+        assert slowed.for_piece(k) == algorithm
+        slowed.sent(k, algorithm, 32 * MiB, seconds)
+    for k in (4, 5, 6):
+        assert slowed.for_piece(k) == "zstd"
+    slowed.sent(4, "zstd", 32 * MiB, 3.0)  # 11 MB/s, the wave before it 24: not yet
+    slowed.sent(5, "zstd", 16 * MiB, 3.0)  # the file's last piece, shorter: not counted
+    assert slowed.for_piece(7) == "zstd"
+    slowed.sent(6, "zstd", 32 * MiB, 3.0)  # a whole wave of zstd under lz4's 17 MB/s
+    assert [slowed.for_piece(k) for k in (8, 9)] == ["lz4", "lz4"]
+    slowed.sent(8, "lz4", 32 * MiB, 2.0)
+    assert slowed.summary() == "lz4, then zstd, back to lz4"
+    assert caplog.messages[-1] == (
+        "compression: zstd's last 2 pieces reached 11 MB/s of file per piece, under "
+        "lz4's 17 MB/s: lz4 from now on"
+    )
+
     fast = PieceCompression(guess, streams=2, pieces=8)
     assert [fast.for_piece(k) for k in range(4)] == ["lz4", "lz4", "zstd", "zstd"]
     fast.sent(0, "lz4", 32 * MiB, 0.5)
@@ -380,12 +403,13 @@ def test_a_slow_link_is_found_by_the_first_pieces_and_gets_zstd(
     sb = clean_sandbox
     if sb.network is None:
         pytest.skip("needs the two-host sandbox (a shaped link)")
-    # 7 pieces of 32 MiB over 2 streams: a wave of lz4, one of zstd, and the rest
+    # 6 pieces of 32 MiB over 2 streams: a wave of lz4, one of zstd, and the rest; at
+    # 100 Mbit/s a piece takes seconds, not much more than its start (a few round trips)
     image = make_os_like_qcow2(tmp_path / "os.qcow2", virtual_size=512 * MiB, data_bytes=208 * MiB)
     image_id = sb.source.upload_image(image, name="slow-link", disk_format="qcow2")
     settings = settings_for(sb, tmp_path, **{"site-t": site_b_with(sb, "STREAMS=2")})
     lines = Lines()
-    sb.shape(200, 40)
+    sb.shape(100, 40)
     try:
         result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-t"), lines)
     finally:

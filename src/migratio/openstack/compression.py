@@ -27,7 +27,8 @@
    pieces (one per stream) goes with lz4, the second with zstd, and the rest with the one
    whose pieces carried more of the *file* per second -- zstd only if it was at least
    :data:`ZSTD_MARGIN` times faster, since later pieces run over warmed-up TCP windows
-   (:class:`PieceCompression`). A round trip cannot tell a slow link from a fast one far
+   (:class:`PieceCompression`); should a later wave of zstd fall under lz4's rate, lz4 for
+   the rest. A round trip cannot tell a slow link from a fast one far
    away (200 Mbit/s and 1 Gbit/s at 40 ms): zstd wins on the first and makes the transfer
    CPU-bound on the second; nor can the wire rate of lz4's pieces (pieces that are short,
    CPU-bound or dominated by their start look like a slow link). Only the file's rate under
@@ -154,7 +155,10 @@ class PieceCompression:
     once) go with lz4 and the next ``streams`` with zstd; once both waves are in, the rest
     goes with zstd if its pieces carried at least :data:`ZSTD_MARGIN` times lz4's file bytes
     per second (mean over the wave), else with lz4. A piece that starts before the second
-    wave is in takes the one ahead so far (lz4 until zstd is). With fewer than
+    wave is in takes the one ahead so far (lz4 until zstd is). Once zstd is chosen, its later
+    pieces are watched: should a wave of them (the last ``streams``) carry less of the file
+    per second than lz4's trial pieces did (the load changed, or a slow start of lz4's wave
+    made zstd look better than it is), lz4 for the rest, for good. With fewer than
     :data:`MIN_WAVES` pieces per stream there is no experiment: lz4 throughout (cheap, and a
     slower zstd wave would cost more than the few pieces left could win back). A peer that
     cannot compress (an rsync older than 3.2) turns it off for the rest; one that did lz4 but
@@ -174,6 +178,10 @@ class PieceCompression:
         self._asked: dict[int, str] = {}
         self._decided = not self.trial
         self._tried = False
+        #: file bytes per second of zstd's pieces after the trial chose it (all full pieces)
+        self._after: list[float] = []
+        self._reverted = False
+        self._full = 0
         self._lock = threading.Lock()
 
     def plan(self) -> str:
@@ -209,9 +217,14 @@ class PieceCompression:
                     log.info("compression %s from now on (the peer cannot do %s)", keep, asked)
                 self.algorithm, self._decided = keep, True
                 return
-            if self._decided or k >= 2 * self.streams or algorithm != asked:
+            if algorithm != asked:
                 return
-            self._rates[algorithm].append(size / max(seconds, 1e-3))
+            rate = size / max(seconds, 1e-3)
+            if self._decided or k >= 2 * self.streams:
+                self._watch(algorithm, size, rate)
+                return
+            self._rates[algorithm].append(rate)
+            self._full = max(self._full, size)
             if min(len(rates) for rates in self._rates.values()) < self.streams:
                 return
             self._decided = self._tried = True
@@ -222,6 +235,23 @@ class PieceCompression:
                 _mean(self._rates["lz4"]) / 1e6, _mean(self._rates["zstd"]) / 1e6, self.algorithm,
             )  # fmt: skip
 
+    def _watch(self, algorithm: str, size: int, rate: float) -> None:
+        """After the trial chose zstd: back to lz4 if a wave of zstd is slower than lz4 was."""
+        if not self._tried or self._reverted or self.algorithm != "zstd" or algorithm != "zstd":
+            return
+        if size < self._full:  # the file's last piece: its start weighs more
+            return
+        self._after.append(rate)
+        recent = self._after[-self.streams :]
+        if len(recent) < self.streams or _mean(recent) >= _mean(self._rates["lz4"]):
+            return
+        self.algorithm, self._reverted = "lz4", True
+        log.info(
+            "compression: zstd's last %d pieces reached %.0f MB/s of file per piece, under "
+            "lz4's %.0f MB/s: lz4 from now on",
+            len(recent), _mean(recent) / 1e6, _mean(self._rates["lz4"]) / 1e6,
+        )  # fmt: skip
+
     def _zstd_ahead(self) -> bool:
         """Whether zstd's pieces so far beat lz4's by the margin (under the lock)."""
         lz4, zstd = self._rates["lz4"], self._rates["zstd"]
@@ -229,6 +259,8 @@ class PieceCompression:
 
     def summary(self) -> str:
         """What the transfer used: ``lz4``, ``lz4, then zstd``, ``lz4, zstd tried, back to lz4``."""
+        if self._reverted:
+            return "lz4, then zstd, back to lz4"
         if self._tried and self.algorithm == "lz4":
             return "lz4, zstd tried, back to lz4"
         return ", then ".join(self.used) or self.algorithm
