@@ -427,7 +427,9 @@ def test_a_slow_link_is_found_by_the_first_pieces_and_gets_zstd(
 def test_auto_keeps_lz4_where_zstd_would_be_slower(clean_sandbox: Sandbox, tmp_path: Path) -> None:
     """On a fast link zstd makes the transfer CPU-bound: its wave is slower, lz4 carries on."""
     sb = clean_sandbox
-    image = make_os_like_qcow2(tmp_path / "os.qcow2", virtual_size=512 * MiB, data_bytes=208 * MiB)
+    # 9 pieces over 2 streams: should a load beside the test slow lz4's trial wave, the zstd
+    # pieces after it (two waves) bring lz4 back
+    image = make_os_like_qcow2(tmp_path / "os.qcow2", virtual_size=512 * MiB, data_bytes=272 * MiB)
     image_id = sb.source.upload_image(image, name="fast-link", disk_format="qcow2")
     settings = settings_for(sb, tmp_path, **{"site-t": site_b_with(sb, "STREAMS=2")})
     lines = Lines()
@@ -436,7 +438,7 @@ def test_auto_keeps_lz4_where_zstd_would_be_slower(clean_sandbox: Sandbox, tmp_p
     sb.destination.download_to(result.destination_image_id, arrived)
     assert sha256_file(arrived) == sha256_file(image)
     [transferred] = [line for line in lines if line.startswith("Transfered")]
-    assert transferred.endswith("compression lz4, zstd tried, back to lz4)"), transferred
+    assert transferred.endswith("back to lz4)"), transferred  # the trial's, or after a fall
 
 
 def lz4_size(image: Path) -> int:
