@@ -121,7 +121,14 @@ class SourceSite:
         """``local`` (the image's inspected bytes) converted to ``target_format``, cached.
 
         The conversion is made once per image, content and format on this host; its entry
-        records the ``size``, ``md5`` and ``sha512`` of the converted bytes.
+        records the ``size`` and ``md5`` of the converted bytes.
+
+        One digest is all that is needed afterwards: every Glance reports the md5 of an
+        image's bytes as ``checksum``, and the copy's check (:meth:`Digests.matches`) needs one
+        agreeing digest; the remote helper of ``REGISTER=ssh`` checks one algorithm
+        (:meth:`Digests.cheapest`, md5 here); ``converted_hash`` on the copy is compared with
+        Glance's ``checksum`` the same way. A second digest (sha512, as until December 2026)
+        cost a core for ~8 s per 4 GiB and was compared only where md5 already was.
         """
 
         def convert(target: Path) -> dict[str, Any]:
@@ -133,7 +140,7 @@ class SourceSite:
                 timeout=self.settings.command_timeout,
                 cancel=cancel,
             )
-            digests = file_digests(target, ("md5", "sha512"))  # sha512: converted_hash
+            digests = file_digests(target, ("md5",))
             return {"image": image.id, "source_hash": image.source_hash, **digests}
 
         name = entry_name(image.id, image.source_hash, target_format)

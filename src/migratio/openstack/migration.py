@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from migratio.adapters import processes, qemu_img, rsync
 from migratio.adapters.glance_api import GlanceApi
@@ -52,6 +52,7 @@ from migratio.openstack.copies import Owners, why_not_ours
 from migratio.openstack.streams import linked, measure_rtt, piece_size, push_ranges, stream_count
 from migratio.request import MigrationRequest, MigrationResult, Outcome
 from migratio.source_site import SourceSite
+from migratio.staging import Entry
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +136,18 @@ class Migration:
         return found
 
     # 5
-    def convert(self, image: ImageRecord, local: Path, target_format: str) -> tuple[Path, Digests]:
+    def convert(self, image: ImageRecord, local: Path, target_format: str) -> Payload:
         """The image in ``target_format``: one conversion shared by every job of the image."""
         entry = self.staged.enter_context(
             self.source.converted(image, local, target_format, self.cancel)
         )
         size = int(entry.meta["size"])
         self.status(f"Converted {image.disk_format} to {target_format} ({human_bytes(size)})")
-        sha512 = entry.meta.get("sha512")  # older cache entries have only md5
-        return entry.path, Digests(
+        sha512 = entry.meta.get("sha512")  # entries made before December 2026 have it too
+        digests = Digests(
             size, str(entry.meta["md5"]), "sha512" if sha512 else None, sha512 or None
         )
+        return Payload(entry.path, digests, entry)
 
     # 7 (the record)
     def fields(self, image: ImageRecord, target_format: str) -> dict[str, Any]:
@@ -232,28 +234,26 @@ class Migration:
             return self.already_there(existing)
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            payload, digests = self.payload(image, target_format, fields)
-            copy_id = self.stream_to_api(payload, digests, fields)
+            payload = self.payload(image, target_format, fields)
+            copy_id = self.stream_to_api(payload, fields)
         finally:
             self.staged.close()  # the cache entries this job used may go now
             shutil.rmtree(self.workdir, ignore_errors=True)
-        return MigrationResult(Outcome.MIGRATED, copy_id, digests.size)
+        return MigrationResult(Outcome.MIGRATED, copy_id, payload.digests.size)
 
     def already_there(self, existing: ImageRecord) -> MigrationResult:
         shutil.rmtree(self.workdir, ignore_errors=True)  # a killed attempt's
         self.status(f"{status.ALREADY_UPLOADED} {self.site.site_id} has it as image {existing.id}")
         return MigrationResult(Outcome.ALREADY_THERE, existing.id)
 
-    def payload(
-        self, image: ImageRecord, target_format: str, fields: dict[str, Any]
-    ) -> tuple[Path, Digests]:
+    def payload(self, image: ImageRecord, target_format: str, fields: dict[str, Any]) -> Payload:
         """The bytes to send (inspected; converted when the site wants another format)."""
         local = self.staged.enter_context(self.source.inspected_bytes(image, self.cancel))
         if target_format == image.disk_format:
-            return local, image.digests
-        payload, digests = self.convert(image, local, target_format)
-        fields[CONVERTED_HASH] = digests.to_text()
-        return payload, digests
+            return Payload(local, image.digests)
+        payload = self.convert(image, local, target_format)
+        fields[CONVERTED_HASH] = payload.digests.to_text()
+        return payload
 
     def run_over_ssh(
         self, master: SshMaster, image: ImageRecord, target_format: str, fields: dict[str, Any]
@@ -285,9 +285,9 @@ class Migration:
                     return self.already_there(existing)
             self.workdir.mkdir(parents=True, exist_ok=True)
             try:
-                payload, digests = self.payload(image, target_format, fields)
+                payload = self.payload(image, target_format, fields)
                 copy_id, sent = self.rsync_and_upload(
-                    cli, image, payload, digests, fields, lookup, rtt.result()
+                    cli, image, payload.path, payload.digests, fields, lookup, rtt.result()
                 )
                 # the helper removed what it fed; an earlier attempt may have sent the file
                 # in another layout (one file, or pieces: STREAMS=auto found another round trip)
@@ -307,19 +307,34 @@ class Migration:
         cli.remove_parts(self.remote_dir, image_id, disk_format)
 
     # 6-8, REGISTER=api
-    def stream_to_api(self, payload: Path, digests: Digests, fields: Mapping[str, Any]) -> str:
+    def stream_to_api(self, payload: Payload, fields: Mapping[str, Any]) -> str:
+        """Create the record and upload the bytes into it through the destination's API.
+
+        A conversion in the staging cache, hashed by migratio when it was made and unchanged
+        since, goes as it is (:meth:`GlanceApi.upload_file`: no second hashing, zero-copy);
+        other bytes (the file store's, a download) are hashed on the way and cut off before
+        the last byte if they are wrong (:meth:`GlanceApi.upload`). Either way Glance's own
+        hashes are compared with ``payload.digests`` afterwards.
+        """
         api = self.destination
         assert isinstance(api, GlanceApi)
+        digests = payload.digests
         self.fence()
         copy = api.create(fields)
         try:
-            with payload.open("rb") as stream:
-                reader = (
-                    stream
-                    if self.site.bwlimit is None
-                    else ThrottledReader(stream, self.site.bwlimit)
+            on_progress = self.progress("Uploading", digests.size)
+            if payload.entry is not None and payload.entry.unchanged():
+                api.upload_file(
+                    copy.id, payload.path, digests, on_progress, bwlimit=self.site.bwlimit
                 )
-                api.upload(copy.id, reader, digests, self.progress("Uploading", digests.size))
+            else:
+                with payload.path.open("rb") as stream:
+                    reader = (
+                        stream
+                        if self.site.bwlimit is None
+                        else ThrottledReader(stream, self.site.bwlimit)
+                    )
+                    api.upload(copy.id, reader, digests, on_progress)
             self.status(f"{status.TRANSFERED} {human_bytes(digests.size)} to {api.where}")
             self.verify(copy.id, digests, fields)
         except BaseException:
@@ -544,6 +559,15 @@ class Migration:
                 self.fence()
                 log.info("deleting %s copy %s left by an interrupted attempt", copy.status, copy.id)
                 self.destination.delete(copy.id)
+
+
+class Payload(NamedTuple):
+    """The bytes a migration sends, what they hash to, and their staging cache entry when
+    migratio itself computed ``digests`` from this file (a conversion)."""
+
+    path: Path
+    digests: Digests
+    entry: Entry | None = None
 
 
 class AlreadyThere(Exception):
