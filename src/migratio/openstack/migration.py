@@ -219,16 +219,13 @@ class Migration:
         self.status(
             f"{status.MIGRATION_STARTED}: image {self.request.image_id} to {self.site.site_id}"
         )
-        image = self.source.find(self.request.image_id)
-        target_format = self.site.disk_format or str(image.disk_format)
-        if target_format != image.disk_format:
-            qemu_img.check_convertible(image.disk_format, target_format)
-        fields = self.fields(image, target_format)
-        self.destination.check_fields(image.id, fields)
         if isinstance(self.destination, RemoteGlance):
+            # the master's login (several round trips) goes on while the source is asked
             with SshMaster(self.destination.ssh.target) as master:
                 self.destination.ssh.target = master.target  # the lookups share one login
+                image, target_format, fields = self.prepare()
                 return self.run_over_ssh(master, image, target_format, fields)
+        image, target_format, fields = self.prepare()
         existing = self.existing_copy(image, target_format)
         if existing is not None:
             return self.already_there(existing)
@@ -240,6 +237,16 @@ class Migration:
             self.staged.close()  # the cache entries this job used may go now
             shutil.rmtree(self.workdir, ignore_errors=True)
         return MigrationResult(Outcome.MIGRATED, copy_id, payload.digests.size)
+
+    def prepare(self) -> tuple[ImageRecord, str, dict[str, Any]]:
+        """The source image, the format the site wants, and the fields of its copy there."""
+        image = self.source.find(self.request.image_id)
+        target_format = self.site.disk_format or str(image.disk_format)
+        if target_format != image.disk_format:
+            qemu_img.check_convertible(image.disk_format, target_format)
+        fields = self.fields(image, target_format)
+        self.destination.check_fields(image.id, fields)
+        return image, target_format, fields
 
     def already_there(self, existing: ImageRecord) -> MigrationResult:
         shutil.rmtree(self.workdir, ignore_errors=True)  # a killed attempt's
