@@ -165,33 +165,49 @@ def test_conversion_to_raw(clean_sandbox: Sandbox, tmp_path: Path) -> None:
     assert again.outcome is Outcome.ALREADY_THERE
 
 
-def test_a_conversion_goes_to_the_api_as_staged(
-    clean_sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("staged", ["conversion", "download"])
+def test_a_staged_file_goes_to_the_api_as_it_is(
+    clean_sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staged: str
 ) -> None:
-    """REGISTER=api + DISK_FORMAT=raw: the cache's raw goes unhashed (upload_file), intact."""
+    """REGISTER=api: the cache's conversion (DISK_FORMAT=raw), or its download (the file store
+    not readable), goes unhashed (upload_file), and arrives intact."""
     sb = clean_sandbox
     image = make_qcow2(tmp_path / "source.qcow2", virtual_size=64 * MiB, data_bytes=24 * MiB)
-    image_id = sb.source.upload_image(image, name="to-raw", disk_format="qcow2")
-    conf = sb.site_api_conf.read_text() + "export DISK_FORMAT=raw\n"
-    settings = settings_for(sb, tmp_path, **{"site-raw-api": conf})
+    image_id = sb.source.upload_image(image, name="staged", disk_format="qcow2")
+    creds = tmp_path / "creds"
+    creds.write_text(
+        sb.creds_path.read_text().replace(str(sb.source.images_dir), str(tmp_path / "no-store"))
+    )
+    creds.chmod(0o600)
+    conf = sb.site_api_conf.read_text()
+    if staged == "conversion":
+        conf += "export DISK_FORMAT=raw\n"
+    settings = settings_for(
+        sb, tmp_path, yaml=f"credentials_file: {creds}\n", **{"site-staged": conf}
+    )
 
     def hashed_upload(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("the staged conversion was hashed again on the way")
+        raise AssertionError("the staged file was hashed again on the way")
 
     monkeypatch.setattr(GlanceApi, "upload", hashed_upload)
-    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-raw-api"), Lines())
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-staged"), Lines())
 
     assert result.outcome is Outcome.MIGRATED
     [copy] = copies_at_destination(sb, image_id)
-    assert (copy["status"], copy["disk_format"], copy["size"]) == ("active", "raw", 64 * MiB)
-    arrived = tmp_path / "arrived.raw"
+    arrived = tmp_path / "arrived"
     sb.destination.download_to(str(copy["id"]), arrived)
-    same = subprocess.run(
-        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(arrived)], check=False
-    )
-    assert same.returncode == 0
-    assert str(copy["converted_hash"]) == f"size:{64 * MiB} md5:{copy['checksum']}"
-    again = migrate_to_openstack(settings, MigrationRequest(image_id, "site-raw-api"), Lines())
+    if staged == "conversion":
+        assert (copy["status"], copy["disk_format"], copy["size"]) == ("active", "raw", 64 * MiB)
+        same = subprocess.run(
+            ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(arrived)],
+            check=False,
+        )
+        assert same.returncode == 0
+        assert str(copy["converted_hash"]) == f"size:{64 * MiB} md5:{copy['checksum']}"
+    else:
+        assert (copy["status"], copy["disk_format"]) == ("active", "qcow2")
+        assert sha256_file(arrived) == sha256_file(image)
+    again = migrate_to_openstack(settings, MigrationRequest(image_id, "site-staged"), Lines())
     assert again.outcome is Outcome.ALREADY_THERE
 
 

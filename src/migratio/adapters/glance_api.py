@@ -206,9 +206,10 @@ class GlanceApi:
     ) -> None:
         """Upload a local file whose digests ``known`` migratio computed from this very file.
 
-        For a staging cache entry (a conversion): its maker hashed the complete file after
-        qemu-img wrote it and before it was renamed into place (atomically, with its digests
-        beside it), and the caller holds the entry's ``flock`` while this runs, so no job
+        For a staging cache entry: its maker hashed the complete file — a conversion after
+        qemu-img wrote it, a download as it was written (and found it equal to the source
+        Glance's digest) — before it was renamed into place (atomically, with what it hashed
+        to beside it), and the caller holds the entry's ``flock`` while this runs, so no job
         removes or rewrites it meanwhile. Hashing it again on the way would only prove that the
         disk returns what was written, at the cost of a core for the whole upload; so the
         bytes go unhashed, with ``Content-Length``, by ``sendfile`` (zero-copy; over TLS in

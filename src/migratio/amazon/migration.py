@@ -287,7 +287,7 @@ class AmazonMigration:
         self.remove_leftover_snapshots(image)
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            local = self.staged.enter_context(self.source.inspected_bytes(image, self.cancel))
+            local = self.staged.enter_context(self.source.inspected_bytes(image, self.cancel)).path
             if self.site.upload_method == "vmimport":
                 ami_id, sent = self.by_vm_import(image, local)
             else:

@@ -257,8 +257,8 @@ class Migration:
         """The bytes to send (inspected; converted when the site wants another format)."""
         local = self.staged.enter_context(self.source.inspected_bytes(image, self.cancel))
         if target_format == image.disk_format:
-            return Payload(local, image.digests)
-        payload = self.convert(image, local, target_format)
+            return Payload(local.path, image.digests, local)
+        payload = self.convert(image, local.path, target_format)
         fields[CONVERTED_HASH] = payload.digests.to_text()
         return payload
 
@@ -317,11 +317,11 @@ class Migration:
     def stream_to_api(self, payload: Payload, fields: Mapping[str, Any]) -> str:
         """Create the record and upload the bytes into it through the destination's API.
 
-        A conversion in the staging cache, hashed by migratio when it was made and unchanged
-        since, goes as it is (:meth:`GlanceApi.upload_file`: no second hashing, zero-copy);
-        other bytes (the file store's, a download) are hashed on the way and cut off before
-        the last byte if they are wrong (:meth:`GlanceApi.upload`). Either way Glance's own
-        hashes are compared with ``payload.digests`` afterwards.
+        A file of the staging cache (a download, a conversion), hashed by migratio when it was
+        made and unchanged since, goes as it is (:meth:`GlanceApi.upload_file`: no second
+        hashing, zero-copy); other bytes (the source's file store) are hashed on the way and
+        cut off before the last byte if they are wrong (:meth:`GlanceApi.upload`). Either way
+        Glance's own hashes are compared with ``payload.digests`` afterwards.
         """
         api = self.destination
         assert isinstance(api, GlanceApi)
@@ -569,8 +569,9 @@ class Migration:
 
 
 class Payload(NamedTuple):
-    """The bytes a migration sends, what they hash to, and their staging cache entry when
-    migratio itself computed ``digests`` from this file (a conversion)."""
+    """The bytes a migration sends, what they hash to, and their staging cache entry: one
+    whose file migratio itself hashed as it made it (a download checked against the source
+    Glance's digest, a conversion) is :meth:`Entry.unchanged` while it stays as made."""
 
     path: Path
     digests: Digests
