@@ -23,8 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -33,7 +32,7 @@ from migratio.adapters.glance_api import GlanceApi
 from migratio.adapters.glance_cli import RemoteGlance, parse_table
 from migratio.adapters.ssh import LOGIN_RETRIES, SshMaster, login_refused
 from migratio.atmosphere import status
-from migratio.atmosphere.status import Progress, StatusSink, human_bytes
+from migratio.atmosphere.status import StatusSink, human_bytes
 from migratio.config import OpenStackSite, Settings
 from migratio.errors import (
     ConfigError,
@@ -50,7 +49,7 @@ from migratio.openstack.bandwidth import ThrottledReader
 from migratio.openstack.compression import LinkHistory, PieceCompression
 from migratio.openstack.copies import Owners, why_not_ours
 from migratio.openstack.streams import linked, measure_rtt, piece_size, push_ranges, stream_count
-from migratio.request import MigrationRequest, MigrationResult, Outcome
+from migratio.request import MigrationRequest, MigrationResult, MigrationRun, Outcome
 from migratio.source_site import SourceSite
 from migratio.staging import Entry
 
@@ -73,35 +72,12 @@ class Destination(Protocol):
     def readback(self, text: str) -> str: ...
 
 
-@dataclass
-class Migration:
+@dataclass(kw_only=True)
+class Migration(MigrationRun):
     """One run of one OpenStack → OpenStack migration, with everything its steps use."""
 
-    settings: Settings
-    request: MigrationRequest
     site: OpenStackSite
-    status: StatusSink
-    source: SourceSite
     destination: Destination
-    workdir: Path
-    cancel: threading.Event
-    #: raises when this attempt may no longer touch the destination (see migratio.lease)
-    fence: Callable[[], None] = lambda: None
-    #: the staging cache entries this run uses (held until the end of the run)
-    staged: ExitStack = field(default_factory=ExitStack)
-
-    @property
-    def me(self) -> str:
-        return self.settings.name
-
-    def progress(self, label: str, total: int) -> Callable[[int], None]:
-        report = Progress(self.status, label, total, interval=self.settings.progress_interval)
-
-        def fenced(done: int) -> None:
-            self.fence()
-            report(done)
-
-        return fenced
 
     # 2
     @property
