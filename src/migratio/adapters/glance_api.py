@@ -271,6 +271,12 @@ class GlanceApi:
         else:
             conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
         try:
+            try:
+                conn.connect()
+            except OSError as exc:  # worded as glanceclient words it: the URL and the key
+                raise gexc.CommunicationError(
+                    message=f"Error finding address for {url}: {exc}"
+                ) from exc
             conn.putrequest("PUT", parts.path, skip_accept_encoding=True)
             for name, value in (auth_headers or {}).items():
                 conn.putheader(name, value)  # the token: in a header, never in a log line
