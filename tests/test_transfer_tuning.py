@@ -210,7 +210,9 @@ def test_bwlimit_caps_rsync(clean_sandbox: Sandbox, tmp_path: Path) -> None:
     assert 0.9 * CAP <= meter.rate() <= 1.1 * CAP, meter.rate() / CAP
 
 
-def test_bwlimit_caps_the_api_upload(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+@pytest.mark.parametrize("way", ["hashed", "staged"])
+def test_bwlimit_caps_the_api_upload(clean_sandbox: Sandbox, tmp_path: Path, way: str) -> None:
+    """Either API upload: a stream hashed on the way, or a staged file sent as it is."""
     sb = clean_sandbox
     image = make_qcow2(tmp_path / "random.qcow2", virtual_size=64 * MiB, data_bytes=16 * MiB)
     settings = settings_for(sb, tmp_path)
@@ -222,7 +224,10 @@ def test_bwlimit_caps_the_api_upload(clean_sandbox: Sandbox, tmp_path: Path) -> 
     expected = Digests(size=image.stat().st_size, md5=digests["md5"])
 
     with WireMeter(sb) as meter, image.open("rb") as stream:
-        api.upload(copy.id, ThrottledReader(stream, CAP), expected, meter.progress)
+        if way == "hashed":
+            api.upload(copy.id, ThrottledReader(stream, CAP), expected, meter.progress)
+        else:
+            api.upload_file(copy.id, image, expected, meter.progress, bwlimit=CAP)
 
     assert sb.destination.image(copy.id)["status"] == "active"
     assert 0.9 * CAP <= meter.rate() <= 1.1 * CAP, meter.rate() / CAP
