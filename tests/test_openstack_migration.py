@@ -12,14 +12,19 @@ from tests.sandbox.images import make_qcow2, make_qcow2_with_backing, make_raw, 
 from tests.sandbox.site import Sandbox
 from tests.support import Lines, settings_for
 
+from migratio.adapters.glance_api import GlanceApi
 from migratio.cli import main
+from migratio.config import OpenStackSite
 from migratio.errors import (
     Cancelled,
+    GlanceError,
     ImageRefusedError,
     MigratioError,
     RemoteError,
     UnknownSiteError,
+    VerificationError,
 )
+from migratio.hashing import Digests, file_digests
 from migratio.openstack.migration import migrate_to_openstack
 from migratio.request import MigrationRequest, Outcome
 
@@ -158,6 +163,105 @@ def test_conversion_to_raw(clean_sandbox: Sandbox, tmp_path: Path) -> None:
     # a second run recognises the converted copy
     again = migrate_to_openstack(settings, MigrationRequest(image_id, "site-raw"), Lines())
     assert again.outcome is Outcome.ALREADY_THERE
+
+
+@pytest.mark.parametrize("staged", ["conversion", "download"])
+def test_a_staged_file_goes_to_the_api_as_it_is(
+    clean_sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, staged: str
+) -> None:
+    """REGISTER=api: the cache's conversion (DISK_FORMAT=raw), or its download (the file store
+    not readable), goes unhashed (upload_file), and arrives intact."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "source.qcow2", virtual_size=64 * MiB, data_bytes=24 * MiB)
+    image_id = sb.source.upload_image(image, name="staged", disk_format="qcow2")
+    creds = tmp_path / "creds"
+    creds.write_text(
+        sb.creds_path.read_text().replace(str(sb.source.images_dir), str(tmp_path / "no-store"))
+    )
+    creds.chmod(0o600)
+    conf = sb.site_api_conf.read_text()
+    if staged == "conversion":
+        conf += "export DISK_FORMAT=raw\n"
+    settings = settings_for(
+        sb, tmp_path, yaml=f"credentials_file: {creds}\n", **{"site-staged": conf}
+    )
+
+    def hashed_upload(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the staged file was hashed again on the way")
+
+    monkeypatch.setattr(GlanceApi, "upload", hashed_upload)
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-staged"), Lines())
+
+    assert result.outcome is Outcome.MIGRATED
+    [copy] = copies_at_destination(sb, image_id)
+    arrived = tmp_path / "arrived"
+    sb.destination.download_to(str(copy["id"]), arrived)
+    if staged == "conversion":
+        assert (copy["status"], copy["disk_format"], copy["size"]) == ("active", "raw", 64 * MiB)
+        same = subprocess.run(
+            ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(arrived)],
+            check=False,
+        )
+        assert same.returncode == 0
+        assert str(copy["converted_hash"]) == f"size:{64 * MiB} md5:{copy['checksum']}"
+    else:
+        assert (copy["status"], copy["disk_format"]) == ("active", "qcow2")
+        assert sha256_file(arrived) == sha256_file(image)
+    again = migrate_to_openstack(settings, MigrationRequest(image_id, "site-staged"), Lines())
+    assert again.outcome is Outcome.ALREADY_THERE
+
+
+def test_a_staged_file_cut_short_or_of_the_wrong_size_never_becomes_active(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sb = clean_sandbox
+    raw = make_raw(tmp_path / "disk.raw", virtual_size=48 * MiB, data_bytes=48 * MiB)
+    known = Digests(size=raw.stat().st_size, md5=file_digests(raw)["md5"])
+    site = settings_for(sb, tmp_path).site("site-b-api")
+    assert isinstance(site, OpenStackSite) and site.api is not None
+    api = GlanceApi(site.api)
+    fields = {"name": "cut", "disk_format": "raw", "container_format": "bare"}
+
+    cut = api.create(fields)
+
+    def stop_after_the_first_piece(done: int) -> None:
+        if done < known.size:
+            raise Cancelled("stopped mid-upload")
+
+    with pytest.raises(Cancelled):
+        api.upload_file(cut.id, raw, known, stop_after_the_first_piece)
+    wrong = api.create(fields)
+    with pytest.raises(VerificationError, match="not the 50331649 its digests were made of"):
+        api.upload_file(wrong.id, raw, Digests(size=known.size + 1, md5=known.md5))
+
+    deadline = time.monotonic() + 20
+    while sb.destination.image(cut.id)["status"] == "saving" and time.monotonic() < deadline:
+        time.sleep(0.2)  # Glance notices the cut connection when its read fails
+    assert sb.destination.image(cut.id)["status"] == "queued"
+    assert sb.destination.image(wrong.id)["status"] == "queued"
+    whole = api.create(fields)  # the same file, not cut: active with Glance's own md5 equal
+    api.upload_file(whole.id, raw, known)
+    assert (sb.destination.image(whole.id)["status"], api.get(whole.id).checksum) == (  # type: ignore[union-attr]
+        "active",
+        known.md5,
+    )
+
+
+def test_upload_file_fails_with_glances_words(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+    """An error status reads as it does through glanceclient (the hashed upload's)."""
+    sb = clean_sandbox
+    raw = make_raw(tmp_path / "disk.raw", virtual_size=1 * MiB, data_bytes=1 * MiB)
+    known = Digests(size=raw.stat().st_size, md5=file_digests(raw)["md5"])
+    site = settings_for(sb, tmp_path).site("site-b-api")
+    assert isinstance(site, OpenStackSite) and site.api is not None
+    api = GlanceApi(site.api)
+    missing = "00000000-0000-4000-8000-000000000000"
+    with pytest.raises(GlanceError) as direct:
+        api.upload_file(missing, raw, known)
+    with pytest.raises(GlanceError) as hashed, raw.open("rb") as stream:
+        api.upload(missing, stream, known)
+    assert str(direct.value) == str(hashed.value)
+    assert "HTTP 404" in str(direct.value) and not direct.value.retryable
 
 
 @pytest.mark.parametrize("site", ["site-b", "site-b-api"])

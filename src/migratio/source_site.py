@@ -83,15 +83,18 @@ class SourceSite:
         return None
 
     @contextmanager
-    def local_bytes(self, image: ImageRecord, cancel: threading.Event) -> Iterator[Path]:
+    def local_bytes(self, image: ImageRecord, cancel: threading.Event) -> Iterator[Entry]:
         """The image's file in the file store, else a verified download in the staging cache.
 
         The download is shared with every other job of the same image (and content) on this
-        host, and kept in the cache while the block runs.
+        host, and kept in the cache while the block runs. Its md5 (or the algorithm
+        :meth:`Digests.cheapest` picks) was computed from the bytes as they were written and
+        equals the source Glance's: :meth:`Entry.unchanged` tells it from the file store's
+        file, which migratio has not hashed (its entry has no ``meta``).
         """
         stored = self.stored_file(image)
         if stored is not None:
-            yield stored
+            yield Entry(stored, {})
             return
         size = image.size or 0
 
@@ -105,14 +108,14 @@ class SourceSite:
 
         name = entry_name(image.id, image.source_hash, str(image.disk_format))
         with self.cache.use(name, size, download, cancel=cancel) as entry:
-            yield entry.path
+            yield entry
 
     @contextmanager
-    def inspected_bytes(self, image: ImageRecord, cancel: threading.Event) -> Iterator[Path]:
+    def inspected_bytes(self, image: ImageRecord, cancel: threading.Event) -> Iterator[Entry]:
         """:meth:`local_bytes`, checked to be what Glance says they are and safe to open."""
-        with self.local_bytes(image, cancel) as path:
-            inspect_image(path, str(image.disk_format))
-            yield path
+        with self.local_bytes(image, cancel) as local:
+            inspect_image(local.path, str(image.disk_format))
+            yield local
 
     @contextmanager
     def converted(
@@ -121,7 +124,14 @@ class SourceSite:
         """``local`` (the image's inspected bytes) converted to ``target_format``, cached.
 
         The conversion is made once per image, content and format on this host; its entry
-        records the ``size``, ``md5`` and ``sha512`` of the converted bytes.
+        records the ``size`` and ``md5`` of the converted bytes.
+
+        One digest is all that is needed afterwards: every Glance reports the md5 of an
+        image's bytes as ``checksum``, and the copy's check (:meth:`Digests.matches`) needs one
+        agreeing digest; the remote helper of ``REGISTER=ssh`` checks one algorithm
+        (:meth:`Digests.cheapest`, md5 here); ``converted_hash`` on the copy is compared with
+        Glance's ``checksum`` the same way. A second digest (sha512, as until December 2026)
+        cost a core for ~8 s per 4 GiB and was compared only where md5 already was.
         """
 
         def convert(target: Path) -> dict[str, Any]:
@@ -133,7 +143,7 @@ class SourceSite:
                 timeout=self.settings.command_timeout,
                 cancel=cancel,
             )
-            digests = file_digests(target, ("md5", "sha512"))  # sha512: converted_hash
+            digests = file_digests(target, ("md5",))
             return {"image": image.id, "source_hash": image.source_hash, **digests}
 
         name = entry_name(image.id, image.source_hash, target_format)

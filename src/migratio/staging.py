@@ -55,6 +55,21 @@ class Entry:
     path: Path
     meta: dict[str, Any]
 
+    def unchanged(self) -> bool:
+        """Whether the file is still the one its maker wrote and described in ``meta``.
+
+        Its size and modification time are those the maker recorded (entries made before the
+        time was recorded are not taken as unchanged). Nothing of migratio writes an entry
+        once made; this notices a file that something else rewrote since.
+        """
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return False
+        return stat.st_size == self.meta.get("size") and stat.st_mtime_ns == self.meta.get(
+            "mtime_ns"
+        )
+
 
 def entry_name(image_id: str, content_hash: str, fmt: str) -> str:
     """The name of the entry holding image ``image_id`` with that content, in ``fmt``."""
@@ -192,7 +207,8 @@ class StagingCache:
                 target = partial / name
                 meta = dict(make(target))
                 _fsync(target)
-                meta["size"] = target.stat().st_size
+                made = target.stat()
+                meta["size"], meta["mtime_ns"] = made.st_size, made.st_mtime_ns
                 meta_part = partial / f"{name}.json"
                 meta_part.write_text(json.dumps(meta))
                 _fsync(meta_part)

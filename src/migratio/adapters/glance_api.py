@@ -5,10 +5,14 @@ Used for the source site always, and for a destination whose site file says ``RE
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import re
+import socket
+import ssl
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +21,7 @@ from typing import Any, BinaryIO
 import requests
 from glanceclient import Client
 from glanceclient import exc as gexc
+from glanceclient.common.utils import strip_version
 from keystoneauth1 import exceptions as kexc
 from keystoneauth1 import session, token_endpoint
 from keystoneauth1.identity import generic
@@ -25,10 +30,14 @@ from migratio.config import OpenStackCredentials
 from migratio.errors import GlanceError, VerificationError, quietly
 from migratio.hashing import BLOCK, Digests, Readable, VerifyingReader
 from migratio.images import ImageRecord
+from migratio.openstack.bandwidth import Throttle, ThrottledReader
 from migratio.openstack.copies import PROBE_FIELDS
 
 log = logging.getLogger(__name__)
 
+#: bytes handed to the kernel per ``sendfile`` call (or per ``sendall`` over TLS) when a local
+#: file is uploaded: progress (with the lease's fence) and ``BWLIMIT`` act between two
+SEND_PIECE = 8 << 20
 #: HTTP statuses after which the same request may succeed later
 RETRYABLE_STATUSES = frozenset({408, 429})
 #: the status of the last HTTP response this thread received (glanceclient drops the
@@ -186,6 +195,129 @@ class GlanceApi:
         with self._errors(f"uploading the data of image {image_id}"):
             self.client.images.upload(image_id, reader, image_size=expected.size)
 
+    def upload_file(
+        self,
+        image_id: str,
+        path: Path,
+        known: Digests,
+        on_progress: Callable[[int], None] | None = None,
+        *,
+        bwlimit: int | None = None,
+    ) -> None:
+        """Upload a local file whose digests ``known`` migratio computed from this very file.
+
+        For a staging cache entry: its maker hashed the complete file — a conversion after
+        qemu-img wrote it, a download as it was written (and found it equal to the source
+        Glance's digest) — before it was renamed into place (atomically, with what it hashed
+        to beside it), and the caller holds the entry's ``flock`` while this runs, so no job
+        removes or rewrites it meanwhile. Hashing it again on the way would only prove that the
+        disk returns what was written, at the cost of a core for the whole upload; so the
+        bytes go unhashed, with ``Content-Length``, by ``sendfile`` (zero-copy; over TLS in
+        large ``sendall`` pieces), with the session's token to the session's endpoint. Glance
+        still computes its own ``checksum``/``os_hash_value`` and the caller compares them with
+        ``known`` once the upload is done (and deletes the image on a mismatch); the size is
+        checked before the first byte, so a file that is not the expected length never goes,
+        and a connection cut before the last byte leaves Glance with an incomplete body, which
+        it does not make active. ``on_progress`` gets the bytes sent so far; ``bwlimit`` (bytes
+        per second) paces the sending as :mod:`migratio.openstack.bandwidth` does.
+
+        Through an HTTP proxy (the environment's ``*_proxy``, which requests honours) this
+        falls back to :meth:`upload`, hashed on the way.
+        """
+        doing = f"uploading the data of image {image_id}"
+        with self._errors(doing):
+            endpoint, _ = strip_version(str(self.client.http_client.get_endpoint()))
+        url = f"{endpoint}/v2/images/{urllib.parse.quote(image_id, safe='')}/file"
+        if requests.utils.get_environ_proxies(url):
+            with path.open("rb") as stream:
+                reader = stream if bwlimit is None else ThrottledReader(stream, bwlimit)
+                self.upload(image_id, reader, known, on_progress)
+            return
+        with path.open("rb") as stream:
+            size = os.fstat(stream.fileno()).st_size
+            if size != known.size:
+                raise VerificationError(
+                    f"{path} has {size} bytes, not the {known.size} its digests were made of"
+                )
+            for attempt in (1, 2):
+                with self._errors(doing):
+                    headers = self.session.get_auth_headers()
+                    status = self._put_file(url, headers, stream, size, on_progress, bwlimit)
+                    if status == 401 and attempt == 1 and self.session.invalidate():
+                        log.info("Glance at %s refused the token; authenticating again", self.where)
+                        continue  # a token that expired meanwhile: once more with a new one
+                    return
+
+    def _put_file(
+        self,
+        url: str,
+        auth_headers: Mapping[str, str] | None,
+        stream: BinaryIO,
+        size: int,
+        on_progress: Callable[[int], None] | None,
+        bwlimit: int | None,
+    ) -> int:
+        """PUT the file's ``size`` bytes to ``url``; the status, or a glanceclient error.
+
+        A 401 is returned (the caller may authenticate again); any other error status raises
+        as glanceclient would have raised it, so that :meth:`_errors` words it the same way.
+        """
+        parts = urllib.parse.urlsplit(url)
+        timeout = self.session.timeout
+        if parts.scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                parts.hostname or "", parts.port, timeout=timeout, context=self._tls()
+            )
+        else:
+            conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+        try:
+            try:
+                conn.connect()
+            except OSError as exc:  # worded as glanceclient words it: the URL and the key
+                raise gexc.CommunicationError(
+                    message=f"Error finding address for {url}: {exc}"
+                ) from exc
+            conn.putrequest("PUT", parts.path, skip_accept_encoding=True)
+            for name, value in (auth_headers or {}).items():
+                conn.putheader(name, value)  # the token: in a header, never in a log line
+            conn.putheader("Content-Type", "application/octet-stream")
+            conn.putheader("Content-Length", str(size))
+            conn.putheader("x-openstack-image-size", str(size))
+            conn.putheader("Accept", "*/*")  # as requests: Glance words its errors the same
+            conn.putheader("User-Agent", "migratio")
+            conn.endheaders()
+            assert conn.sock is not None
+            try:
+                _send_file(conn.sock, stream, size, on_progress, bwlimit)
+            except OSError:
+                # Glance may have answered (and closed) before taking it all: say what it said
+                response = _early_response(conn)
+                if response is None:
+                    raise
+            else:
+                response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        _last_response.status = response.status
+        if response.status < 300 or response.status == 401:
+            return response.status
+        answer = requests.Response()
+        answer.status_code = response.status
+        answer.headers.update({k.lower(): v for k, v in response.getheaders()})
+        answer.headers.setdefault("content-type", "text/plain")
+        answer._content = body  # what glanceclient's from_response reads
+        raise gexc.from_response(answer, body)
+
+    def _tls(self) -> ssl.SSLContext:
+        """The TLS context the session verifies with (OS_CACERT, OS_INSECURE)."""
+        verify = self.session.verify
+        context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+        if verify is False:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
     def own_project(self) -> str | None:
         """The project images made here belong to: the session's, else a probe image's."""
         if not self.creds.uses_token:
@@ -220,6 +352,45 @@ class GlanceApi:
         """List one image, to prove the credentials and endpoint work; returns how many."""
         with self._errors("listing images"):
             return len(list(self.client.images.list(limit=1, page_size=1)))
+
+
+def _send_file(
+    sock: socket.socket,
+    stream: BinaryIO,
+    size: int,
+    on_progress: Callable[[int], None] | None,
+    bwlimit: int | None,
+) -> None:
+    """Send the file's first ``size`` bytes: ``sendfile`` on a plain socket, else ``sendall``."""
+    throttle = Throttle(bwlimit) if bwlimit is not None else None
+    # under a cap, pieces of a tenth of a second's worth, so that the pace is an even one
+    piece = SEND_PIECE if bwlimit is None else max(64 << 10, min(SEND_PIECE, bwlimit // 10))
+    plain = not isinstance(sock, ssl.SSLSocket)
+    sent = 0
+    while sent < size:
+        count = min(piece, size - sent)
+        if throttle is not None:
+            throttle(count)
+        if plain:
+            went = sock.sendfile(stream, offset=sent, count=count)
+        else:
+            data = os.pread(stream.fileno(), count, sent)
+            sock.sendall(data)
+            went = len(data)
+        if went == 0:
+            raise VerificationError(f"the file ended after {sent} of its {size} bytes")
+        sent += went
+        if on_progress is not None:
+            on_progress(sent)
+
+
+def _early_response(conn: http.client.HTTPConnection) -> http.client.HTTPResponse | None:
+    """The answer Glance sent before it stopped reading, if it sent one."""
+    try:
+        response = conn.getresponse()
+    except (OSError, http.client.HTTPException):
+        return None
+    return response if response.status >= 400 else None
 
 
 class _IterReader:

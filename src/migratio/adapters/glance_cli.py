@@ -216,10 +216,6 @@ class RemoteGlance:
         command = self._glance(*self.create_args(fields))
         return self.ssh.start([*helper, *args, *command], what="remote glance upload")
 
-    def make_dir(self, remote_dir: str) -> None:
-        """Create the remote staging directory."""
-        self.ssh.run(["mkdir", "-p", "--", remote_dir], what="create remote directory", creds=False)
-
     def delete(self, image_id: str) -> None:
         """Delete an image there; one that is already gone is fine."""
         done = self.ssh.run(

@@ -22,7 +22,6 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +40,7 @@ from migratio.amazon.vm_import import (
     wait_for_import,
 )
 from migratio.atmosphere import status
-from migratio.atmosphere.status import Progress, StatusSink, human_bytes
+from migratio.atmosphere.status import StatusSink, human_bytes
 from migratio.config import AmazonSite, Settings
 from migratio.errors import (
     AwsError,
@@ -51,7 +50,7 @@ from migratio.errors import (
     quietly,
 )
 from migratio.images import ImageRecord
-from migratio.request import MigrationRequest, MigrationResult, Outcome
+from migratio.request import MigrationRequest, MigrationResult, MigrationRun, Outcome
 from migratio.source_site import SourceSite
 from migratio.waiting import wait_until
 
@@ -136,38 +135,15 @@ def description_of(image: ImageRecord, source_site: str) -> str:
     return f"{image.name} - Glance image {image.id} of {source_site} (migratio)"[:255]
 
 
-@dataclass
-class AmazonMigration:
+@dataclass(kw_only=True)
+class AmazonMigration(MigrationRun):
     """One run of one OpenStack → Amazon migration, with everything its steps use."""
 
-    settings: Settings
-    request: MigrationRequest
     site: AmazonSite
-    status: StatusSink
-    source: SourceSite
     aws: AwsClients
-    workdir: Path
-    cancel: threading.Event
     #: what this attempt made, removed again if it fails
     made_snapshots: list[str] = field(default_factory=list)
     made_image: str | None = None
-    #: raises when this attempt may no longer touch the site (see migratio.lease)
-    fence: Callable[[], None] = lambda: None
-    #: the staging cache entries this run uses (held until the end of the run)
-    staged: ExitStack = field(default_factory=ExitStack)
-
-    @property
-    def me(self) -> str:
-        return self.settings.name
-
-    def progress(self, label: str, total: int) -> Callable[[int], None]:
-        report = Progress(self.status, label, total, interval=self.settings.progress_interval)
-
-        def fenced(done: int) -> None:
-            self.fence()
-            report(done)
-
-        return fenced
 
     def link(self, image_id: str) -> dict[str, str]:
         """The tags that say a resource is this site's copy of the image (what we look for)."""
@@ -287,7 +263,7 @@ class AmazonMigration:
         self.remove_leftover_snapshots(image)
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            local = self.staged.enter_context(self.source.inspected_bytes(image, self.cancel))
+            local = self.staged.enter_context(self.source.inspected_bytes(image, self.cancel)).path
             if self.site.upload_method == "vmimport":
                 ami_id, sent = self.by_vm_import(image, local)
             else:

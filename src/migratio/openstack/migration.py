@@ -23,17 +23,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from migratio.adapters import processes, qemu_img, rsync
 from migratio.adapters.glance_api import GlanceApi
 from migratio.adapters.glance_cli import RemoteGlance, parse_table
 from migratio.adapters.ssh import LOGIN_RETRIES, SshMaster, login_refused
 from migratio.atmosphere import status
-from migratio.atmosphere.status import Progress, StatusSink, human_bytes
+from migratio.atmosphere.status import StatusSink, human_bytes
 from migratio.config import OpenStackSite, Settings
 from migratio.errors import (
     ConfigError,
@@ -50,8 +49,9 @@ from migratio.openstack.bandwidth import ThrottledReader
 from migratio.openstack.compression import LinkHistory, PieceCompression
 from migratio.openstack.copies import Owners, why_not_ours
 from migratio.openstack.streams import linked, measure_rtt, piece_size, push_ranges, stream_count
-from migratio.request import MigrationRequest, MigrationResult, Outcome
+from migratio.request import MigrationRequest, MigrationResult, MigrationRun, Outcome
 from migratio.source_site import SourceSite
+from migratio.staging import Entry
 
 log = logging.getLogger(__name__)
 
@@ -72,35 +72,12 @@ class Destination(Protocol):
     def readback(self, text: str) -> str: ...
 
 
-@dataclass
-class Migration:
+@dataclass(kw_only=True)
+class Migration(MigrationRun):
     """One run of one OpenStack → OpenStack migration, with everything its steps use."""
 
-    settings: Settings
-    request: MigrationRequest
     site: OpenStackSite
-    status: StatusSink
-    source: SourceSite
     destination: Destination
-    workdir: Path
-    cancel: threading.Event
-    #: raises when this attempt may no longer touch the destination (see migratio.lease)
-    fence: Callable[[], None] = lambda: None
-    #: the staging cache entries this run uses (held until the end of the run)
-    staged: ExitStack = field(default_factory=ExitStack)
-
-    @property
-    def me(self) -> str:
-        return self.settings.name
-
-    def progress(self, label: str, total: int) -> Callable[[int], None]:
-        report = Progress(self.status, label, total, interval=self.settings.progress_interval)
-
-        def fenced(done: int) -> None:
-            self.fence()
-            report(done)
-
-        return fenced
 
     # 2
     @property
@@ -135,17 +112,18 @@ class Migration:
         return found
 
     # 5
-    def convert(self, image: ImageRecord, local: Path, target_format: str) -> tuple[Path, Digests]:
+    def convert(self, image: ImageRecord, local: Path, target_format: str) -> Payload:
         """The image in ``target_format``: one conversion shared by every job of the image."""
         entry = self.staged.enter_context(
             self.source.converted(image, local, target_format, self.cancel)
         )
         size = int(entry.meta["size"])
         self.status(f"Converted {image.disk_format} to {target_format} ({human_bytes(size)})")
-        sha512 = entry.meta.get("sha512")  # older cache entries have only md5
-        return entry.path, Digests(
+        sha512 = entry.meta.get("sha512")  # entries made before December 2026 have it too
+        digests = Digests(
             size, str(entry.meta["md5"]), "sha512" if sha512 else None, sha512 or None
         )
+        return Payload(entry.path, digests, entry)
 
     # 7 (the record)
     def fields(self, image: ImageRecord, target_format: str) -> dict[str, Any]:
@@ -217,43 +195,48 @@ class Migration:
         self.status(
             f"{status.MIGRATION_STARTED}: image {self.request.image_id} to {self.site.site_id}"
         )
+        if isinstance(self.destination, RemoteGlance):
+            # the master's login (several round trips) goes on while the source is asked
+            with SshMaster(self.destination.ssh.target) as master:
+                self.destination.ssh.target = master.target  # the lookups share one login
+                image, target_format, fields = self.prepare()
+                return self.run_over_ssh(master, image, target_format, fields)
+        image, target_format, fields = self.prepare()
+        existing = self.existing_copy(image, target_format)
+        if existing is not None:
+            return self.already_there(existing)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            payload = self.payload(image, target_format, fields)
+            copy_id = self.stream_to_api(payload, fields)
+        finally:
+            self.staged.close()  # the cache entries this job used may go now
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return MigrationResult(Outcome.MIGRATED, copy_id, payload.digests.size)
+
+    def prepare(self) -> tuple[ImageRecord, str, dict[str, Any]]:
+        """The source image, the format the site wants, and the fields of its copy there."""
         image = self.source.find(self.request.image_id)
         target_format = self.site.disk_format or str(image.disk_format)
         if target_format != image.disk_format:
             qemu_img.check_convertible(image.disk_format, target_format)
         fields = self.fields(image, target_format)
         self.destination.check_fields(image.id, fields)
-        if isinstance(self.destination, RemoteGlance):
-            with SshMaster(self.destination.ssh.target) as master:
-                self.destination.ssh.target = master.target  # the lookups share one login
-                return self.run_over_ssh(master, image, target_format, fields)
-        existing = self.existing_copy(image, target_format)
-        if existing is not None:
-            return self.already_there(existing)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        try:
-            payload, digests = self.payload(image, target_format, fields)
-            copy_id = self.stream_to_api(payload, digests, fields)
-        finally:
-            self.staged.close()  # the cache entries this job used may go now
-            shutil.rmtree(self.workdir, ignore_errors=True)
-        return MigrationResult(Outcome.MIGRATED, copy_id, digests.size)
+        return image, target_format, fields
 
     def already_there(self, existing: ImageRecord) -> MigrationResult:
         shutil.rmtree(self.workdir, ignore_errors=True)  # a killed attempt's
         self.status(f"{status.ALREADY_UPLOADED} {self.site.site_id} has it as image {existing.id}")
         return MigrationResult(Outcome.ALREADY_THERE, existing.id)
 
-    def payload(
-        self, image: ImageRecord, target_format: str, fields: dict[str, Any]
-    ) -> tuple[Path, Digests]:
+    def payload(self, image: ImageRecord, target_format: str, fields: dict[str, Any]) -> Payload:
         """The bytes to send (inspected; converted when the site wants another format)."""
         local = self.staged.enter_context(self.source.inspected_bytes(image, self.cancel))
         if target_format == image.disk_format:
-            return local, image.digests
-        payload, digests = self.convert(image, local, target_format)
-        fields[CONVERTED_HASH] = digests.to_text()
-        return payload, digests
+            return Payload(local.path, image.digests, local)
+        payload = self.convert(image, local.path, target_format)
+        fields[CONVERTED_HASH] = payload.digests.to_text()
+        return payload
 
     def run_over_ssh(
         self, master: SshMaster, image: ImageRecord, target_format: str, fields: dict[str, Any]
@@ -285,9 +268,9 @@ class Migration:
                     return self.already_there(existing)
             self.workdir.mkdir(parents=True, exist_ok=True)
             try:
-                payload, digests = self.payload(image, target_format, fields)
+                payload = self.payload(image, target_format, fields)
                 copy_id, sent = self.rsync_and_upload(
-                    cli, image, payload, digests, fields, lookup, rtt.result()
+                    cli, image, payload.path, payload.digests, fields, lookup, rtt.result()
                 )
                 # the helper removed what it fed; an earlier attempt may have sent the file
                 # in another layout (one file, or pieces: STREAMS=auto found another round trip)
@@ -307,19 +290,34 @@ class Migration:
         cli.remove_parts(self.remote_dir, image_id, disk_format)
 
     # 6-8, REGISTER=api
-    def stream_to_api(self, payload: Path, digests: Digests, fields: Mapping[str, Any]) -> str:
+    def stream_to_api(self, payload: Payload, fields: Mapping[str, Any]) -> str:
+        """Create the record and upload the bytes into it through the destination's API.
+
+        A file of the staging cache (a download, a conversion), hashed by migratio when it was
+        made and unchanged since, goes as it is (:meth:`GlanceApi.upload_file`: no second
+        hashing, zero-copy); other bytes (the source's file store) are hashed on the way and
+        cut off before the last byte if they are wrong (:meth:`GlanceApi.upload`). Either way
+        Glance's own hashes are compared with ``payload.digests`` afterwards.
+        """
         api = self.destination
         assert isinstance(api, GlanceApi)
+        digests = payload.digests
         self.fence()
         copy = api.create(fields)
         try:
-            with payload.open("rb") as stream:
-                reader = (
-                    stream
-                    if self.site.bwlimit is None
-                    else ThrottledReader(stream, self.site.bwlimit)
+            on_progress = self.progress("Uploading", digests.size)
+            if payload.entry is not None and payload.entry.unchanged():
+                api.upload_file(
+                    copy.id, payload.path, digests, on_progress, bwlimit=self.site.bwlimit
                 )
-                api.upload(copy.id, reader, digests, self.progress("Uploading", digests.size))
+            else:
+                with payload.path.open("rb") as stream:
+                    reader = (
+                        stream
+                        if self.site.bwlimit is None
+                        else ThrottledReader(stream, self.site.bwlimit)
+                    )
+                    api.upload(copy.id, reader, digests, on_progress)
             self.status(f"{status.TRANSFERED} {human_bytes(digests.size)} to {api.where}")
             self.verify(copy.id, digests, fields)
         except BaseException:
@@ -348,12 +346,12 @@ class Migration:
         history = LinkHistory(self.settings.staging_dir)
         link_rate = history.rate(self.site.site_id)
         choice = compression.choose(self.site.compress, payload, link_rate, rtt)
-        if piece is not None and choice.provisional and choice.compresses:
-            log.info("compression lz4 for the first pieces, then by the link (%s)", choice.reason)
-        else:
-            log.info("compression %s (%s)", choice.algorithm, choice.reason)
-        on_progress = self.progress("Transferring", payload.stat().st_size)
-        if piece is not None:
+        size = payload.stat().st_size
+        per_piece = None if piece is None else PieceCompression(choice, streams, -(-size // piece))
+        plan = choice.algorithm if per_piece is None else per_piece.plan()
+        log.info("compression %s (%s)", plan, choice.reason)
+        on_progress = self.progress("Transferring", size)
+        if piece is not None and per_piece is not None:
             result = push_ranges(
                 payload,
                 self.site.ssh,
@@ -364,7 +362,7 @@ class Migration:
                 timeout=self.settings.command_timeout,
                 cancel=cancel,
                 on_progress=on_progress,
-                compress=PieceCompression(choice, streams),
+                compress=per_piece,
                 bwlimit=self.site.bwlimit,
                 make_dir=self.remote_dir,
             )
@@ -544,6 +542,16 @@ class Migration:
                 self.fence()
                 log.info("deleting %s copy %s left by an interrupted attempt", copy.status, copy.id)
                 self.destination.delete(copy.id)
+
+
+class Payload(NamedTuple):
+    """The bytes a migration sends, what they hash to, and their staging cache entry: one
+    whose file migratio itself hashed as it made it (a download checked against the source
+    Glance's digest, a conversion) is :meth:`Entry.unchanged` while it stays as made."""
+
+    path: Path
+    digests: Digests
+    entry: Entry | None = None
 
 
 class AlreadyThere(Exception):
