@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import threading
@@ -11,10 +12,11 @@ from pathlib import Path
 import pytest
 from tests.sandbox.images import make_os_like_qcow2, make_qcow2, sha256_file
 from tests.sandbox.site import Sandbox
-from tests.support import Lines, settings_for
+from tests.support import Lines, processes_of, settings_for
 
 from migratio.adapters import rsync
 from migratio.adapters.glance_api import GlanceApi
+from migratio.adapters.ssh import SshMaster
 from migratio.config import ConfigError, OpenStackSite, load_site
 from migratio.errors import Cancelled, RemoteError
 from migratio.hashing import Digests, file_digests
@@ -208,6 +210,56 @@ def test_bwlimit_caps_rsync(clean_sandbox: Sandbox, tmp_path: Path) -> None:
     assert time.monotonic() - begin > 4
 
     assert 0.9 * CAP <= meter.rate() <= 1.1 * CAP, meter.rate() / CAP
+
+
+def _stat(pid: int) -> list[str]:
+    """``/proc/PID/stat`` from its state on (index 1: parent pid, index 16: nice)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def test_the_bulk_copy_runs_at_a_lower_priority_at_both_ends(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """rsync, the ssh master that encrypts its bytes here and the sshd that decrypts them
+    there: all at nice 10, so that the upload into Glance they feed comes first."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "random.qcow2", virtual_size=64 * MiB, data_bytes=12 * MiB)
+    settings = settings_for(sb, tmp_path)
+    site = settings.site("site-b")
+    assert isinstance(site, OpenStackSite) and site.ssh is not None
+    seen: dict[str, int] = {}
+
+    with SshMaster(site.ssh) as master:
+        assert master.wait()
+        sending = threading.Thread(
+            target=rsync.push,
+            args=(image, master.target, ".migratio-staging/niced"),
+            kwargs={
+                "sparse": False,
+                "timeout": 120,
+                "bwlimit": CAP,
+                "make_dir": ".migratio-staging",
+            },
+        )
+        sending.start()
+        try:
+            deadline = time.monotonic() + 30
+            while "sshd" not in seen and time.monotonic() < deadline:
+                time.sleep(0.1)
+                for pid in processes_of(sb.ssh.user, "--server", "rsync"):
+                    with contextlib.suppress(OSError, IndexError):
+                        seen["rsync"] = int(_stat(pid)[16])
+                        up = int(_stat(pid)[1])
+                        for _ in range(3):  # the remote shell, then its sshd
+                            if Path(f"/proc/{up}/comm").read_text().startswith("sshd"):
+                                seen["sshd"] = int(_stat(up)[16])
+                                break
+                            up = int(_stat(up)[1])
+            assert master._child is not None
+            seen["ssh master"] = int(_stat(master._child.popen.pid)[16])
+        finally:
+            sending.join()
+    assert seen == {"rsync": 10, "sshd": 10, "ssh master": 10}
 
 
 @pytest.mark.parametrize("way", ["hashed", "staged"])
