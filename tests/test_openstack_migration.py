@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -209,6 +210,45 @@ def test_a_staged_file_goes_to_the_api_as_it_is(
         assert sha256_file(arrived) == sha256_file(image)
     again = migrate_to_openstack(settings, MigrationRequest(image_id, "site-staged"), Lines())
     assert again.outcome is Outcome.ALREADY_THERE
+
+
+def test_a_staged_file_changed_behind_our_back_is_made_again(
+    clean_sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conversion in the cache rewritten after it was made (the same size, its modification
+    time set back as ``touch -d`` would) is not sent unhashed: it is made again, and no copy
+    of the wrong bytes is ever active at the destination, not even until the check after."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "source.qcow2", virtual_size=32 * MiB, data_bytes=16 * MiB)
+    image_id = sb.source.upload_image(image, name="rewritten", disk_format="qcow2")
+    conf = sb.site_api_conf.read_text() + "export DISK_FORMAT=raw\n"
+    settings = settings_for(sb, tmp_path, **{"site-staged": conf})
+    request = MigrationRequest(image_id, "site-staged")
+    assert migrate_to_openstack(settings, request, Lines()).outcome is Outcome.MIGRATED
+    [first] = copies_at_destination(sb, image_id)
+    sb.destination.delete_all()
+    [staged] = (tmp_path / "staging" / "cache").glob("*.raw")
+    made = staged.stat()
+    with staged.open("r+b") as out:  # bit rot, or a hand: other bytes, the same size
+        out.seek(8 * MiB)
+        out.write(b"\xa5" * 4096)
+    os.utime(staged, ns=(made.st_atime_ns, made.st_mtime_ns))
+    seen: list[tuple[str, object]] = []
+    get = GlanceApi.get
+
+    def watched_get(api: GlanceApi, image_id: str) -> object:
+        copy = get(api, image_id)
+        if copy is not None and copy.id != request.image_id:  # the copy, not the source
+            seen.append((copy.status, copy.checksum))
+        return copy
+
+    monkeypatch.setattr(GlanceApi, "get", watched_get)
+    again = migrate_to_openstack(settings, request, Lines())
+
+    assert [checksum for status, checksum in seen if status == "active"] == [first["checksum"]]
+    assert again.outcome is Outcome.MIGRATED
+    [copy] = copies_at_destination(sb, image_id)
+    assert (copy["status"], copy["checksum"]) == ("active", first["checksum"])
 
 
 def test_a_staged_file_cut_short_or_of_the_wrong_size_never_becomes_active(
