@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.sandbox.images import make_qcow2, make_qcow2_with_backing, make_raw, sha256_file
@@ -249,6 +250,60 @@ def test_a_staged_file_changed_behind_our_back_is_made_again(
     assert again.outcome is Outcome.MIGRATED
     [copy] = copies_at_destination(sb, image_id)
     assert (copy["status"], copy["checksum"]) == ("active", first["checksum"])
+
+
+def test_a_staged_file_rewritten_while_it_is_sent_is_cut_before_its_last_byte(
+    clean_sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The conversion is rewritten in the cache while it goes to Glance unhashed: the upload
+    is cut before its last byte (no copy of those bytes is ever active), the failure says why,
+    and the next attempt makes the conversion again and succeeds."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "source.qcow2", virtual_size=32 * MiB, data_bytes=16 * MiB)
+    image_id = sb.source.upload_image(image, name="rewritten", disk_format="qcow2")
+    conf = sb.site_api_conf.read_text() + "export DISK_FORMAT=raw\n"
+    settings = settings_for(sb, tmp_path, **{"site-staged": conf})
+    request = MigrationRequest(image_id, "site-staged")
+    seen: list[tuple[str, object]] = []
+    get, upload_file = GlanceApi.get, GlanceApi.upload_file
+
+    def watched_get(api: GlanceApi, image_id: str) -> object:
+        copy = get(api, image_id)
+        if copy is not None and copy.id != request.image_id:  # the copy, not the source
+            seen.append((copy.status, copy.checksum))
+        return copy
+
+    def rewritten_on_the_way(
+        api: GlanceApi, image_id: str, path: Path, known: Digests, on_progress: Any, **kw: Any
+    ) -> None:
+        def progress(done: int) -> None:
+            if done < 24 * MiB and not seen_rewrite:
+                with path.open("r+b") as out:  # bytes not sent yet
+                    out.seek(28 * MiB)
+                    out.write(b"\xa5" * 4096)
+                seen_rewrite.append(done)
+            on_progress(done)
+
+        upload_file(api, image_id, path, known, progress, **kw)
+
+    seen_rewrite: list[int] = []
+    monkeypatch.setattr(GlanceApi, "get", watched_get)
+    monkeypatch.setattr(GlanceApi, "upload_file", rewritten_on_the_way)
+    with pytest.raises(VerificationError, match="was changed while it was being sent"):
+        migrate_to_openstack(settings, request, Lines())
+
+    assert seen_rewrite and not [status for status, _ in seen if status == "active"]
+    assert copies_at_destination(sb, image_id) == []
+    monkeypatch.setattr(GlanceApi, "upload_file", upload_file)
+    again = migrate_to_openstack(settings, request, Lines())
+    assert again.outcome is Outcome.MIGRATED
+    [copy] = copies_at_destination(sb, image_id)
+    arrived = tmp_path / "arrived"
+    sb.destination.download_to(str(copy["id"]), arrived)
+    same = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(arrived)], check=False
+    )
+    assert (copy["status"], same.returncode) == ("active", 0)
 
 
 def test_a_staged_file_cut_short_or_of_the_wrong_size_never_becomes_active(
