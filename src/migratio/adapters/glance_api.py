@@ -328,9 +328,23 @@ class GlanceApi:
         raise gexc.from_response(answer, body)
 
     def _tls(self) -> ssl.SSLContext:
-        """The TLS context the session verifies with (OS_CACERT, OS_INSECURE)."""
+        """The TLS context the session verifies with (OS_CACERT, OS_INSECURE).
+
+        Without OS_CACERT, the certificates requests (hence glanceclient, for every other
+        call) trusts: the environment's ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` (a file
+        or a directory), else certifi's bundle, not the system's.
+        """
         verify = self.session.verify
-        context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+        if verify is True:
+            verify = (
+                os.environ.get("REQUESTS_CA_BUNDLE")
+                or os.environ.get("CURL_CA_BUNDLE")
+                or requests.utils.DEFAULT_CA_BUNDLE_PATH
+            )
+        if isinstance(verify, str) and os.path.isdir(verify):
+            context = ssl.create_default_context(capath=verify)
+        else:
+            context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
         if verify is False:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
