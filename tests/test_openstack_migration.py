@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from tests.sandbox.images import make_qcow2, make_qcow2_with_backing, make_raw, sha256_file
 from tests.sandbox.site import Sandbox
-from tests.support import Lines, settings_for
+from tests.support import Lines, descendants, settings_for
 
 from migratio.adapters.glance_api import GlanceApi
 from migratio.cli import main
@@ -132,6 +132,13 @@ def test_over_ssh_lookups_share_one_login_and_a_found_copy_stops_the_transfer(
     assert not list((tmp_path / "staging").glob(f"{image_id}-*")), "local work left"
 
 
+def command_of(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return [""]
+
+
 def test_missing_image_fails_with_the_original_text(
     clean_sandbox: Sandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -144,6 +151,9 @@ def test_missing_image_fails_with_the_original_text(
     code = main(["migrate", "--config", str(settings.config_path), "not-a-uuid", "site-b"])
     assert code == 1
     assert capsys.readouterr().out.startswith("Requested image not exist. 'not-a-uuid' is not")
+    # the ssh master started while the source was asked is gone
+    ssh = [pid for pid in descendants(os.getpid()) if Path(command_of(pid)[0]).name == "ssh"]
+    assert ssh == []
 
 
 def test_conversion_to_raw(clean_sandbox: Sandbox, tmp_path: Path) -> None:
