@@ -125,6 +125,8 @@ class Run:
     wire: float = 0.0  # bytes on the wire / file size
     utilisation: float = 0.0
     decision: str = ""
+    #: COMPRESS=auto's trial of lz4 against zstd, as logged
+    trial: str = ""
     peak_rss: float = 0.0
     cpu_src: float = 0.0  # CPU seconds per GiB of file
     cpu_dst: float = 0.0
@@ -139,6 +141,8 @@ class Case:
     api: list[Run] = field(default_factory=list)
     #: REGISTER=ssh with COMPRESS=none (case 5: what ``auto`` must stay within 5 % of)
     uncompressed: list[Run] = field(default_factory=list)
+    #: REGISTER=ssh with COMPRESS fixed (--compress): what auto's choice costs against them
+    fixed: dict[str, list[Run]] = field(default_factory=dict)
     link: tuple[float, float] = (0.0, 0.0)
 
 
@@ -147,6 +151,8 @@ def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float |
     migratio = str(ROOT / ".venv" / "bin" / "migratio")
     os.sync()  # the previous leg's dirty pages are written back before, not during, this one
     cpu_before = namespace_cpu(sb.network)
+    log_file = sb.log_dir / "migratio.log"
+    logged = log_file.stat().st_size if log_file.exists() else 0
     with LinkMeter(sb.network) as meter:
         begin = time.perf_counter()
         proc = subprocess.Popen(
@@ -168,6 +174,9 @@ def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float |
     cpu_dst = namespace_cpu(sb.network) - cpu_before
     sb.destination.delete_all()
     decision = _DECISION.search(out)
+    with log_file.open("rb") as log:
+        log.seek(logged)
+        trial = [x for x in log.read().decode().splitlines() if "compression: lz4 reached" in x]
     link = (rate or 0) * 1e6 / 8
     return Run(
         seconds=seconds,
@@ -175,6 +184,7 @@ def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float |
         wire=meter.wire / size,
         utilisation=meter.rate() / link if link else 0.0,
         decision=decision.group(1) if decision else "-",
+        trial=trial[-1].split("compression: ")[-1] if trial else "",
         peak_rss=peak.bytes / MB,
         cpu_src=(usage.ru_utime + usage.ru_stime) / (size / GiB),
         cpu_dst=cpu_dst / (size / GiB),
@@ -276,6 +286,19 @@ def report(cases: list[Case], sizes: dict[str, int]) -> None:
                 f"(none: {spread([r.seconds for r in case.uncompressed])} s; target <= 1.05) "
                 f"{verdict(ratio <= 1.05)}"
             )
+        for algorithm, runs in case.fixed.items():
+            ratio = statistics.median(
+                a.seconds / f.seconds for a, f in zip(case.ssh, runs, strict=True)
+            )
+            print(
+                f"  COMPRESS=auto / COMPRESS={algorithm} (ssh): {ratio:.2f} ({algorithm}: "
+                f"{spread([r.seconds for r in runs])} s, wire/file "
+                f"{spread([r.wire for r in runs], '{:.3f}')}, CPU s/GiB source "
+                f"{spread([r.cpu_src for r in runs])})"
+            )
+        for run in case.ssh:
+            if run.trial:
+                print(f"  auto's trial: {run.trial}")
         for name, runs in (("original", case.original), ("ssh", case.ssh), ("api", case.api)):
             first = [r.first_byte for r in runs]
             ok = "" if name == "original" else f" {verdict(statistics.median(first) <= 1.5)}"
@@ -301,6 +324,13 @@ def main() -> int:
     parser.add_argument("--data-gib", type=float, default=1.0)
     parser.add_argument("--virtual-gib", type=float, default=4.0)
     parser.add_argument("--cases", type=int, nargs="+", default=sorted(CASES))
+    parser.add_argument(
+        "--compress",
+        nargs="*",
+        default=[],
+        choices=["zstd", "lz4", "none"],
+        help="also time REGISTER=ssh with COMPRESS fixed to each of these",
+    )
     args = parser.parse_args()
     missing = network_missing()
     if missing:
@@ -329,6 +359,9 @@ def main() -> int:
             }
             none_conf = sb.sites_dir / "site-b-none.conf"
             none_conf.write_text(sb.site_conf.read_text() + "export COMPRESS=none\n")
+            for algorithm in args.compress:
+                fixed_conf = sb.sites_dir / f"site-b-{algorithm}.conf"
+                fixed_conf.write_text(sb.site_conf.read_text() + f"export COMPRESS={algorithm}\n")
             for number in args.cases:
                 label, rate, rtt, kind, _ = CASES[number]
                 sb.shape(rate, rtt)
@@ -340,6 +373,10 @@ def main() -> int:
                     case.original.append(run_original(sb, images[kind], rate))
                     case.ssh.append(run_migratio(sb, ids[kind], "site-b", sizes[kind], rate))
                     case.api.append(run_migratio(sb, ids[kind], "site-b-api", sizes[kind], rate))
+                    for algorithm in args.compress:
+                        case.fixed.setdefault(algorithm, []).append(
+                            run_migratio(sb, ids[kind], f"site-b-{algorithm}", sizes[kind], rate)
+                        )
                     if rate is None:  # on the unshaped link: does auto cost anything?
                         case.uncompressed.append(
                             run_migratio(sb, ids[kind], "site-b-none", sizes[kind], rate)

@@ -12,17 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migratio.adapters import processes
-from migratio.adapters.ssh import LOGIN_RETRIES, cancelled, login_refused, rsync_shell
+from migratio.adapters.ssh import (
+    LOGIN_RETRIES,
+    NICE,
+    cancelled,
+    login_refused,
+    rsync_shell,
+)
 from migratio.config import SshTarget
 from migratio.errors import TransferError
 
 log = logging.getLogger(__name__)
 
 RSYNC = "rsync"
-#: rsync (and its ssh) run at this lower CPU priority at both ends: the bulk copy has slack,
-#: while the head node's services -- and at the destination, the upload into Glance that
-#: follows the copy -- should not wait for it
-NICE = 10
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+(\d+)%")
 _SENT = re.compile(r"Total bytes sent:\s*([\d,]+)")
 
@@ -147,6 +149,9 @@ def _argv(
     remote = f"nice -n {NICE} rsync"
     if make_dir is not None:
         remote = f"mkdir -p -- {shlex.quote(make_dir)} && {remote}"
+    # the sshd that decrypts the bytes for this rsync (the shell's parent: this connection's
+    # own, or its stream's master's) is the user's process too: at the same priority
+    remote = f'renice -n {NICE} -p "$PPID" >/dev/null 2>&1; {remote}'
     # the remote shell runs "<rsync-path> --server ...": every word of ours is quoted
     argv.append(f"--rsync-path={remote}")
     if sparse:

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 SSH = "ssh"
 #: pauses (seconds) before the next try when sshd refused a login (busy: ``MaxStartups``)
 LOGIN_RETRIES = (0.5, 1.0, 2.0)
+#: the bulk copy (rsync, and the ssh that encrypts its bytes) runs at this lower CPU priority
+#: at both ends: it has slack, while the head node's services -- and at the destination, the
+#: upload into Glance that follows the copy -- should not wait for it
+NICE = 10
 
 
 def login_refused(stderr: str) -> bool:
@@ -235,7 +239,9 @@ class SshMaster:
     def _start(self) -> None:
         argv = [*ssh_options(self.plain), "-M", "-N", "-o", "ControlPersist=no"]
         argv += ["-o", f"ControlPath={self.target.control_path}", "--", self.plain.destination]
-        self._child = processes.Child(argv, what="ssh master connection")
+        # the rsyncs' ssh hands its channel to the master, which encrypts their bytes: at the
+        # bulk copy's priority, as that ssh ran before there were masters
+        self._child = processes.Child(argv, what="ssh master connection", nice=NICE)
 
     def wait(self) -> bool:
         """Wait until the master is up (True), or has failed or timed out (False).

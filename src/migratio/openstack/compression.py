@@ -12,20 +12,30 @@
    :data:`ZSTD_BELOW` zstd wins; above :data:`LZ4_BELOW` (a LAN, loopback) compression only
    costs CPU and nothing is compressed; in between, lz4.  While the link is not known yet,
    the round trip to the site's SSH port (measured anyway, see :mod:`migratio.openstack.streams`)
-   stands in: :data:`WAN_RTT` or more is a WAN (zstd), less or unknown lz4.  Only transfers
+   stands in for one stream (a transfer in pieces finds out instead, see 4):
+   :data:`WAN_RTT` or more is a WAN (zstd), less or unknown lz4.  Only transfers
    sent uncompressed are remembered: a compressed one measures the compressor, not the link.
 3. **whether there is a core to spare**: zstd only when the load average leaves at least one
    core idle; on a busy machine it would make the transfer CPU-bound (measured: zstd on five
    streams reached 22 MB/s on the wire of a 1 Gbit/s link with the two cores fully loaded),
    so lz4, which costs a fraction of zstd's CPU, is used instead -- except over a link known
-   to be slower than :data:`SLOW_LINK`, which a fraction of a core keeps full.
-   While the link's rate is not known, a transfer in pieces (several streams, see
-   :mod:`migratio.openstack.streams`) measures it: its first pieces go with lz4 (cheap enough not to
-   be the limit), and if the wire rate they reached is under :data:`SLOW_LINK` the rest goes
-   with zstd (:class:`PieceCompression`). A round trip alone cannot tell a slow link from a
-   fast one far away (200 Mbit/s and 1 Gbit/s at 40 ms): zstd wins on the first and makes
-   the transfer CPU-bound on the second.
-4. **what the peer's rsync supports**: rsync negotiates the algorithm; a peer that knows
+   to be slower than :data:`SLOW_LINK`, which a fraction of a core keeps full. (A transfer
+   in pieces over a link not known yet measures instead, see 4: the load average is a
+   minute old.)
+4. **an experiment, for a transfer in pieces** (several streams, see
+   :mod:`migratio.openstack.streams`) while the link's rate is not known: the first wave of
+   pieces (one per stream) goes with lz4, the second with zstd, and the rest with the one
+   whose pieces carried more of the *file* per second -- zstd only if it was at least
+   :data:`ZSTD_MARGIN` times faster, since later pieces run over warmed-up TCP windows
+   (:class:`PieceCompression`); should a later wave of zstd fall under lz4's rate, lz4 for
+   the rest. A round trip cannot tell a slow link from a fast one far
+   away (200 Mbit/s and 1 Gbit/s at 40 ms): zstd wins on the first and makes the transfer
+   CPU-bound on the second; nor can the wire rate of lz4's pieces (pieces that are short,
+   CPU-bound or dominated by their start look like a slow link). Only the file's rate under
+   each says which is faster here, now. A transfer of fewer than :data:`MIN_WAVES` pieces per
+   stream has too little left after the experiment to pay for a slower second wave: it goes
+   with lz4 throughout.
+5. **what the peer's rsync supports**: rsync negotiates the algorithm; a peer that knows
    neither zstd nor lz4 (older than 3.2) fails the start of the transfer, which is then
    re-run once without compression (zlib, the old peers' only choice, is 7 to 13 times slower than
    the link: never).
@@ -55,6 +65,10 @@ LZ4_BELOW = 450e6
 WAN_RTT = 0.004
 #: a link slower than this (bytes/s): zstd whatever the load
 SLOW_LINK = 50e6
+#: zstd's pieces must carry this many times lz4's file bytes per second to be kept
+ZSTD_MARGIN = 1.15
+#: the experiment of PieceCompression only for a transfer of at least this many pieces per stream
+MIN_WAVES = 3
 
 
 @dataclass(frozen=True)
@@ -136,47 +150,124 @@ def _choose(setting: str, path: Path, link_rate: float | None, rtt: float | None
 class PieceCompression:
     """The algorithm for each piece of a transfer in pieces (:mod:`migratio.openstack.streams`).
 
-    A provisional ``auto`` choice (the link's rate not known) starts with lz4 and, once
-    ``streams`` pieces have gone, looks at the wire rate they reached: under
-    :data:`SLOW_LINK`, zstd for the rest (and lz4 otherwise). A peer that cannot compress
-    (an rsync older than 3.2) turns it off for the rest.
+    A provisional ``auto`` choice (the link's rate not known) is settled by experiment: the
+    pieces are taken in order, so pieces ``0 .. streams-1`` (the first wave, which run at
+    once) go with lz4 and the next ``streams`` with zstd; once both waves are in, the rest
+    goes with zstd if its pieces carried at least :data:`ZSTD_MARGIN` times lz4's file bytes
+    per second (mean over the wave), else with lz4. A piece that starts before the second
+    wave is in takes the one ahead so far (lz4 until zstd is). Once zstd is chosen, its later
+    pieces are watched: should a wave of them (the last ``streams``) carry less of the file
+    per second than lz4's trial pieces did (the load changed, or a slow start of lz4's wave
+    made zstd look better than it is), lz4 for the rest, for good. With fewer than
+    :data:`MIN_WAVES` pieces per stream there is no experiment: lz4 throughout (cheap, and a
+    slower zstd wave would cost more than the few pieces left could win back). A peer that
+    cannot compress (an rsync older than 3.2) turns it off for the rest; one that did lz4 but
+    not zstd keeps lz4.
     """
 
-    def __init__(self, choice: Choice, streams: int) -> None:
+    def __init__(self, choice: Choice, streams: int, pieces: int) -> None:
         self.choice = choice
-        self.streams = streams
-        self.algorithm = "lz4" if choice.provisional and choice.compresses else choice.algorithm
+        self.streams = max(1, min(streams, pieces))
+        unknown = choice.provisional and choice.compresses
+        self.algorithm = "lz4" if unknown else choice.algorithm
+        #: whether the first two waves try lz4 against zstd
+        self.trial = unknown and pieces >= MIN_WAVES * self.streams
         self.used: list[str] = []
-        self._rates: list[float] = []
-        self._decided = not (choice.provisional and choice.compresses)
+        #: file bytes per second of each trial piece, by the algorithm it went with
+        self._rates: dict[str, list[float]] = {"lz4": [], "zstd": []}
+        self._asked: dict[int, str] = {}
+        self._decided = not self.trial
+        self._tried = False
+        #: file bytes per second of zstd's pieces after the trial chose it (all full pieces)
+        self._after: list[float] = []
+        self._reverted = False
+        self._full = 0
         self._lock = threading.Lock()
 
-    def sent(self, algorithm: str, wire_bytes: int, seconds: float) -> None:
-        """A piece went with ``algorithm`` (what rsync really used) in ``seconds``.
+    def plan(self) -> str:
+        """What this transfer will do, for the log before it starts."""
+        if self.trial:
+            return f"lz4 for the first {self.streams} pieces, zstd for the next, then the faster"
+        return self.algorithm
 
-        The link's rate is taken as the mean rate of a piece times the streams, which run
-        at once: a rate since the transfer's start would count the logins before it.
-        """
+    def for_piece(self, k: int) -> str:
+        """The algorithm to send piece ``k`` with (pieces are started in order)."""
         with self._lock:
+            if self._decided:
+                algorithm = self.algorithm
+            elif k < self.streams:
+                algorithm = "lz4"
+            elif k < 2 * self.streams:
+                algorithm = "zstd"
+            else:
+                algorithm = "zstd" if self._zstd_ahead() else "lz4"
+            self._asked[k] = algorithm
+            return algorithm
+
+    def sent(self, k: int, algorithm: str, size: int, seconds: float) -> None:
+        """Piece ``k`` of ``size`` bytes went with ``algorithm`` (what rsync really used)."""
+        with self._lock:
+            asked = self._asked.get(k, algorithm)
             if algorithm not in self.used:
                 self.used.append(algorithm)
-            if algorithm == "none" and self.algorithm != "none":
-                self.algorithm, self._decided = "none", True  # the peer cannot compress
-            self._rates.append(wire_bytes / max(seconds, 1e-3))
-            if self._decided or len(self._rates) < self.streams:
+            if algorithm == "none" and asked != "none":
+                # the peer refused: a zstd piece after lz4 ones went through, lz4 is known to work
+                keep = "lz4" if asked == "zstd" and "lz4" in self.used else "none"
+                if not self._decided or self.algorithm != keep:
+                    log.info("compression %s from now on (the peer cannot do %s)", keep, asked)
+                self.algorithm, self._decided = keep, True
                 return
-            self._decided = True
-            rate = sum(self._rates) / len(self._rates) * self.streams
-            if rate < SLOW_LINK:
-                self.algorithm = "zstd"
+            if algorithm != asked:
+                return
+            rate = size / max(seconds, 1e-3)
+            if self._decided or k >= 2 * self.streams:
+                self._watch(algorithm, size, rate)
+                return
+            self._rates[algorithm].append(rate)
+            self._full = max(self._full, size)
+            if min(len(rates) for rates in self._rates.values()) < self.streams:
+                return
+            self._decided = self._tried = True
+            self.algorithm = "zstd" if self._zstd_ahead() else "lz4"
             log.info(
-                "compression %s from now on (link reached %.0f MB/s over the first %d pieces)",
-                self.algorithm, rate / 1e6, len(self._rates),
+                "compression: lz4 reached %.0f MB/s of file per piece, zstd %.0f MB/s: "
+                "%s from now on",
+                _mean(self._rates["lz4"]) / 1e6, _mean(self._rates["zstd"]) / 1e6, self.algorithm,
             )  # fmt: skip
 
+    def _watch(self, algorithm: str, size: int, rate: float) -> None:
+        """After the trial chose zstd: back to lz4 if a wave of zstd is slower than lz4 was."""
+        if not self._tried or self._reverted or self.algorithm != "zstd" or algorithm != "zstd":
+            return
+        if size < self._full:  # the file's last piece: its start weighs more
+            return
+        self._after.append(rate)
+        recent = self._after[-self.streams :]
+        if len(recent) < self.streams or _mean(recent) >= _mean(self._rates["lz4"]):
+            return
+        self.algorithm, self._reverted = "lz4", True
+        log.info(
+            "compression: zstd's last %d pieces reached %.0f MB/s of file per piece, under "
+            "lz4's %.0f MB/s: lz4 from now on",
+            len(recent), _mean(recent) / 1e6, _mean(self._rates["lz4"]) / 1e6,
+        )  # fmt: skip
+
+    def _zstd_ahead(self) -> bool:
+        """Whether zstd's pieces so far beat lz4's by the margin (under the lock)."""
+        lz4, zstd = self._rates["lz4"], self._rates["zstd"]
+        return bool(lz4 and zstd) and _mean(zstd) >= ZSTD_MARGIN * _mean(lz4)
+
     def summary(self) -> str:
-        """What the transfer used: ``zstd``, or ``lz4, then zstd``."""
+        """What the transfer used: ``lz4``, ``lz4, then zstd``, ``lz4, zstd tried, back to lz4``."""
+        if self._reverted:
+            return "lz4, then zstd, back to lz4"
+        if self._tried and self.algorithm == "lz4":
+            return "lz4, zstd tried, back to lz4"
         return ", then ".join(self.used) or self.algorithm
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 class LinkHistory:

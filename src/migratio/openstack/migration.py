@@ -351,12 +351,12 @@ class Migration(MigrationRun):
         history = LinkHistory(self.settings.staging_dir)
         link_rate = history.rate(self.site.site_id)
         choice = compression.choose(self.site.compress, payload, link_rate, rtt)
-        if piece is not None and choice.provisional and choice.compresses:
-            log.info("compression lz4 for the first pieces, then by the link (%s)", choice.reason)
-        else:
-            log.info("compression %s (%s)", choice.algorithm, choice.reason)
-        on_progress = self.progress("Transferring", payload.stat().st_size)
-        if piece is not None:
+        size = payload.stat().st_size
+        per_piece = None if piece is None else PieceCompression(choice, streams, -(-size // piece))
+        plan = choice.algorithm if per_piece is None else per_piece.plan()
+        log.info("compression %s (%s)", plan, choice.reason)
+        on_progress = self.progress("Transferring", size)
+        if piece is not None and per_piece is not None:
             result = push_ranges(
                 payload,
                 self.site.ssh,
@@ -367,7 +367,7 @@ class Migration(MigrationRun):
                 timeout=self.settings.command_timeout,
                 cancel=cancel,
                 on_progress=on_progress,
-                compress=PieceCompression(choice, streams),
+                compress=per_piece,
                 bwlimit=self.site.bwlimit,
                 make_dir=self.remote_dir,
             )

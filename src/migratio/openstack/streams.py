@@ -231,6 +231,7 @@ def push_ranges(
                     while not pieces.ready[k].wait(0.1):
                         if stop.is_set():
                             raise Cancelled("stopped")
+                    algorithm = compress.for_piece(k)
                     try:
                         result = rsync.push(
                             pieces.paths[k],
@@ -240,14 +241,14 @@ def push_ranges(
                             timeout=timeout,
                             cancel=stop,
                             on_progress=progress.of(k),
-                            compress=compress.algorithm,
+                            compress=algorithm,
                             bwlimit=None if bwlimit is None else max(1024, bwlimit // streams),
                             make_dir=make_dir,
                         )
                     finally:
                         pieces.sent(k)
                     results.append(result)
-                    compress.sent(result.compress, result.bytes_sent, result.seconds)
+                    compress.sent(k, result.compress, pieces.spans[k][2], result.seconds)
         except BaseException:
             stop.set()
             raise
