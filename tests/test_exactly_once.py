@@ -583,7 +583,8 @@ def test_the_sweep_removes_only_what_free_pairs_left(
     site = settings.sites["site-b"]
     assert isinstance(site, OpenStackSite)
     remote = RemoteGlance(site)
-    remote.make_dir(".migratio-staging")
+    remote.ssh.run(["mkdir", "-p", ".migratio-staging"], what="make the staging directory",
+                   creds=False)  # fmt: skip
     for image_id in (dead, busy):
         remote.ssh.run(["truncate", "-s", "1M", f".migratio-staging/{image_id}-abc.raw.part"],
                        what="make a part", creds=False)  # fmt: skip

@@ -469,3 +469,46 @@ def test_sigkill_while_learning_the_owner_leaves_no_probe_image(
 
     assert result.outcome is Outcome.MIGRATED
     assert [i for i in sb.destination.images() if i["name"] == "migratio-owner-probe"] == []
+
+
+def test_sigkill_during_the_unhashed_api_upload_leaves_no_active_partial_copy(
+    clean_sandbox: Sandbox, tmp_path: Path, short_tmp: Path
+) -> None:
+    """REGISTER=api, a staged conversion going by sendfile: the migrating process killed
+    mid-body leaves Glance an image it never makes active; the re-run deletes that leftover
+    and makes one active copy of the right bytes."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=96 * MiB, data_bytes=48 * MiB)
+    image_id = sb.source.upload_image(image, name="killed-api", disk_format="qcow2")
+    conf = sb.site_api_conf.read_text() + "export DISK_FORMAT=raw\nexport BWLIMIT=16M\n"
+    settings = settings_for(sb, tmp_path, **{"site-api-raw": conf})
+    migrating = start_migration(settings, image_id, "site-api-raw", short_tmp)
+
+    def saving() -> bool:
+        copies = sb.destination.find_by_property("source_uuid", image_id)
+        return any(copy["status"] == "saving" for copy in copies)
+
+    try:
+        wait_for("the upload", saving, process=migrating)
+        time.sleep(1)  # some of the body is in
+        os.kill(migrating.pid, signal.SIGKILL)
+        migrating.wait()
+    finally:
+        if migrating.poll() is None:
+            migrating.kill()
+    [left] = sb.destination.find_by_property("source_uuid", image_id)
+    wait_for(
+        "Glance to notice", lambda: sb.destination.image(str(left["id"]))["status"] != "saving", 30
+    )
+    assert sb.destination.image(str(left["id"]))["status"] == "queued"
+
+    again = start_migration(settings, image_id, "site-api-raw", short_tmp)
+    assert again.wait(timeout=300) == 0
+    copies = sb.destination.find_by_property("source_uuid", image_id)
+    assert [copy["status"] for copy in copies] == ["active"], copies
+    assert copies[0]["id"] != left["id"] and copies[0]["size"] == 96 * MiB
+    arrived = sb.destination.download_to(str(copies[0]["id"]), tmp_path / "arrived")
+    same = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(arrived)], check=False
+    )
+    assert same.returncode == 0

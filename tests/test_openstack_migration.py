@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.sandbox.images import make_qcow2, make_qcow2_with_backing, make_raw, sha256_file
 from tests.sandbox.site import Sandbox
-from tests.support import Lines, settings_for
+from tests.support import Lines, descendants, settings_for
 
 from migratio.adapters.glance_api import GlanceApi
 from migratio.cli import main
@@ -130,6 +132,13 @@ def test_over_ssh_lookups_share_one_login_and_a_found_copy_stops_the_transfer(
     assert not list((tmp_path / "staging").glob(f"{image_id}-*")), "local work left"
 
 
+def command_of(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return [""]
+
+
 def test_missing_image_fails_with_the_original_text(
     clean_sandbox: Sandbox, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -142,6 +151,9 @@ def test_missing_image_fails_with_the_original_text(
     code = main(["migrate", "--config", str(settings.config_path), "not-a-uuid", "site-b"])
     assert code == 1
     assert capsys.readouterr().out.startswith("Requested image not exist. 'not-a-uuid' is not")
+    # the ssh master started while the source was asked is gone
+    ssh = [pid for pid in descendants(os.getpid()) if Path(command_of(pid)[0]).name == "ssh"]
+    assert ssh == []
 
 
 def test_conversion_to_raw(clean_sandbox: Sandbox, tmp_path: Path) -> None:
@@ -209,6 +221,99 @@ def test_a_staged_file_goes_to_the_api_as_it_is(
         assert sha256_file(arrived) == sha256_file(image)
     again = migrate_to_openstack(settings, MigrationRequest(image_id, "site-staged"), Lines())
     assert again.outcome is Outcome.ALREADY_THERE
+
+
+def test_a_staged_file_changed_behind_our_back_is_made_again(
+    clean_sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conversion in the cache rewritten after it was made (the same size, its modification
+    time set back as ``touch -d`` would) is not sent unhashed: it is made again, and no copy
+    of the wrong bytes is ever active at the destination, not even until the check after."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "source.qcow2", virtual_size=32 * MiB, data_bytes=16 * MiB)
+    image_id = sb.source.upload_image(image, name="rewritten", disk_format="qcow2")
+    conf = sb.site_api_conf.read_text() + "export DISK_FORMAT=raw\n"
+    settings = settings_for(sb, tmp_path, **{"site-staged": conf})
+    request = MigrationRequest(image_id, "site-staged")
+    assert migrate_to_openstack(settings, request, Lines()).outcome is Outcome.MIGRATED
+    [first] = copies_at_destination(sb, image_id)
+    sb.destination.delete_all()
+    [staged] = (tmp_path / "staging" / "cache").glob("*.raw")
+    made = staged.stat()
+    with staged.open("r+b") as out:  # bit rot, or a hand: other bytes, the same size
+        out.seek(8 * MiB)
+        out.write(b"\xa5" * 4096)
+    os.utime(staged, ns=(made.st_atime_ns, made.st_mtime_ns))
+    seen: list[tuple[str, object]] = []
+    get = GlanceApi.get
+
+    def watched_get(api: GlanceApi, image_id: str) -> object:
+        copy = get(api, image_id)
+        if copy is not None and copy.id != request.image_id:  # the copy, not the source
+            seen.append((copy.status, copy.checksum))
+        return copy
+
+    monkeypatch.setattr(GlanceApi, "get", watched_get)
+    again = migrate_to_openstack(settings, request, Lines())
+
+    assert [checksum for status, checksum in seen if status == "active"] == [first["checksum"]]
+    assert again.outcome is Outcome.MIGRATED
+    [copy] = copies_at_destination(sb, image_id)
+    assert (copy["status"], copy["checksum"]) == ("active", first["checksum"])
+
+
+def test_a_staged_file_rewritten_while_it_is_sent_is_cut_before_its_last_byte(
+    clean_sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The conversion is rewritten in the cache while it goes to Glance unhashed: the upload
+    is cut before its last byte (no copy of those bytes is ever active), the failure says why,
+    and the next attempt makes the conversion again and succeeds."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "source.qcow2", virtual_size=32 * MiB, data_bytes=16 * MiB)
+    image_id = sb.source.upload_image(image, name="rewritten", disk_format="qcow2")
+    conf = sb.site_api_conf.read_text() + "export DISK_FORMAT=raw\n"
+    settings = settings_for(sb, tmp_path, **{"site-staged": conf})
+    request = MigrationRequest(image_id, "site-staged")
+    seen: list[tuple[str, object]] = []
+    get, upload_file = GlanceApi.get, GlanceApi.upload_file
+
+    def watched_get(api: GlanceApi, image_id: str) -> object:
+        copy = get(api, image_id)
+        if copy is not None and copy.id != request.image_id:  # the copy, not the source
+            seen.append((copy.status, copy.checksum))
+        return copy
+
+    def rewritten_on_the_way(
+        api: GlanceApi, image_id: str, path: Path, known: Digests, on_progress: Any, **kw: Any
+    ) -> None:
+        def progress(done: int) -> None:
+            if done < 24 * MiB and not seen_rewrite:
+                with path.open("r+b") as out:  # bytes not sent yet
+                    out.seek(28 * MiB)
+                    out.write(b"\xa5" * 4096)
+                seen_rewrite.append(done)
+            on_progress(done)
+
+        upload_file(api, image_id, path, known, progress, **kw)
+
+    seen_rewrite: list[int] = []
+    monkeypatch.setattr(GlanceApi, "get", watched_get)
+    monkeypatch.setattr(GlanceApi, "upload_file", rewritten_on_the_way)
+    with pytest.raises(VerificationError, match="was changed while it was being sent"):
+        migrate_to_openstack(settings, request, Lines())
+
+    assert seen_rewrite and not [status for status, _ in seen if status == "active"]
+    assert copies_at_destination(sb, image_id) == []
+    monkeypatch.setattr(GlanceApi, "upload_file", upload_file)
+    again = migrate_to_openstack(settings, request, Lines())
+    assert again.outcome is Outcome.MIGRATED
+    [copy] = copies_at_destination(sb, image_id)
+    arrived = tmp_path / "arrived"
+    sb.destination.download_to(str(copy["id"]), arrived)
+    same = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(arrived)], check=False
+    )
+    assert (copy["status"], same.returncode) == ("active", 0)
 
 
 def test_a_staged_file_cut_short_or_of_the_wrong_size_never_becomes_active(

@@ -58,16 +58,27 @@ class Entry:
     def unchanged(self) -> bool:
         """Whether the file is still the one its maker wrote and described in ``meta``.
 
-        Its size and modification time are those the maker recorded (entries made before the
-        time was recorded are not taken as unchanged). Nothing of migratio writes an entry
-        once made; this notices a file that something else rewrote since.
+        Its size, modification time, inode and inode change time are those the maker recorded
+        once the file was in place (entries made before they were recorded are not taken as
+        unchanged). Nothing of migratio writes an entry once made; this notices a file that
+        something else rewrote or replaced since, even one whose modification time was set
+        back afterwards (``touch -d``, ``os.utime``): that changes the inode change time,
+        which nothing can set back.
         """
         try:
             stat = self.path.stat()
         except OSError:
             return False
-        return stat.st_size == self.meta.get("size") and stat.st_mtime_ns == self.meta.get(
-            "mtime_ns"
+        return self.meta.get("ctime_ns") is not None and (
+            stat.st_size,
+            stat.st_mtime_ns,
+            stat.st_ino,
+            stat.st_ctime_ns,
+        ) == (
+            self.meta.get("size"),
+            self.meta.get("mtime_ns"),
+            self.meta.get("ino"),
+            self.meta.get("ctime_ns"),
         )
 
 
@@ -183,7 +194,11 @@ class StagingCache:
                 return None
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None
-        return Entry(path, meta)
+        entry = Entry(path, meta)
+        if "ctime_ns" in meta and not entry.unchanged():
+            log.warning("staging: %s was changed since it was made; making it again", name)
+            return None
+        return entry
 
     def _make(
         self,
@@ -215,6 +230,13 @@ class StagingCache:
                 (self.root / name).unlink(missing_ok=True)
                 meta_part.rename(self.root / f"{name}.json")
                 target.rename(self.root / name)
+                # the renamed inode's change time (a rename sets it) and number, recorded now:
+                # Entry.unchanged compares them (a meta without them: hashed on the way)
+                placed = (self.root / name).stat()
+                meta["ino"], meta["ctime_ns"] = placed.st_ino, placed.st_ctime_ns
+                meta_part.write_text(json.dumps(meta))
+                _fsync(meta_part)
+                meta_part.rename(self.root / f"{name}.json")
                 _fsync(self.root)
             finally:
                 shutil.rmtree(partial, ignore_errors=True)

@@ -203,6 +203,7 @@ class GlanceApi:
         on_progress: Callable[[int], None] | None = None,
         *,
         bwlimit: int | None = None,
+        unchanged: Callable[[], bool] | None = None,
     ) -> None:
         """Upload a local file whose digests ``known`` migratio computed from this very file.
 
@@ -220,6 +221,11 @@ class GlanceApi:
         and a connection cut before the last byte leaves Glance with an incomplete body, which
         it does not make active. ``on_progress`` gets the bytes sent so far; ``bwlimit`` (bytes
         per second) paces the sending as :mod:`migratio.openstack.bandwidth` does.
+
+        The last byte is held back until ``on_progress`` has been told of all the others and
+        ``unchanged()`` (:meth:`Entry.unchanged`) says the file is still the one that was
+        hashed: a file rewritten while it was being sent, or a progress callback that raises
+        (the lease's fence), cuts the connection before Glance has the whole body.
 
         Through an HTTP proxy (the environment's ``*_proxy``, which requests honours) this
         falls back to :meth:`upload`, hashed on the way.
@@ -239,10 +245,21 @@ class GlanceApi:
                 raise VerificationError(
                     f"{path} has {size} bytes, not the {known.size} its digests were made of"
                 )
+
+            def held_back() -> None:
+                if unchanged is not None and not unchanged():
+                    raise VerificationError(
+                        f"{path} was changed while it was being sent, so it may not be the "
+                        "bytes its digests were made of; the upload was cut before its last "
+                        "byte (the next attempt makes it again)"
+                    )
+
             for attempt in (1, 2):
                 with self._errors(doing):
                     headers = self.session.get_auth_headers()
-                    status = self._put_file(url, headers, stream, size, on_progress, bwlimit)
+                    status = self._put_file(
+                        url, headers, stream, size, on_progress, bwlimit, held_back
+                    )
                     if status == 401 and attempt == 1 and self.session.invalidate():
                         log.info("Glance at %s refused the token; authenticating again", self.where)
                         continue  # a token that expired meanwhile: once more with a new one
@@ -256,6 +273,7 @@ class GlanceApi:
         size: int,
         on_progress: Callable[[int], None] | None,
         bwlimit: int | None,
+        before_last: Callable[[], None] | None = None,
     ) -> int:
         """PUT the file's ``size`` bytes to ``url``; the status, or a glanceclient error.
 
@@ -288,7 +306,7 @@ class GlanceApi:
             conn.endheaders()
             assert conn.sock is not None
             try:
-                _send_file(conn.sock, stream, size, on_progress, bwlimit)
+                _send_file(conn.sock, stream, size, on_progress, bwlimit, before_last)
             except OSError:
                 # Glance may have answered (and closed) before taking it all: say what it said
                 response = _early_response(conn)
@@ -310,9 +328,23 @@ class GlanceApi:
         raise gexc.from_response(answer, body)
 
     def _tls(self) -> ssl.SSLContext:
-        """The TLS context the session verifies with (OS_CACERT, OS_INSECURE)."""
+        """The TLS context the session verifies with (OS_CACERT, OS_INSECURE).
+
+        Without OS_CACERT, the certificates requests (hence glanceclient, for every other
+        call) trusts: the environment's ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` (a file
+        or a directory), else certifi's bundle, not the system's.
+        """
         verify = self.session.verify
-        context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+        if verify is True:
+            verify = (
+                os.environ.get("REQUESTS_CA_BUNDLE")
+                or os.environ.get("CURL_CA_BUNDLE")
+                or requests.utils.DEFAULT_CA_BUNDLE_PATH
+            )
+        if isinstance(verify, str) and os.path.isdir(verify):
+            context = ssl.create_default_context(capath=verify)
+        else:
+            context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
         if verify is False:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
@@ -360,15 +392,25 @@ def _send_file(
     size: int,
     on_progress: Callable[[int], None] | None,
     bwlimit: int | None,
+    before_last: Callable[[], None] | None = None,
 ) -> None:
-    """Send the file's first ``size`` bytes: ``sendfile`` on a plain socket, else ``sendall``."""
+    """Send the file's first ``size`` bytes: ``sendfile`` on a plain socket, else ``sendall``.
+
+    The last byte goes alone, after ``on_progress`` was told of the others and
+    ``before_last()`` ran: either may raise to cut the upload before Glance has it all.
+    """
     throttle = Throttle(bwlimit) if bwlimit is not None else None
     # under a cap, pieces of a tenth of a second's worth, so that the pace is an even one
     piece = SEND_PIECE if bwlimit is None else max(64 << 10, min(SEND_PIECE, bwlimit // 10))
     plain = not isinstance(sock, ssl.SSLSocket)
     sent = 0
+    held = 1 if size > 0 else 0
     while sent < size:
-        count = min(piece, size - sent)
+        if sent == size - held:
+            if before_last is not None:
+                before_last()
+            held = 0
+        count = min(piece, size - held - sent)
         if throttle is not None:
             throttle(count)
         if plain:

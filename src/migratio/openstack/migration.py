@@ -308,7 +308,12 @@ class Migration(MigrationRun):
             on_progress = self.progress("Uploading", digests.size)
             if payload.entry is not None and payload.entry.unchanged():
                 api.upload_file(
-                    copy.id, payload.path, digests, on_progress, bwlimit=self.site.bwlimit
+                    copy.id,
+                    payload.path,
+                    digests,
+                    on_progress,
+                    bwlimit=self.site.bwlimit,
+                    unchanged=payload.entry.unchanged,
                 )
             else:
                 with payload.path.open("rb") as stream:
