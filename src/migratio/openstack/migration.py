@@ -348,6 +348,8 @@ class Migration(MigrationRun):
         (:mod:`migratio.openstack.streams`). The remote staging directory is made on the way.
         """
         assert self.site.ssh is not None
+        assert isinstance(self.destination, RemoteGlance)
+        through = self.destination.ssh.target  # the migration's master connection
         history = LinkHistory(self.settings.staging_dir)
         link_rate = history.rate(self.site.site_id)
         choice = compression.choose(self.site.compress, payload, link_rate, rtt)
@@ -370,11 +372,12 @@ class Migration(MigrationRun):
                 compress=per_piece,
                 bwlimit=self.site.bwlimit,
                 make_dir=self.remote_dir,
+                shared=through,
             )
         else:
             result = rsync.push(
                 payload,
-                self.site.ssh,
+                through,  # no login of its own
                 remote_path,
                 sparse=sparse,
                 timeout=self.settings.command_timeout,

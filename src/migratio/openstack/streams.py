@@ -19,6 +19,7 @@ at most :data:`MAX_AUTO`). ``STREAMS=N`` forces N (1: the original's single rsyn
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -205,6 +206,7 @@ def push_ranges(
     compress: PieceCompression,
     bwlimit: int | None,
     make_dir: str | None = None,
+    shared: SshTarget | None = None,
 ) -> rsync.RsyncResult:
     """Send ``source`` in pieces of ``piece`` bytes to ``remote_path.0``, ``.1``..., by
     ``streams`` SSH connections at once.
@@ -214,6 +216,8 @@ def push_ranges(
     back) follows right behind the transfer instead of waiting for its end. Each stream is
     one SSH connection of its own (:class:`SshMaster`: its own TCP window, its own cipher
     process) through which the rsync of each of its pieces runs in about one round trip.
+    With ``shared`` (the migration's own master connection, already logged in), the first
+    stream is that one: the first piece starts without waiting for a login.
     """
     pieces = _Pieces(source, workdir, piece, ahead=streams + 1)
     streams = max(1, min(streams, len(pieces.spans)))
@@ -221,12 +225,17 @@ def push_ranges(
     begin = time.monotonic()
     results: list[rsync.RsyncResult] = []
 
-    def lane() -> None:
+    def lane(number: int) -> None:
         try:
-            with SshMaster(target) as master:
-                # one login per stream: its pieces' rsyncs wait for the master instead of
-                # logging in beside it (sshd drops logins beyond MaxStartups, 10 by default)
-                master.wait()
+            with contextlib.ExitStack() as stack:
+                if number == 0 and shared is not None:
+                    through = shared
+                else:
+                    master = stack.enter_context(SshMaster(target))
+                    # one login per stream: its pieces' rsyncs wait for the master instead of
+                    # logging in beside it (sshd drops logins beyond MaxStartups, 10 by default)
+                    master.wait()
+                    through = master.target
                 while (k := pieces.take()) is not None:
                     while not pieces.ready[k].wait(0.1):
                         if stop.is_set():
@@ -235,7 +244,7 @@ def push_ranges(
                     try:
                         result = rsync.push(
                             pieces.paths[k],
-                            master.target,
+                            through,
                             f"{remote_path}.{k}",
                             sparse=False,
                             timeout=timeout,
@@ -255,7 +264,7 @@ def push_ranges(
 
     with linked(cancel) as stop, ThreadPoolExecutor(streams + 1, "stream") as pool:
         cutter = pool.submit(pieces.cut_all, stop)
-        futures = [pool.submit(lane) for _ in range(streams)]
+        futures = [pool.submit(lane, number) for number in range(streams)]
         errors = []
         for future in [cutter, *futures]:
             try:
