@@ -227,6 +227,8 @@ class SshMaster:
         #: the target, reached through this master
         self.target = dataclasses.replace(target, control_path=self._dir / "master")
         self._child: processes.Child | None = None
+        #: one waiter at a time: a refused login is started again by one thread only
+        self._waiting = threading.Lock()
 
     def __enter__(self) -> SshMaster:
         try:
@@ -249,8 +251,12 @@ class SshMaster:
         Commands that wait for it share its login instead of making one of their own
         at the same time. A login sshd refused (``MaxStartups``) is tried again, as any
         other: without the master every command would log in on its own, each at the
-        same risk.
+        same risk. Threads may wait at once (the lookups, the first stream).
         """
+        with self._waiting:
+            return self._wait()
+
+    def _wait(self) -> bool:
         assert self.target.control_path is not None and self._child is not None
         pauses = iter(LOGIN_RETRIES)
         deadline = time.monotonic() + self.plain.connect_timeout + 5

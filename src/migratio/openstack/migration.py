@@ -78,6 +78,8 @@ class Migration(MigrationRun):
 
     site: OpenStackSite
     destination: Destination
+    #: REGISTER=ssh: the migration's own master connection, once started
+    master: SshMaster | None = None
 
     # 2
     @property
@@ -199,6 +201,7 @@ class Migration(MigrationRun):
             # the master's login (several round trips) goes on while the source is asked
             with SshMaster(self.destination.ssh.target) as master:
                 self.destination.ssh.target = master.target  # the lookups share one login
+                self.master = master
                 image, target_format, fields = self.prepare()
                 return self.run_over_ssh(master, image, target_format, fields)
         image, target_format, fields = self.prepare()
@@ -348,8 +351,7 @@ class Migration(MigrationRun):
         (:mod:`migratio.openstack.streams`). The remote staging directory is made on the way.
         """
         assert self.site.ssh is not None
-        assert isinstance(self.destination, RemoteGlance)
-        through = self.destination.ssh.target  # the migration's master connection
+        assert self.master is not None
         history = LinkHistory(self.settings.staging_dir)
         link_rate = history.rate(self.site.site_id)
         choice = compression.choose(self.site.compress, payload, link_rate, rtt)
@@ -372,12 +374,13 @@ class Migration(MigrationRun):
                 compress=per_piece,
                 bwlimit=self.site.bwlimit,
                 make_dir=self.remote_dir,
-                shared=through,
+                shared=self.master,
             )
         else:
+            self.master.wait()  # its login is under way: sooner than one of rsync's own
             result = rsync.push(
                 payload,
-                through,  # no login of its own
+                self.master.target,
                 remote_path,
                 sparse=sparse,
                 timeout=self.settings.command_timeout,

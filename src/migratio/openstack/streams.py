@@ -206,7 +206,7 @@ def push_ranges(
     compress: PieceCompression,
     bwlimit: int | None,
     make_dir: str | None = None,
-    shared: SshTarget | None = None,
+    shared: SshMaster | None = None,
 ) -> rsync.RsyncResult:
     """Send ``source`` in pieces of ``piece`` bytes to ``remote_path.0``, ``.1``..., by
     ``streams`` SSH connections at once.
@@ -216,8 +216,8 @@ def push_ranges(
     back) follows right behind the transfer instead of waiting for its end. Each stream is
     one SSH connection of its own (:class:`SshMaster`: its own TCP window, its own cipher
     process) through which the rsync of each of its pieces runs in about one round trip.
-    With ``shared`` (the migration's own master connection, already logged in), the first
-    stream is that one: the first piece starts without waiting for a login.
+    With ``shared`` (the migration's own master connection, started before the source was
+    even asked), the first stream is that one: the first piece waits for no login of its own.
     """
     pieces = _Pieces(source, workdir, piece, ahead=streams + 1)
     streams = max(1, min(streams, len(pieces.spans)))
@@ -228,14 +228,13 @@ def push_ranges(
     def lane(number: int) -> None:
         try:
             with contextlib.ExitStack() as stack:
-                if number == 0 and shared is not None:
-                    through = shared
-                else:
+                master = shared if number == 0 and shared is not None else None
+                if master is None:
                     master = stack.enter_context(SshMaster(target))
-                    # one login per stream: its pieces' rsyncs wait for the master instead of
-                    # logging in beside it (sshd drops logins beyond MaxStartups, 10 by default)
-                    master.wait()
-                    through = master.target
+                # one login per stream: its pieces' rsyncs wait for the master instead of
+                # logging in beside it (sshd drops logins beyond MaxStartups, 10 by default)
+                master.wait()
+                through = master.target
                 while (k := pieces.take()) is not None:
                     while not pieces.ready[k].wait(0.1):
                         if stop.is_set():
