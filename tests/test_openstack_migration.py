@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
 import threading
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 from tests.sandbox.images import make_qcow2, make_qcow2_with_backing, make_raw, sha256_file
-from tests.sandbox.site import Sandbox
+from tests.sandbox.site import Sandbox, api_site_conf
 from tests.support import Lines, descendants, settings_for
 
 from migratio.adapters.glance_api import GlanceApi
@@ -367,6 +368,49 @@ def test_upload_file_fails_with_glances_words(clean_sandbox: Sandbox, tmp_path: 
         api.upload(missing, stream, known)
     assert str(direct.value) == str(hashed.value)
     assert "HTTP 404" in str(direct.value) and not direct.value.retryable
+
+
+def test_upload_file_refused_token_is_a_clear_401(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+    """A Glance (its auth middleware) that refuses the token of the unhashed upload: a fixed
+    token cannot be renewed, so the upload fails with the 401, for good, and says so (before,
+    it returned as if the upload had been made)."""
+    sb = clean_sandbox
+    raw = make_raw(tmp_path / "disk.raw", virtual_size=1 * MiB, data_bytes=1 * MiB)
+    known = Digests(size=raw.stat().st_size, md5=file_digests(raw)["md5"])
+    puts: list[str] = []
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:  # answered before the body, as keystonemiddleware does
+            puts.append(self.path)
+            body = b'{"error": {"code": 401, "title": "Unauthorized", "message": "The request '
+            body += b'you have made requires authentication."}}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        settings = settings_for(sb, tmp_path, **{"site-refusing": api_site_conf(url)})
+        site = settings.site("site-refusing")
+        assert isinstance(site, OpenStackSite) and site.api is not None
+        with pytest.raises(GlanceError) as refused:
+            GlanceApi(site.api).upload_file("0" * 8 + "-0000-4000-8000-" + "0" * 12, raw, known)
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(refused.value)
+    assert "HTTP 401" in message and "requires authentication" in message, message
+    assert not refused.value.retryable and site.api.token not in message
+    assert len(puts) == 1  # a fixed token is not sent twice
 
 
 @pytest.mark.parametrize("site", ["site-b", "site-b-api"])

@@ -257,13 +257,15 @@ class GlanceApi:
             for attempt in (1, 2):
                 with self._errors(doing):
                     headers = self.session.get_auth_headers()
-                    status = self._put_file(
+                    error = self._put_file(
                         url, headers, stream, size, on_progress, bwlimit, held_back
                     )
-                    if status == 401 and attempt == 1 and self.session.invalidate():
+                    if error is None:
+                        return
+                    if http_status(error) == 401 and attempt == 1 and self.session.invalidate():
                         log.info("Glance at %s refused the token; authenticating again", self.where)
                         continue  # a token that expired meanwhile: once more with a new one
-                    return
+                    raise error  # a fixed token cannot be renewed; a new one refused too
 
     def _put_file(
         self,
@@ -274,11 +276,12 @@ class GlanceApi:
         on_progress: Callable[[int], None] | None,
         bwlimit: int | None,
         before_last: Callable[[], None] | None = None,
-    ) -> int:
-        """PUT the file's ``size`` bytes to ``url``; the status, or a glanceclient error.
+    ) -> gexc.HTTPException | None:
+        """PUT the file's ``size`` bytes to ``url``; None, or the error Glance answered with.
 
-        A 401 is returned (the caller may authenticate again); any other error status raises
-        as glanceclient would have raised it, so that :meth:`_errors` words it the same way.
+        An error status is returned as glanceclient would have raised it (so that
+        :meth:`_errors` words it the same way), for the caller to raise, or, on a 401, to
+        authenticate again first.
         """
         parts = urllib.parse.urlsplit(url)
         timeout = self.session.timeout
@@ -318,14 +321,15 @@ class GlanceApi:
         finally:
             conn.close()
         _last_response.status = response.status
-        if response.status < 300 or response.status == 401:
-            return response.status
+        if response.status < 300:
+            return None
         answer = requests.Response()
         answer.status_code = response.status
         answer.headers.update({k.lower(): v for k, v in response.getheaders()})
         answer.headers.setdefault("content-type", "text/plain")
         answer._content = body  # what glanceclient's from_response reads
-        raise gexc.from_response(answer, body)
+        error: gexc.HTTPException = gexc.from_response(answer, body)
+        return error
 
     def _tls(self) -> ssl.SSLContext:
         """The TLS context the session verifies with (OS_CACERT, OS_INSECURE).
