@@ -374,6 +374,37 @@ def test_staging_files_of_an_earlier_layout_go_with_the_success(
     assert not list(sb.remote_staging.glob(f"{image_id}-*")), "staging files left there"
 
 
+def test_a_rerun_with_streams_auto_resumes_the_pieces_an_earlier_attempt_left(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """An attempt sent pieces over several streams and was killed; the next one, with
+    STREAMS=auto on this LAN (one stream), resumes those pieces instead of sending the whole
+    file again as one (it did: a worker killed mid-transfer resent all 400 MiB in CI)."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=256 * MiB, data_bytes=120 * MiB)
+    image_id = sb.source.upload_image(image, name="layouts", disk_format="qcow2")
+    settings = settings_for(
+        sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=3", "BWLIMIT=20M", "COMPRESS=none")}
+    )
+    migrating = start_migration(settings, image_id, "site-s", tmp_path / "tmp")
+    try:
+        wait_for_part(sb, image_id, 40 * MiB)
+    finally:
+        os.kill(migrating.pid, signal.SIGKILL)
+        migrating.wait()
+    wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
+    kept = sum(p.stat().st_size for p in sb.remote_staging.glob(f"{image_id}-*.part.*"))
+    assert kept > 30 * MiB
+
+    settings = settings_for(sb, tmp_path, **{"site-s": site_b_with(sb, "COMPRESS=none")})
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines())
+
+    assert result.outcome is Outcome.MIGRATED
+    assert result.bytes_sent < image.stat().st_size - kept * 3 // 4  # only what was missing
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+    assert not list(sb.remote_staging.glob(f"{image_id}-*")), "staging files left there"
+
+
 def test_a_deep_tmpdir_still_has_room_for_the_control_socket(
     clean_sandbox: Sandbox, tmp_path: Path
 ) -> None:

@@ -23,7 +23,7 @@ from migratio.hashing import Digests, file_digests
 from migratio.openstack.bandwidth import ThrottledReader
 from migratio.openstack.compression import LinkHistory, PieceCompression, choose
 from migratio.openstack.migration import migrate_to_openstack
-from migratio.openstack.streams import piece_size, stream_count
+from migratio.openstack.streams import layout, piece_size, stream_count
 from migratio.request import MigrationRequest, Outcome
 
 MiB = 1 << 20
@@ -294,6 +294,20 @@ def test_stream_count_follows_the_round_trip() -> None:
     assert stream_count(None, 0.500, big) == 8
     assert stream_count(4, 0.0001, big) == 4  # STREAMS=4 forces it...
     assert stream_count(4, 0.040, 20 * MiB) == 2  # ...but no range under 8 MiB
+
+
+def test_a_rerun_keeps_the_layout_an_interrupted_attempt_left() -> None:
+    """STREAMS=auto measured the round trip on either side of 4 ms in two attempts (a busy
+    host): the layout that holds more of the file wins, so the re-run resumes it."""
+    big, name = 400 * MiB, "x-0123456789ab.qcow2.part"
+    pieces = {f"{name}.0": 32 * MiB, f"{name}.1": 32 * MiB, f"{name}.2": 5 * MiB}
+    assert layout(None, 0.0002, big, {}, name) == (1, None)  # a LAN, nothing there: one file
+    assert layout(None, 0.0002, big, pieces, name) == (2, 32 * MiB)  # pieces there: pieces
+    assert layout(None, 0.020, big, {name: 90 * MiB}, name) == (1, None)  # one file there
+    assert layout(None, 0.020, big, {name: 1 * MiB, **pieces}, name) == (3, 32 * MiB)
+    assert layout(None, 0.020, big, {"other.part.0": 99 * MiB}, name) == (3, 32 * MiB)
+    assert layout(1, 0.0002, big, pieces, name) == (1, None)  # STREAMS=1 is the operator's
+    assert layout(None, 0.0002, 20 * MiB, pieces, name) == (1, None)  # one piece: one file
 
 
 def test_several_streams_deliver_the_image_and_resume(

@@ -243,6 +243,27 @@ class RemoteGlance:
             raise RemoteError(f"listing {remote_dir} at {self.site.site_id} failed: {done.tail()}")
         return [name for name in done.stdout.splitlines() if _UUID.match(name)]
 
+    def staged_sizes(self, remote_dir: str, image_id: str, disk_format: str) -> dict[str, int]:
+        """The staging files of ``image_id`` in ``disk_format`` there (one file, or pieces):
+        name → bytes. What an interrupted attempt left, for the next one to resume."""
+        done = self.ssh.run(
+            ["find", find_path(remote_dir), "-maxdepth", "1", "-type", "f",
+             "-name", f"{image_id}-*.{disk_format}.part*", "-printf", "%f %s\\n"],
+            what="list remote staging files",
+            creds=False,
+            check=False,
+        )  # fmt: skip
+        if done.returncode != 0 and "No such file" in done.stderr:
+            return {}
+        if done.returncode != 0:
+            raise RemoteError(f"listing {remote_dir} at {self.site.site_id} failed: {done.tail()}")
+        sizes = {}
+        for line in done.stdout.splitlines():
+            name, _, size = line.rpartition(" ")
+            if name.startswith(f"{image_id}-") and size.isdigit():
+                sizes[name] = int(size)
+        return sizes
+
     def remove_parts(self, remote_dir: str, image_id: str, disk_format: str = "*") -> None:
         """Remove the staging files of ``image_id`` there (any attempt's, pieces; of any
         format, or of ``disk_format`` only)."""

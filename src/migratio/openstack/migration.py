@@ -48,7 +48,7 @@ from migratio.openstack import compression
 from migratio.openstack.bandwidth import ThrottledReader
 from migratio.openstack.compression import LinkHistory, PieceCompression
 from migratio.openstack.copies import Owners, why_not_ours
-from migratio.openstack.streams import linked, measure_rtt, piece_size, push_ranges, stream_count
+from migratio.openstack.streams import layout, linked, measure_rtt, push_ranges
 from migratio.request import MigrationRequest, MigrationResult, MigrationRun, Outcome
 from migratio.source_site import SourceSite
 from migratio.staging import Entry
@@ -259,11 +259,16 @@ class Migration(MigrationRun):
             master.wait()  # share its login rather than make one more at the same time
             return self.existing_copy(image, target_format)
 
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="lookup") as pool:
+        def left_there() -> dict[str, int]:
+            master.wait()
+            return cli.staged_sizes(self.remote_dir, image.id, target_format)
+
+        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="lookup") as pool:
             lookup = pool.submit(look_up)
             ssh = self.site.ssh
             assert ssh is not None
             rtt = pool.submit(measure_rtt, ssh.host, ssh.port)
+            earlier = pool.submit(left_there)  # one round trip through the master
             if target_format != image.disk_format or not self.source.has_local_file(image):
                 existing = lookup.result()
                 if existing is not None:
@@ -273,7 +278,14 @@ class Migration(MigrationRun):
             try:
                 payload = self.payload(image, target_format, fields)
                 copy_id, sent = self.rsync_and_upload(
-                    cli, image, payload.path, payload.digests, fields, lookup, rtt.result()
+                    cli,
+                    image,
+                    payload.path,
+                    payload.digests,
+                    fields,
+                    lookup,
+                    rtt.result(),
+                    _left_there(earlier),
                 )
                 # the helper removed what it fed; an earlier attempt may have sent the file
                 # in another layout (one file, or pieces: STREAMS=auto found another round trip)
@@ -413,22 +425,27 @@ class Migration(MigrationRun):
         fields: Mapping[str, Any],
         lookup: Future[ImageRecord | None],
         rtt: float | None,
+        earlier: Mapping[str, int],
     ) -> tuple[str, int]:
         """rsync the file while the destination's glance CLI uploads what has arrived.
 
         The transfer starts at once; the upload only when ``lookup`` (the search for an
         existing copy) has found none. If it found one, the transfer is stopped and
-        :class:`AlreadyThere` raised.
+        :class:`AlreadyThere` raised. ``earlier`` (staging file → bytes there) says in
+        which layout an interrupted attempt left the file, to resume it in the same one.
         """
         assert self.site.ssh is not None
         target_format = str(fields["disk_format"])
         _, digest = digests.cheapest()
         remote_path = f"{self.remote_dir}/{image.id}-{digest[:12]}.{target_format}.part"
         sparse = target_format == "raw"
-        streams = 1 if sparse else stream_count(self.site.streams, rtt, digests.size)
-        piece = piece_size(digests.size) if streams > 1 else None
-        if piece is not None and piece >= digests.size:
-            piece = None
+        streams, piece = (
+            (1, None)
+            if sparse
+            else layout(
+                self.site.streams, rtt, digests.size, earlier, remote_path.rpartition("/")[2]
+            )
+        )
         self.fence()
         with linked(self.cancel) as stop, ThreadPoolExecutor(1, "transfer") as pool:
             transfer = pool.submit(
@@ -553,6 +570,16 @@ class Migration(MigrationRun):
                 self.fence()
                 log.info("deleting %s copy %s left by an interrupted attempt", copy.status, copy.id)
                 self.destination.delete(copy.id)
+
+
+def _left_there(listing: Future[dict[str, int]]) -> dict[str, int]:
+    """What an interrupted attempt left in the remote staging directory (nothing known when
+    it could not be listed: the transfer then reports what is wrong with the host)."""
+    try:
+        return listing.result()
+    except Exception as exc:
+        log.warning("cannot list the remote staging files (%s): resuming in this layout only", exc)
+        return {}
 
 
 class Payload(NamedTuple):

@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +82,34 @@ def stream_count(setting: int | None, rtt: float | None, size: int) -> int:
         return 1
     wanted = max(2, math.ceil(rtt / RTT_PER_STREAM))
     return max(1, min(wanted, MAX_AUTO, most))
+
+
+def layout(
+    setting: int | None, rtt: float | None, size: int, earlier: Mapping[str, int], name: str
+) -> tuple[int, int | None]:
+    """Streams and piece size (None: one file) for ``size`` bytes sent as ``name``.
+
+    ``earlier`` is what an interrupted attempt left there (file name → bytes). With
+    ``STREAMS=auto`` the round trip may have been measured on the other side of
+    :data:`ONE_STREAM_BELOW` last time; the layout that holds more of the file wins, so
+    that the re-run resumes it instead of sending everything again in the other one.
+    """
+    streams = stream_count(setting, rtt, size)
+    piece: int | None = piece_size(size) if streams > 1 else None
+    if piece is not None and piece >= size:
+        return 1, None
+    if setting is not None or size <= piece_size(size):
+        return streams, piece
+    whole = earlier.get(name, 0)
+    prefix = f"{name}."
+    pieces = sum(
+        n for k, n in earlier.items() if k.startswith(prefix) and k[len(prefix) :].isdigit()
+    )
+    if piece is None and pieces > whole:
+        return min(2, max(1, size // MIN_RANGE)), piece_size(size)
+    if piece is not None and whole > pieces:
+        return 1, None
+    return streams, piece
 
 
 def piece_size(size: int) -> int:
