@@ -345,13 +345,9 @@ def test_a_refused_master_is_tried_again_and_carries_every_command(
     assert logins(sb) - before == 1  # the master's, once refused; rsync goes through it too
 
 
-def test_staging_files_of_an_earlier_layout_go_with_the_success(
-    clean_sandbox: Sandbox, tmp_path: Path
-) -> None:
-    """An interrupted attempt sent pieces over three streams; the next one goes as one file
-    (STREAMS=auto measured another round trip, or the site file changed). Its success
-    leaves neither layout's files at the destination."""
-    sb = clean_sandbox
+def pieces_of_a_killed_attempt(sb: Sandbox, tmp_path: Path, at_least: int) -> tuple[Path, str, int]:
+    """An image, and an attempt that sent pieces of it over three streams until ``at_least``
+    bytes had arrived there, then was killed: the image, its id, the bytes its pieces hold."""
     image = make_qcow2(tmp_path / "big.qcow2", virtual_size=256 * MiB, data_bytes=120 * MiB)
     image_id = sb.source.upload_image(image, name="layouts", disk_format="qcow2")
     settings = settings_for(
@@ -359,12 +355,23 @@ def test_staging_files_of_an_earlier_layout_go_with_the_success(
     )
     migrating = start_migration(settings, image_id, "site-s", tmp_path / "tmp")
     try:
-        wait_for_part(sb, image_id, 20 * MiB)
+        wait_for_part(sb, image_id, at_least)
     finally:
         os.kill(migrating.pid, signal.SIGKILL)
         migrating.wait()
     wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
-    assert list(sb.remote_staging.glob(f"{image_id}-*.part.*"))
+    kept = sum(p.stat().st_size for p in sb.remote_staging.glob(f"{image_id}-*.part.*"))
+    assert kept > 0
+    return image, image_id, kept
+
+
+def test_staging_files_of_an_earlier_layout_go_with_the_success(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """An interrupted attempt sent pieces over three streams; the next one goes as one file
+    (the site file now says STREAMS=1). Its success leaves neither layout's files there."""
+    sb = clean_sandbox
+    image, image_id, _ = pieces_of_a_killed_attempt(sb, tmp_path, 20 * MiB)
 
     settings = settings_for(sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=1")})
     result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines())
@@ -381,19 +388,7 @@ def test_a_rerun_with_streams_auto_resumes_the_pieces_an_earlier_attempt_left(
     STREAMS=auto on this LAN (one stream), resumes those pieces instead of sending the whole
     file again as one (it did: a worker killed mid-transfer resent all 400 MiB in CI)."""
     sb = clean_sandbox
-    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=256 * MiB, data_bytes=120 * MiB)
-    image_id = sb.source.upload_image(image, name="layouts", disk_format="qcow2")
-    settings = settings_for(
-        sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=3", "BWLIMIT=20M", "COMPRESS=none")}
-    )
-    migrating = start_migration(settings, image_id, "site-s", tmp_path / "tmp")
-    try:
-        wait_for_part(sb, image_id, 40 * MiB)
-    finally:
-        os.kill(migrating.pid, signal.SIGKILL)
-        migrating.wait()
-    wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
-    kept = sum(p.stat().st_size for p in sb.remote_staging.glob(f"{image_id}-*.part.*"))
+    image, image_id, kept = pieces_of_a_killed_attempt(sb, tmp_path, 40 * MiB)
     assert kept > 30 * MiB
 
     settings = settings_for(sb, tmp_path, **{"site-s": site_b_with(sb, "COMPRESS=none")})
