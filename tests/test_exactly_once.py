@@ -644,3 +644,76 @@ def test_migrate_by_hand_waits_for_the_running_attempt(
     assert proc.returncode == 0
     assert out.splitlines()[-1].startswith("Registered")
     assert_one_copy(sb, image_id, image, tmp_path)
+
+
+# -- Redis restarted under an upload ---------------------------------------------------------
+
+
+def wait_for_saving(sb: Sandbox, image_id: str, timeout: float = 120) -> None:
+    """Until the destination has a copy of ``image_id`` receiving its bytes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(
+            c["status"] == "saving"
+            for c in sb.destination.find_by_property("source_uuid", image_id)
+        ):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no copy of {image_id} started saving within {timeout}s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("bytes_from", "outage"),
+    [("file-store", 3.0), ("staged", 3.0), ("staged", lease.TTL + 10)],
+    ids=["file-store", "staged", "staged-past-the-lease"],
+)
+def test_redis_restarted_during_an_api_upload(
+    clean_sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis: Redis,
+    atmosphere: sidekiq.FeedbackServer,
+    bytes_from: str,
+    outage: float,
+) -> None:
+    """Redis goes down (SIGKILL, as the OOM killer does) and comes back while REGISTER=api
+    uploads: the bytes of the source's file store (hashed on the way) or a staged download
+    (sent as it is). The job is not lost, no half-written copy stays, one good copy results.
+    Past the lease's TTL the upload ends while Redis is away: its worker is taken for dead,
+    and the job's re-run finds the copy."""
+    sb = clean_sandbox
+    yaml = ""
+    if bytes_from == "staged":
+        creds = tmp_path / "creds"
+        creds.write_text(
+            sb.creds_path.read_text().replace(str(sb.source.images_dir), str(tmp_path / "no-store"))
+        )
+        creds.chmod(0o600)
+        yaml = f"credentials_file: {creds}\n"
+    settings = site_settings(
+        sb, tmp_path, redis_server.url, workers=1,
+        **{"site-b-api": sb.site_api_conf.read_text() + "export BWLIMIT=8M\n"},
+    )  # fmt: skip
+    if yaml:
+        settings.config_path.write_text(settings.config_path.read_text() + yaml)
+        settings = load_settings(settings.config_path)
+    image = make_qcow2(tmp_path / "t.qcow2", virtual_size=256 * MiB, data_bytes=64 * MiB)
+    image_id = sb.source.upload_image(image, name="restart", disk_format="qcow2")
+    jid = push(settings, [image_id, "site-b-api"], OPENSTACK_MIGRATOR)
+    with Service(settings) as service:
+        wait_for_saving(sb, image_id)
+        redis_server.crash()
+        time.sleep(outage)
+        redis_server.start()
+        final = wait_final(redis, jid, timeout=300)
+        assert service.stop() == 0
+        assert wait_left(service.seen, timeout=10) == []
+    assert final.get_status() == "finished", final.exc_info
+    assert final.return_value() in {"migrated", "already there"}
+    assert_one_copy(sb, image_id, image, tmp_path)
+    assert_never_two_at_once(redis, settings)
+    assert_no_staging(sb, settings)
+    assert_nothing_waiting(redis, settings)
+    lines = lines_for(atmosphere, image_id, "site-b-api")
+    assert lines[-1].startswith(("Registered", ALREADY_UPLOADED)), lines
