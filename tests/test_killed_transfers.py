@@ -543,3 +543,57 @@ def test_sigkill_during_the_unhashed_api_upload_leaves_no_active_partial_copy(
         ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(arrived)], check=False
     )
     assert same.returncode == 0
+
+
+@pytest.mark.parametrize("victim", ["glance", "helper"])
+def test_the_remote_upload_killed_fails_the_attempt_and_the_retry_makes_one_copy(
+    clean_sandbox: Sandbox, tmp_path: Path, short_tmp: Path, victim: str
+) -> None:
+    """SIGKILL, at the destination, of ``glance image-create`` or of the helper feeding it,
+    mid-upload: the attempt fails saying what ended, with no copy left; the next one makes
+    exactly one."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=256 * MiB, data_bytes=80 * MiB)
+    image_id = sb.source.upload_image(image, name="remote-kill", disk_format="qcow2")
+    settings = settings_for(
+        sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=1", "BWLIMIT=20M", "COMPRESS=none")}
+    )
+    migrating = subprocess.Popen(
+        [sys.executable, "-c", MIGRATE, str(settings.config_path), image_id, "site-s"],
+        env={**os.environ, "TMPDIR": str(short_tmp)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def saving() -> bool:
+            found = sb.destination.find_by_property("source_uuid", image_id)
+            return any(c["status"] == "saving" for c in found)
+
+        wait_for("Glance to receive bytes", saving, process=migrating)
+        # the helper (the feeder), its guard, and the guard's child: glance image-create
+        tree = processes_of(sb.ssh.user, "--name=remote-kill", "python")
+        [feeder] = [pid for pid, parent in tree.items() if parent not in tree]
+        [guard] = [pid for pid, parent in tree.items() if parent == feeder]
+        [glance] = [pid for pid, parent in tree.items() if parent == guard]
+        os.kill(glance if victim == "glance" else feeder, signal.SIGKILL)
+        lines, _ = migrating.communicate(timeout=300)
+    finally:
+        if migrating.poll() is None:
+            migrating.kill()
+    assert migrating.returncode != 0
+    last = lines.splitlines()[-1]
+    if victim == "glance":
+        assert last == (
+            "Error: uploading into Glance at site-s failed (exit 3): "
+            "follow_upload: aborted: the upload command stopped reading"
+        ), last
+    else:
+        assert last.startswith("Error: uploading into Glance at site-s failed (exit 137)"), last
+    wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
+    assert sb.destination.find_by_property("source_uuid", image_id) == []
+
+    again = start_migration(settings, image_id, "site-s", short_tmp)
+    assert again.wait(timeout=300) == 0
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+    assert not list(sb.remote_staging.glob(f"{image_id}-*"))
