@@ -583,11 +583,12 @@ def test_the_remote_upload_killed_fails_the_attempt_and_the_retry_makes_one_copy
             migrating.kill()
     assert migrating.returncode != 0
     last = lines.splitlines()[-1]
-    if victim == "glance":
-        assert last == (
-            "Error: uploading into Glance at site-s failed (exit 3): "
-            "follow_upload: aborted: the upload command stopped reading"
+    if victim == "glance":  # the helper finds it gone as it writes, or as it waits for bytes
+        assert last.startswith(
+            "Error: uploading into Glance at site-s failed (exit 3): follow_upload: aborted: "
+            "the upload command "
         ), last
+        assert last.endswith(("stopped reading", "exited early")), last
     else:
         assert last.startswith("Error: uploading into Glance at site-s failed (exit 137)"), last
     wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
