@@ -598,3 +598,49 @@ def test_the_remote_upload_killed_fails_the_attempt_and_the_retry_makes_one_copy
     assert again.wait(timeout=300) == 0
     assert_one_good_copy(sb, image_id, image, tmp_path)
     assert not list(sb.remote_staging.glob(f"{image_id}-*"))
+
+
+def test_one_image_to_two_sites_on_one_account_at_once(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Two sites reached through the same SSH account (one remote staging directory), each
+    registering into its own Glance (REMOTE_CREDS), get the same image at the same time:
+    each ends with exactly one good copy, and no staging file is left there."""
+    sb = clean_sandbox
+    seen_from_there = (
+        sb.network.host_address if sb.network is not None else "127.0.0.1"
+    )  # the source Glance, as the destination host reaches it
+    creds = (
+        (sb.ssh.home / ".creds")
+        .read_text()
+        .replace(sb.destination.endpoint, sb.source.endpoint_at(seen_from_there))
+    )
+    sb.ssh.write_home_file(".creds-other", creds)
+    image = make_qcow2(tmp_path / "two.qcow2", virtual_size=256 * MiB, data_bytes=64 * MiB)
+    image_id = sb.source.upload_image(image, name="two-sites", disk_format="qcow2")
+    settings = settings_for(
+        sb,
+        tmp_path,
+        **{
+            "site-s": site_b_with(sb, "BWLIMIT=20M", "COMPRESS=none"),
+            "site-t": site_b_with(
+                sb, "BWLIMIT=20M", "COMPRESS=none", "REMOTE_CREDS='~/.creds-other'"
+            ),
+        },
+    )
+    with ThreadPoolExecutor(2) as pool:
+        results = list(
+            pool.map(
+                lambda site: migrate_to_openstack(
+                    settings, MigrationRequest(image_id, site), Lines()
+                ),
+                ["site-s", "site-t"],
+            )
+        )
+    assert [r.outcome for r in results] == [Outcome.MIGRATED, Outcome.MIGRATED]
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+    [other] = sb.source.find_by_property("source_uuid", image_id)
+    assert (
+        other["status"] == "active" and other["checksum"] == sb.source.image(image_id)["checksum"]
+    )
+    assert not list(sb.remote_staging.glob(f"{image_id}-*"))

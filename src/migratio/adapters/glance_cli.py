@@ -5,6 +5,7 @@ Every argument is quoted by :mod:`migratio.adapters.ssh`; the CLI's tables are p
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from importlib import resources
@@ -85,6 +86,31 @@ def find_path(path: str) -> str:
     """``path`` as ``find`` takes it: it has no ``--``, and reads a first word that starts
     with ``-`` as an expression (``REMOTE_STAGING_DIR=-x``)."""
     return f"./{path}" if path.startswith("-") else path
+
+
+def site_tag(site_id: str) -> str:
+    """Eight hex digits that tell one site's staging files from another's: sites reached
+    through the same account share its staging directory, and each sends the file itself."""
+    return hashlib.sha256(site_id.encode()).hexdigest()[:8]
+
+
+def staging_name(image_id: str, digest: str, site_id: str, disk_format: str) -> str:
+    """The name of the file (its pieces: ``.0``, ``.1``...) sent there for ``site_id``."""
+    return f"{image_id}-{digest[:12]}-{site_tag(site_id)}.{disk_format}.part"
+
+
+def _site_names(image_id: str, disk_format: str, site_id: str | None) -> list[str]:
+    """``find`` tests for the staging files of ``image_id`` (of ``site_id`` only, and those
+    named before files had a site's tag): ``-name`` patterns joined by ``-o``."""
+    if site_id is None:
+        return ["-name", f"{image_id}-*.{disk_format}.part*"]
+    digest = "?" * 12
+    return [
+        "(",
+        "-name", f"{image_id}-{digest}-{site_tag(site_id)}.{disk_format}.part*",
+        "-o", "-name", f"{image_id}-{digest}.{disk_format}.part*",
+        ")",
+    ]  # fmt: skip
 
 
 def follow_upload_source() -> str:
@@ -264,13 +290,16 @@ class RemoteGlance:
                 sizes[name] = int(size)
         return sizes
 
-    def remove_parts(self, remote_dir: str, image_id: str, disk_format: str = "*") -> None:
+    def remove_parts(
+        self, remote_dir: str, image_id: str, disk_format: str = "*", site_id: str | None = None
+    ) -> None:
         """Remove the staging files of ``image_id`` there (any attempt's, pieces; of any
-        format, or of ``disk_format`` only)."""
+        format, or of ``disk_format`` only; every site's, or ``site_id``'s only: another
+        site reached through the same account may be sending the same file right now)."""
         where = find_path(remote_dir)
-        name = f"{image_id}-*.{disk_format}.part*"
+        names = _site_names(image_id, disk_format, site_id)
         self.ssh.run(
-            ["find", where, "-maxdepth", "1", "-name", name, "-delete"],
+            ["find", where, "-maxdepth", "1", *names, "-delete"],
             what="remove remote staging files",
             creds=False,
         )

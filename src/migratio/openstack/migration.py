@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Protocol
 
 from migratio.adapters import processes, qemu_img, rsync
 from migratio.adapters.glance_api import GlanceApi
-from migratio.adapters.glance_cli import RemoteGlance, parse_table
+from migratio.adapters.glance_cli import RemoteGlance, parse_table, staging_name
 from migratio.adapters.ssh import LOGIN_RETRIES, SshMaster, login_refused
 from migratio.atmosphere import status
 from migratio.atmosphere.status import StatusSink, human_bytes
@@ -272,7 +272,7 @@ class Migration(MigrationRun):
             if target_format != image.disk_format or not self.source.has_local_file(image):
                 existing = lookup.result()
                 if existing is not None:
-                    quietly(cli.remove_parts, self.remote_dir, image.id)  # a killed attempt's
+                    quietly(self.remove_staged, cli, image.id)  # a killed attempt's
                     return self.already_there(existing)
             self.workdir.mkdir(parents=True, exist_ok=True)
             try:
@@ -291,18 +291,19 @@ class Migration(MigrationRun):
                 # in another layout (one file, or pieces: STREAMS=auto found another round trip)
                 quietly(self.remove_staged, cli, image.id, target_format)
             except AlreadyThere as there:
-                quietly(cli.remove_parts, self.remote_dir, image.id)
+                quietly(self.remove_staged, cli, image.id)
                 return self.already_there(there.copy)
             finally:
                 self.staged.close()
                 shutil.rmtree(self.workdir, ignore_errors=True)
         return MigrationResult(Outcome.MIGRATED, copy_id, sent)
 
-    def remove_staged(self, cli: RemoteGlance, image_id: str, disk_format: str) -> None:
-        """Remove the image's staging files there in ``disk_format`` (this pair's: only while
-        the lease is ours; another site on the same account may be sending another format)."""
+    def remove_staged(self, cli: RemoteGlance, image_id: str, disk_format: str = "*") -> None:
+        """Remove the image's staging files there, of any format or in ``disk_format`` (this
+        pair's: only while the lease is ours; another site on the same account may be
+        sending the image too, in this format or another)."""
         self.fence()
-        cli.remove_parts(self.remote_dir, image_id, disk_format)
+        cli.remove_parts(self.remote_dir, image_id, disk_format, self.site.site_id)
 
     # 6-8, REGISTER=api
     def stream_to_api(self, payload: Payload, fields: Mapping[str, Any]) -> str:
@@ -437,14 +438,11 @@ class Migration(MigrationRun):
         assert self.site.ssh is not None
         target_format = str(fields["disk_format"])
         _, digest = digests.cheapest()
-        remote_path = f"{self.remote_dir}/{image.id}-{digest[:12]}.{target_format}.part"
+        name = staging_name(image.id, digest, self.site.site_id, target_format)
+        remote_path = f"{self.remote_dir}/{name}"
         sparse = target_format == "raw"
         streams, piece = (
-            (1, None)
-            if sparse
-            else layout(
-                self.site.streams, rtt, digests.size, earlier, remote_path.rpartition("/")[2]
-            )
+            (1, None) if sparse else layout(self.site.streams, rtt, digests.size, earlier, name)
         )
         self.fence()
         with linked(self.cancel) as stop, ThreadPoolExecutor(1, "transfer") as pool:
@@ -548,7 +546,7 @@ class Migration(MigrationRun):
                 quietly(lambda: self.delete_leftovers(cli.find(source_uuid=image.id)))
             if not (isinstance(exc, MigratioError) and exc.retryable):
                 # nothing will resume this transfer: the staged file goes now, not at the sweep
-                quietly(cli.remove_parts, self.remote_dir, image.id)
+                quietly(self.remove_staged, cli, image.id)
             raise
         self.status(f"{status.REGISTERED} as image {copy.id} at {self.site.site_id}")
         return copy.id, sent

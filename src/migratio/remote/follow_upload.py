@@ -194,7 +194,8 @@ def main(argv: List[str]) -> int:
     code = exit_code(os.waitpid(guard_pid, 0)[1])
     if code == 0:
         for done in paths:
-            os.remove(done)
+            with contextlib.suppress(FileNotFoundError):  # removed already: it is in Glance
+                os.remove(done)
     return code
 
 
