@@ -585,7 +585,8 @@ def test_the_remote_upload_killed_fails_the_attempt_and_the_retry_makes_one_copy
     last = lines.splitlines()[-1]
     if victim == "glance":  # the helper finds it gone as it writes, or as it waits for bytes
         assert last.startswith(
-            "Error: uploading into Glance at site-s failed (exit 3): follow_upload: aborted: "
+            "Error: uploading into Glance at site-s failed (exit 3): follow_upload: glance "
+            "ended before the upload was complete (killed by signal 9) | follow_upload: aborted: "
             "the upload command "
         ), last
         assert last.endswith(("stopped reading", "exited early")), last

@@ -109,6 +109,8 @@ def guard(command: List[str], data_r: int, data_w: int, life_r: int) -> None:
     os.close(data_r)
 
     def stop(*_args: object) -> None:
+        if child.poll() is not None:  # it ended first: that is why the feeder gave up
+            say_how_it_ended(command[0], child.returncode)
         child.kill()
         child.wait()
         os._exit(ABORTED)
@@ -129,8 +131,21 @@ def guard(command: List[str], data_r: int, data_w: int, life_r: int) -> None:
                 signal.signal(signum, signal.SIG_IGN)  # the bytes are right: let it finish
             child.wait()
             break
+    else:
+        say_how_it_ended(command[0], child.returncode)  # before it had all the bytes
     code = child.returncode
     os._exit(code if code >= 0 else 128 - code)
+
+
+def say_how_it_ended(program: str, returncode: int) -> None:
+    """Tell the migrating side that the upload command ended before it was released."""
+    how = "killed by signal %d" % -returncode if returncode < 0 else "exit %d" % returncode
+    with contextlib.suppress(OSError):
+        sys.stderr.write(
+            "follow_upload: %s ended before the upload was complete (%s)\n"
+            % (os.path.basename(program), how)
+        )
+        sys.stderr.flush()
 
 
 def interrupted(signum: int, _frame: object) -> None:
