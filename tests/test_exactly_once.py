@@ -36,7 +36,7 @@ from tests.support import (
 )
 
 from migratio import lease
-from migratio.adapters.glance_cli import RemoteGlance
+from migratio.adapters.glance_cli import RemoteGlance, staging_name
 from migratio.amazon.raw_blocks import BLOCK_SIZE
 from migratio.atmosphere.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.atmosphere.status import ALREADY_UPLOADED
@@ -614,6 +614,31 @@ def test_the_sweep_removes_only_what_free_pairs_left(
     assert sweep(settings, redis, min_age=0).removed == []
     # files younger than the retry window are left for the retry
     assert sweep(settings, redis).busy == []
+
+
+def test_the_sweep_leaves_the_files_of_another_site_on_the_same_account(
+    clean_sandbox: Sandbox, tmp_path: Path, redis_server: RedisServer, redis: Redis
+) -> None:
+    """Two sites reached through one account share its staging directory. The sweep of one,
+    whose pair is free, removes its own and untagged (older) files of the image, never
+    those of the other site, whose attempt holds its pair's lease."""
+    sb = clean_sandbox
+    settings = site_settings(sb, tmp_path, redis_server.url, **{"site-t": sb.site_conf.read_text()})
+    image_id = "6f3c9a0e-1111-2222-3333-444455556677"
+    mine = staging_name(image_id, "0123456789abcdef", "site-b", "qcow2")
+    theirs = staging_name(image_id, "0123456789abcdef", "site-t", "qcow2")
+    older = f"{image_id}-0123456789ab.qcow2.part"
+    for name in (mine, f"{theirs}.0", f"{theirs}.1", older):
+        sb.ssh.write_home_file(f".migratio-staging/{name}", "x")
+    running = lease.Lease(redis, Keys(settings.namespace), "site-a", image_id, "site-t", job_id="t")
+    assert running.acquire()
+
+    sweep(settings, redis, min_age=0)
+
+    assert sorted(p.name for p in sb.remote_staging.iterdir()) == [f"{theirs}.0", f"{theirs}.1"]
+    running.release()
+    sweep(settings, redis, min_age=0)
+    assert list(sb.remote_staging.iterdir()) == []
 
 
 def test_migrate_by_hand_waits_for_the_running_attempt(

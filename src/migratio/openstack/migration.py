@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Protocol
 
 from migratio.adapters import processes, qemu_img, rsync
 from migratio.adapters.glance_api import GlanceApi
-from migratio.adapters.glance_cli import RemoteGlance, parse_table, staging_name
+from migratio.adapters.glance_cli import RemoteGlance, parse_table, site_tag, staging_name
 from migratio.adapters.ssh import LOGIN_RETRIES, SshMaster, login_refused
 from migratio.atmosphere import status
 from migratio.atmosphere.status import StatusSink, human_bytes
@@ -303,7 +303,9 @@ class Migration(MigrationRun):
         pair's: only while the lease is ours; another site on the same account may be
         sending the image too, in this format or another)."""
         self.fence()
-        cli.remove_parts(self.remote_dir, image_id, disk_format, self.site.site_id)
+        cli.remove_parts(
+            self.remote_dir, image_id, disk_format, (site_tag(self.site.site_id), None)
+        )
 
     # 6-8, REGISTER=api
     def stream_to_api(self, payload: Payload, fields: Mapping[str, Any]) -> str:
