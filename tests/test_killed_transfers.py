@@ -591,7 +591,10 @@ def test_the_remote_upload_killed_fails_the_attempt_and_the_retry_makes_one_copy
         ), last
         assert last.endswith(("stopped reading", "exited early")), last
     else:
-        assert last.startswith("Error: uploading into Glance at site-s failed (exit 137)"), last
+        assert last.startswith(
+            "Error: uploading into Glance at site-s failed (exit 137): "
+            "the upload helper there was killed by signal 9"
+        ), last
     wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
     assert sb.destination.find_by_property("source_uuid", image_id) == []
 

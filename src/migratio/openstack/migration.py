@@ -528,14 +528,9 @@ class Migration(MigrationRun):
                 if "follow_upload: aborted" in upload.stderr and algo in upload.stderr:
                     for path in remote_files(remote_path, digests.size, piece):
                         quietly(cli.remove_file, path)  # wrong bytes: nothing to resume
-                why = upload.tail() or (
-                    f"the ssh connection to {self.site.ssh.host} was lost"
-                    if upload.returncode == 255
-                    else "it printed nothing"
-                )
                 raise RemoteError(
                     f"uploading into Glance at {self.site.site_id} failed "
-                    f"(exit {upload.returncode}): {why}",
+                    f"(exit {upload.returncode}): {_why(upload, self.site.ssh.host)}",
                     retryable=True,
                 )
             if copy is None:
@@ -570,6 +565,19 @@ class Migration(MigrationRun):
                 self.fence()
                 log.info("deleting %s copy %s left by an interrupted attempt", copy.status, copy.id)
                 self.destination.delete(copy.id)
+
+
+def _why(upload: processes.Completed, host: str) -> str:
+    """Why the remote upload failed, in the helper's words (or the shell's, or ssh's)."""
+    why = upload.tail() or (
+        f"the ssh connection to {host} was lost"
+        if upload.returncode == 255
+        else "it printed nothing"
+    )
+    if 128 < upload.returncode < 255 and "follow_upload:" not in upload.stderr:
+        # the remote shell's status of the helper it ran: a signal ended it
+        why = f"the upload helper there was killed by signal {upload.returncode - 128} ({why})"
+    return why
 
 
 def _left_there(listing: Future[dict[str, int]]) -> dict[str, int]:

@@ -109,7 +109,10 @@ def guard(command: List[str], data_r: int, data_w: int, life_r: int) -> None:
     os.close(data_r)
 
     def stop(*_args: object) -> None:
-        if child.poll() is not None:  # it ended first: that is why the feeder gave up
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            # it may have ended first (why the feeder gave up): its pipe closes a moment
+            # before it can be reaped; meanwhile this guard's write end keeps EOF from it
+            child.wait(timeout=0.5)
             say_how_it_ended(command[0], child.returncode)
         child.kill()
         child.wait()
