@@ -632,15 +632,18 @@ def test_one_image_to_two_sites_on_one_account_at_once(
             ),
         },
     )
-    with ThreadPoolExecutor(2) as pool:
-        results = list(
-            pool.map(
-                lambda site: migrate_to_openstack(
-                    settings, MigrationRequest(image_id, site), Lines()
-                ),
-                ["site-s", "site-t"],
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            results = list(
+                pool.map(
+                    lambda site: migrate_to_openstack(
+                        settings, MigrationRequest(image_id, site), Lines()
+                    ),
+                    ["site-s", "site-t"],
+                )
             )
-        )
+    finally:
+        sb.ssh.remove_home_path(".creds-other")
     assert [r.outcome for r in results] == [Outcome.MIGRATED, Outcome.MIGRATED]
     assert_one_good_copy(sb, image_id, image, tmp_path)
     [other] = sb.source.find_by_property("source_uuid", image_id)
