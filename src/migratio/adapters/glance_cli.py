@@ -24,9 +24,9 @@ _STAGED = re.compile(r".{36}-.{12}-([0-9a-f]{8})\.", re.DOTALL)
 _ROW = re.compile(r"^\|\s?(.*?)\s*\|\s?(.*?)\s*\|$")
 #: ``image-show --max-column-width``: wide enough that no value is ever wrapped
 WIDE = "1000000000"
-#: the image fields ``glance image-create`` takes as options of their own
 #: seconds the listing of what an earlier attempt left may take (one round trip, normally)
 STAGED_LISTING_TIMEOUT = 30
+#: the image fields ``glance image-create`` takes as options of their own
 CORE_OPTIONS = ("name", "disk_format", "container_format", "min_disk", "min_ram")
 
 
