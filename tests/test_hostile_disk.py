@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import subprocess
 import threading
 import time
@@ -14,9 +15,9 @@ import pytest
 from tests.sandbox.images import make_qcow2
 from tests.sandbox.site import Sandbox, api_site_conf
 from tests.support import Lines, no_work_left, settings_for
-from tests.test_openstack_migration import copies_at_destination
+from tests.test_openstack_migration import copies_at_destination, site_b_with
 
-from migratio.errors import StagingFullError
+from migratio.errors import MigratioError, StagingFullError
 from migratio.openstack.migration import migrate_to_openstack
 from migratio.request import MigrationRequest, Outcome
 
@@ -26,15 +27,36 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs need
 
 
 @contextlib.contextmanager
-def small_disk(path: Path, size_mib: int) -> Iterator[Path]:
-    """A tmpfs of ``size_mib`` MiB mounted at ``path`` (unmounted at the end, also on failure)."""
+def small_disk(
+    path: Path, size_mib: int, owner: tuple[int, int] = (0, 0), *, enter: list[str] | None = None
+) -> Iterator[Path]:
+    """A tmpfs of ``size_mib`` MiB mounted at ``path`` (unmounted at the end, also on failure),
+    in the mount namespace that ``enter`` (an nsenter argv) leads to, else in ours."""
+    prefix = enter or []
     path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755", "tmpfs",
-                    str(path)], check=True)  # fmt: skip
+    options = f"size={size_mib}m,mode=0755,uid={owner[0]},gid={owner[1]}"
+    mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]
+    subprocess.run([*prefix, *mount], check=True)
     try:
         yield path
     finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+        subprocess.run([*prefix, "umount", "-l", str(path)], check=False)
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def sshd_mounts(sb: Sandbox) -> list[str]:
+    """The nsenter argv into the destination sshd's mount namespace (``ip netns exec`` gave it
+    one of its own: a mount made here is not seen there)."""
+    found = []
+    for pid in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if pid.name.isdigit() and (pid / "comm").read_text().strip() == "sshd":
+                cmdline = (pid / "cmdline").read_bytes().decode(errors="replace")
+                if str(sb.ssh.dir) in cmdline:
+                    found.append(pid.name)
+    assert found, "the sandbox's sshd is not running"
+    return ["nsenter", "-t", min(found, key=int), "-m"]
 
 
 def fill_once_writing(disk: Path, filler: Path, stop: threading.Event) -> None:
@@ -100,3 +122,32 @@ def test_a_disk_filled_while_staging_says_so_and_the_retry_works(
         # space is back: the retry works
         result = migrate_to_openstack(settings, MigrationRequest(image_id, site), Lines())
         assert result.outcome == Outcome.MIGRATED
+
+
+@needs_root
+def test_a_full_remote_staging_dir_says_so_and_registers_nothing(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The destination's staging directory has less room than the image: rsync stops with
+    the disk full, no image is left at the destination, and once there is room the retry
+    works."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "source.qcow2", virtual_size=64 * MiB, data_bytes=40 * MiB)
+    image_id = sb.source.upload_image(image, name="big", disk_format="qcow2")
+    user = pwd.getpwnam(sb.ssh.user)
+    small = sb.ssh.home / "small-staging"
+    conf = site_b_with(sb, "export REMOTE_STAGING_DIR=small-staging")
+    settings = settings_for(sb, tmp_path, **{"site-small": conf})
+    lines = Lines()
+    where = sshd_mounts(sb) if sb.network is not None else None
+    with small_disk(small, 16, owner=(user.pw_uid, user.pw_gid), enter=where):
+        with pytest.raises(MigratioError) as full:
+            migrate_to_openstack(settings, MigrationRequest(image_id, "site-small"), lines)
+        message = str(full.value)
+        assert "No space left on device" in message and sb.ssh.address in message
+        assert full.value.retryable
+        assert lines[-1] == full.value.status_line()
+    assert copies_at_destination(sb, image_id) == []
+    assert no_work_left(settings.staging_dir)
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-small"), Lines())
+    assert result.outcome == Outcome.MIGRATED
