@@ -3,6 +3,7 @@ made -- through a misbehaving proxy in front of the real sandbox Glance."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,29 @@ def test_a_glance_5xx_over_the_api_is_retryable_and_leaves_no_image(
     result = migrate_to_openstack(good, MigrationRequest(image_id, "site-b-api"), Lines())
     assert result.outcome == Outcome.MIGRATED
     assert len(copies_at_destination(sb, image_id)) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("request_", [CREATE, DATA], ids=["create", "upload"])
+def test_a_glance_that_never_answers_is_given_up_on_in_bounded_time(
+    clean_sandbox: Sandbox, tmp_path: Path, request_: tuple[str, str]
+) -> None:
+    sb = clean_sandbox
+    image_id = source_image(sb, tmp_path)
+    with FaultyProxy(sb.destination.endpoint) as proxy:
+        proxy.fail(*request_, "hang")
+        settings = settings_for(sb, tmp_path, **{"site-lb": api_site_conf(proxy.endpoint)})
+        lines = Lines()
+        begin = time.monotonic()
+        with pytest.raises(GlanceError) as failed:
+            migrate_to_openstack(settings, MigrationRequest(image_id, "site-lb"), lines)
+        took = time.monotonic() - begin
+    message = str(failed.value)
+    assert took < 150, took
+    # it connected: the operator is told Glance is not answering, not to check the URL
+    assert f"no answer from {proxy.endpoint}/v2/images" in message, message
+    assert "within 60 s" in message and "cannot connect" not in message
+    assert failed.value.retryable
+    assert lines[-1] == failed.value.status_line()
+    assert copies_at_destination(sb, image_id) == []
+    assert no_work_left(settings.staging_dir)

@@ -122,6 +122,13 @@ class GlanceApi:
                 retryable=retryable_status(status),
             ) from exc
         except (gexc.CommunicationError, gexc.InvalidEndpoint, kexc.ConnectionError) as exc:
+            if _read_timeout(exc):  # keystoneauth words both timeouts alike
+                raise GlanceError(
+                    f"Glance: {doing} failed: {_unreachable(exc, self.creds, connected=True)}; "
+                    f"it took the connection but gave no answer within "
+                    f"{self.session.timeout:.0f} s (overloaded or stuck?)",
+                    retryable=True,
+                ) from exc
             raise GlanceError(
                 f"Glance: {doing} failed: {_unreachable(exc, self.creds)}", retryable=True
             ) from exc
@@ -467,11 +474,22 @@ class _IterReader:
         return data
 
 
-def _unreachable(exc: Exception, creds: OpenStackCredentials) -> str:
-    """'cannot connect to URL (reason); check KEY in FILE': the URL once, and what to fix."""
+def _read_timeout(exc: BaseException) -> bool:
+    """Whether a connection was made and the answer did not come in time (not a connect)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, requests.exceptions.ReadTimeout):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _unreachable(exc: Exception, creds: OpenStackCredentials, *, connected: bool = False) -> str:
+    """'cannot connect to URL (reason); check KEY in FILE': the URL once, and what to fix;
+    ``connected``: 'no answer from URL (reason)', the URL once."""
     text = " ".join(str(exc).split())
     tried = re.search(
-        r"(?:connection to|address for|contacting) (https?://[^\s:]+(?::\d+)?\S*?)[:.]?(?:\s|$)",
+        r"(?:connection to|address for|contacting|Request to) (https?://[^\s:]+(?::\d+)?\S*?)[:.]?(?:\s|$)",
         text,
     )
     url = tried.group(1) if tried else (creds.image_url or creds.auth_url or "")
@@ -487,6 +505,8 @@ def _unreachable(exc: Exception, creds: OpenStackCredentials) -> str:
         key = "OS_AUTH_URL"
     else:  # the endpoint Keystone's catalog gave
         key = "OS_REGION_NAME and OS_INTERFACE (the catalog's Glance endpoint)"
+    if connected:
+        return f"no answer from {url} ({why.strip()})"
     return f"cannot connect to {url} ({why.strip()}); check {key} in {creds.source}"
 
 
