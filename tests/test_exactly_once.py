@@ -36,7 +36,7 @@ from tests.support import (
 )
 
 from migratio import lease
-from migratio.adapters.glance_cli import RemoteGlance
+from migratio.adapters.glance_cli import RemoteGlance, staging_name
 from migratio.amazon.raw_blocks import BLOCK_SIZE
 from migratio.atmosphere.keys import AMAZON_MIGRATOR, OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.atmosphere.status import ALREADY_UPLOADED
@@ -616,6 +616,31 @@ def test_the_sweep_removes_only_what_free_pairs_left(
     assert sweep(settings, redis).busy == []
 
 
+def test_the_sweep_leaves_the_files_of_another_site_on_the_same_account(
+    clean_sandbox: Sandbox, tmp_path: Path, redis_server: RedisServer, redis: Redis
+) -> None:
+    """Two sites reached through one account share its staging directory. The sweep of one,
+    whose pair is free, removes its own and untagged (older) files of the image, never
+    those of the other site, whose attempt holds its pair's lease."""
+    sb = clean_sandbox
+    settings = site_settings(sb, tmp_path, redis_server.url, **{"site-t": sb.site_conf.read_text()})
+    image_id = "6f3c9a0e-1111-2222-3333-444455556677"
+    mine = staging_name(image_id, "0123456789abcdef", "site-b", "qcow2")
+    theirs = staging_name(image_id, "0123456789abcdef", "site-t", "qcow2")
+    older = f"{image_id}-0123456789ab.qcow2.part"
+    for name in (mine, f"{theirs}.0", f"{theirs}.1", older):
+        sb.ssh.write_home_file(f".migratio-staging/{name}", "x")
+    running = lease.Lease(redis, Keys(settings.namespace), "site-a", image_id, "site-t", job_id="t")
+    assert running.acquire()
+
+    sweep(settings, redis, min_age=0)
+
+    assert sorted(p.name for p in sb.remote_staging.iterdir()) == [f"{theirs}.0", f"{theirs}.1"]
+    running.release()
+    sweep(settings, redis, min_age=0)
+    assert list(sb.remote_staging.iterdir()) == []
+
+
 def test_migrate_by_hand_waits_for_the_running_attempt(
     clean_sandbox: Sandbox, tmp_path: Path, redis_server: RedisServer, redis: Redis
 ) -> None:
@@ -644,3 +669,76 @@ def test_migrate_by_hand_waits_for_the_running_attempt(
     assert proc.returncode == 0
     assert out.splitlines()[-1].startswith("Registered")
     assert_one_copy(sb, image_id, image, tmp_path)
+
+
+# -- Redis restarted under an upload ---------------------------------------------------------
+
+
+def wait_for_saving(sb: Sandbox, image_id: str, timeout: float = 120) -> None:
+    """Until the destination has a copy of ``image_id`` receiving its bytes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(
+            c["status"] == "saving"
+            for c in sb.destination.find_by_property("source_uuid", image_id)
+        ):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no copy of {image_id} started saving within {timeout}s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("bytes_from", "outage"),
+    [("file-store", 3.0), ("staged", 3.0), ("staged", lease.TTL + 10)],
+    ids=["file-store", "staged", "staged-past-the-lease"],
+)
+def test_redis_restarted_during_an_api_upload(
+    clean_sandbox: Sandbox,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis: Redis,
+    atmosphere: sidekiq.FeedbackServer,
+    bytes_from: str,
+    outage: float,
+) -> None:
+    """Redis goes down (SIGKILL, as the OOM killer does) and comes back while REGISTER=api
+    uploads: the bytes of the source's file store (hashed on the way) or a staged download
+    (sent as it is). The job is not lost, no half-written copy stays, one good copy results.
+    Past the lease's TTL the upload ends while Redis is away: its worker is taken for dead,
+    and the job's re-run finds the copy."""
+    sb = clean_sandbox
+    yaml = ""
+    if bytes_from == "staged":
+        creds = tmp_path / "creds"
+        creds.write_text(
+            sb.creds_path.read_text().replace(str(sb.source.images_dir), str(tmp_path / "no-store"))
+        )
+        creds.chmod(0o600)
+        yaml = f"credentials_file: {creds}\n"
+    settings = site_settings(
+        sb, tmp_path, redis_server.url, workers=1,
+        **{"site-b-api": sb.site_api_conf.read_text() + "export BWLIMIT=8M\n"},
+    )  # fmt: skip
+    if yaml:
+        settings.config_path.write_text(settings.config_path.read_text() + yaml)
+        settings = load_settings(settings.config_path)
+    image = make_qcow2(tmp_path / "t.qcow2", virtual_size=256 * MiB, data_bytes=64 * MiB)
+    image_id = sb.source.upload_image(image, name="restart", disk_format="qcow2")
+    jid = push(settings, [image_id, "site-b-api"], OPENSTACK_MIGRATOR)
+    with Service(settings) as service:
+        wait_for_saving(sb, image_id)
+        redis_server.crash()
+        time.sleep(outage)
+        redis_server.start()
+        final = wait_final(redis, jid, timeout=300)
+        assert service.stop() == 0
+        assert wait_left(service.seen, timeout=10) == []
+    assert final.get_status() == "finished", final.exc_info
+    assert final.return_value() in {"migrated", "already there"}
+    assert_one_copy(sb, image_id, image, tmp_path)
+    assert_never_two_at_once(redis, settings)
+    assert_no_staging(sb, settings)
+    assert_nothing_waiting(redis, settings)
+    lines = lines_for(atmosphere, image_id, "site-b-api")
+    assert lines[-1].startswith(("Registered", ALREADY_UPLOADED)), lines

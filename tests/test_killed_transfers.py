@@ -345,13 +345,9 @@ def test_a_refused_master_is_tried_again_and_carries_every_command(
     assert logins(sb) - before == 1  # the master's, once refused; rsync goes through it too
 
 
-def test_staging_files_of_an_earlier_layout_go_with_the_success(
-    clean_sandbox: Sandbox, tmp_path: Path
-) -> None:
-    """An interrupted attempt sent pieces over three streams; the next one goes as one file
-    (STREAMS=auto measured another round trip, or the site file changed). Its success
-    leaves neither layout's files at the destination."""
-    sb = clean_sandbox
+def pieces_of_a_killed_attempt(sb: Sandbox, tmp_path: Path, at_least: int) -> tuple[Path, str, int]:
+    """An image, and an attempt that sent pieces of it over three streams until ``at_least``
+    bytes had arrived there, then was killed: the image, its id, the bytes its pieces hold."""
     image = make_qcow2(tmp_path / "big.qcow2", virtual_size=256 * MiB, data_bytes=120 * MiB)
     image_id = sb.source.upload_image(image, name="layouts", disk_format="qcow2")
     settings = settings_for(
@@ -359,12 +355,23 @@ def test_staging_files_of_an_earlier_layout_go_with_the_success(
     )
     migrating = start_migration(settings, image_id, "site-s", tmp_path / "tmp")
     try:
-        wait_for_part(sb, image_id, 20 * MiB)
+        wait_for_part(sb, image_id, at_least)
     finally:
         os.kill(migrating.pid, signal.SIGKILL)
         migrating.wait()
     wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
-    assert list(sb.remote_staging.glob(f"{image_id}-*.part.*"))
+    kept = sum(p.stat().st_size for p in sb.remote_staging.glob(f"{image_id}-*.part.*"))
+    assert kept > 0
+    return image, image_id, kept
+
+
+def test_staging_files_of_an_earlier_layout_go_with_the_success(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """An interrupted attempt sent pieces over three streams; the next one goes as one file
+    (the site file now says STREAMS=1). Its success leaves neither layout's files there."""
+    sb = clean_sandbox
+    image, image_id, _ = pieces_of_a_killed_attempt(sb, tmp_path, 20 * MiB)
 
     settings = settings_for(sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=1")})
     result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines())
@@ -381,19 +388,7 @@ def test_a_rerun_with_streams_auto_resumes_the_pieces_an_earlier_attempt_left(
     STREAMS=auto on this LAN (one stream), resumes those pieces instead of sending the whole
     file again as one (it did: a worker killed mid-transfer resent all 400 MiB in CI)."""
     sb = clean_sandbox
-    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=256 * MiB, data_bytes=120 * MiB)
-    image_id = sb.source.upload_image(image, name="layouts", disk_format="qcow2")
-    settings = settings_for(
-        sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=3", "BWLIMIT=20M", "COMPRESS=none")}
-    )
-    migrating = start_migration(settings, image_id, "site-s", tmp_path / "tmp")
-    try:
-        wait_for_part(sb, image_id, 40 * MiB)
-    finally:
-        os.kill(migrating.pid, signal.SIGKILL)
-        migrating.wait()
-    wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
-    kept = sum(p.stat().st_size for p in sb.remote_staging.glob(f"{image_id}-*.part.*"))
+    image, image_id, kept = pieces_of_a_killed_attempt(sb, tmp_path, 40 * MiB)
     assert kept > 30 * MiB
 
     settings = settings_for(sb, tmp_path, **{"site-s": site_b_with(sb, "COMPRESS=none")})
@@ -548,3 +543,111 @@ def test_sigkill_during_the_unhashed_api_upload_leaves_no_active_partial_copy(
         ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(image), str(arrived)], check=False
     )
     assert same.returncode == 0
+
+
+@pytest.mark.parametrize("victim", ["glance", "helper"])
+def test_the_remote_upload_killed_fails_the_attempt_and_the_retry_makes_one_copy(
+    clean_sandbox: Sandbox, tmp_path: Path, short_tmp: Path, victim: str
+) -> None:
+    """SIGKILL, at the destination, of ``glance image-create`` or of the helper feeding it,
+    mid-upload: the attempt fails saying what ended, with no copy left; the next one makes
+    exactly one."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "big.qcow2", virtual_size=256 * MiB, data_bytes=80 * MiB)
+    image_id = sb.source.upload_image(image, name="remote-kill", disk_format="qcow2")
+    settings = settings_for(
+        sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=1", "BWLIMIT=20M", "COMPRESS=none")}
+    )
+    migrating = subprocess.Popen(
+        [sys.executable, "-c", MIGRATE, str(settings.config_path), image_id, "site-s"],
+        env={**os.environ, "TMPDIR": str(short_tmp)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def saving() -> bool:
+            found = sb.destination.find_by_property("source_uuid", image_id)
+            return any(c["status"] == "saving" for c in found)
+
+        wait_for("Glance to receive bytes", saving, process=migrating)
+        # the helper (the feeder), its guard, and the guard's child: glance image-create
+        tree = processes_of(sb.ssh.user, "--name=remote-kill", "python")
+        [feeder] = [pid for pid, parent in tree.items() if parent not in tree]
+        [guard] = [pid for pid, parent in tree.items() if parent == feeder]
+        [glance] = [pid for pid, parent in tree.items() if parent == guard]
+        os.kill(glance if victim == "glance" else feeder, signal.SIGKILL)
+        lines, _ = migrating.communicate(timeout=300)
+    finally:
+        if migrating.poll() is None:
+            migrating.kill()
+    assert migrating.returncode != 0
+    last = lines.splitlines()[-1]
+    if victim == "glance":  # the helper finds it gone as it writes, or as it waits for bytes
+        assert last.startswith(
+            "Error: uploading into Glance at site-s failed (exit 3): follow_upload: glance "
+            "ended before the upload was complete (killed by signal 9) | follow_upload: aborted: "
+            "the upload command "
+        ), last
+        assert last.endswith(("stopped reading", "exited early")), last
+    else:
+        assert last.startswith(
+            "Error: uploading into Glance at site-s failed (exit 137): "
+            "the upload helper there was killed by signal 9"
+        ), last
+    wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
+    assert sb.destination.find_by_property("source_uuid", image_id) == []
+
+    again = start_migration(settings, image_id, "site-s", short_tmp)
+    assert again.wait(timeout=300) == 0
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+    assert not list(sb.remote_staging.glob(f"{image_id}-*"))
+
+
+def test_one_image_to_two_sites_on_one_account_at_once(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Two sites reached through the same SSH account (one remote staging directory), each
+    registering into its own Glance (REMOTE_CREDS), get the same image at the same time:
+    each ends with exactly one good copy, and no staging file is left there."""
+    sb = clean_sandbox
+    seen_from_there = (
+        sb.network.host_address if sb.network is not None else "127.0.0.1"
+    )  # the source Glance, as the destination host reaches it
+    creds = (
+        (sb.ssh.home / ".creds")
+        .read_text()
+        .replace(sb.destination.endpoint, sb.source.endpoint_at(seen_from_there))
+    )
+    sb.ssh.write_home_file(".creds-other", creds)
+    image = make_qcow2(tmp_path / "two.qcow2", virtual_size=256 * MiB, data_bytes=64 * MiB)
+    image_id = sb.source.upload_image(image, name="two-sites", disk_format="qcow2")
+    settings = settings_for(
+        sb,
+        tmp_path,
+        **{
+            "site-s": site_b_with(sb, "BWLIMIT=20M", "COMPRESS=none"),
+            "site-t": site_b_with(
+                sb, "BWLIMIT=20M", "COMPRESS=none", "REMOTE_CREDS='~/.creds-other'"
+            ),
+        },
+    )
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            results = list(
+                pool.map(
+                    lambda site: migrate_to_openstack(
+                        settings, MigrationRequest(image_id, site), Lines()
+                    ),
+                    ["site-s", "site-t"],
+                )
+            )
+    finally:
+        sb.ssh.remove_home_path(".creds-other")
+    assert [r.outcome for r in results] == [Outcome.MIGRATED, Outcome.MIGRATED]
+    assert_one_good_copy(sb, image_id, image, tmp_path)
+    [other] = sb.source.find_by_property("source_uuid", image_id)
+    assert (
+        other["status"] == "active" and other["checksum"] == sb.source.image(image_id)["checksum"]
+    )
+    assert not list(sb.remote_staging.glob(f"{image_id}-*"))

@@ -115,16 +115,25 @@ class Sweeper:
                     self.report.removed.append(f"{copy.status} image {copy.id} at {site.site_id}")
         if site.register != "ssh":
             return
-        from migratio.adapters.glance_cli import RemoteGlance  # noqa: PLC0415
+        from migratio.adapters.glance_cli import RemoteGlance, site_tag, tag_of  # noqa: PLC0415
 
         assert isinstance(destination, RemoteGlance)
         remote_dir = site.remote_staging_dir.rstrip("/") or "."
         minutes = int(self.min_age // 60)
+        # sites reached through one account share its staging directory: each site's
+        # files are swept under that site's leases, untagged (older) ones under any
+        others = {
+            site_tag(other.site_id)
+            for other in self.settings.sites.values()
+            if isinstance(other, OpenStackSite) and other.site_id != site.site_id
+        }
         for name in destination.list_parts(remote_dir, older_than_minutes=minutes):
-            image_id = name[:_UUID_LENGTH]
+            image_id, tag = name[:_UUID_LENGTH], tag_of(name)
+            if tag in others:
+                continue
             with self.pair(image_id, site.site_id) as mine:
                 if mine:
-                    destination.remove_parts(remote_dir, image_id)
+                    destination.remove_parts(remote_dir, image_id, tags=(tag,))
                     self.report.removed.append(f"{remote_dir}/{name} at {site.site_id}")
 
     def amazon(self, site: AmazonSite) -> None:

@@ -5,8 +5,9 @@ Every argument is quoted by :mod:`migratio.adapters.ssh`; the CLI's tables are p
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -18,6 +19,8 @@ from migratio.images import ImageRecord
 from migratio.openstack.copies import PROBE_FIELDS
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+#: a staging file's name: the image, 12 hex digits of its digest, and the site's tag
+_STAGED = re.compile(r".{36}-.{12}-([0-9a-f]{8})\.", re.DOTALL)
 _ROW = re.compile(r"^\|\s?(.*?)\s*\|\s?(.*?)\s*\|$")
 #: ``image-show --max-column-width``: wide enough that no value is ever wrapped
 WIDE = "1000000000"
@@ -85,6 +88,41 @@ def find_path(path: str) -> str:
     """``path`` as ``find`` takes it: it has no ``--``, and reads a first word that starts
     with ``-`` as an expression (``REMOTE_STAGING_DIR=-x``)."""
     return f"./{path}" if path.startswith("-") else path
+
+
+def site_tag(site_id: str) -> str:
+    """Eight hex digits that tell one site's staging files from another's: sites reached
+    through the same account share its staging directory, and each sends the file itself."""
+    return hashlib.sha256(site_id.encode()).hexdigest()[:8]
+
+
+def staging_name(image_id: str, digest: str, site_id: str, disk_format: str) -> str:
+    """The name of the file (its pieces: ``.0``, ``.1``...) sent there for ``site_id``."""
+    return f"{image_id}-{digest[:12]}-{site_tag(site_id)}.{disk_format}.part"
+
+
+def tag_of(name: str) -> str | None:
+    """The site tag in a staging file's name (None: named before files had one)."""
+    match = _STAGED.match(name)
+    return match.group(1) if match else None
+
+
+def _names(image_id: str, disk_format: str, tags: Sequence[str | None] | None) -> list[str]:
+    """``find`` tests for the staging files of ``image_id``: of every site, or of ``tags``
+    only (None: the files named before they had a site's tag), joined by ``-o``."""
+    every = f"{image_id}-*.{disk_format}.part*"
+    if tags is None:
+        return ["-name", every]
+    digest = "?" * 12
+    tests: list[str] = []
+    for tag in tags:
+        if tests:
+            tests.append("-o")
+        if tag is None:
+            tests += ["(", "-name", every, "!", "-name", f"{image_id}-{digest}-????????.*", ")"]
+        else:
+            tests += ["-name", f"{image_id}-{digest}-{tag}.{disk_format}.part*"]
+    return ["(", *tests, ")"]
 
 
 def follow_upload_source() -> str:
@@ -266,13 +304,21 @@ class RemoteGlance:
                 sizes[name] = int(size)
         return sizes
 
-    def remove_parts(self, remote_dir: str, image_id: str, disk_format: str = "*") -> None:
+    def remove_parts(
+        self,
+        remote_dir: str,
+        image_id: str,
+        disk_format: str = "*",
+        tags: Sequence[str | None] | None = None,
+    ) -> None:
         """Remove the staging files of ``image_id`` there (any attempt's, pieces; of any
-        format, or of ``disk_format`` only)."""
+        format, or of ``disk_format`` only; every site's, or those with one of ``tags``
+        only (:func:`site_tag`; None: untagged): another site reached through the same
+        account may be sending the same image right now)."""
         where = find_path(remote_dir)
-        name = f"{image_id}-*.{disk_format}.part*"
+        names = _names(image_id, disk_format, tags)
         self.ssh.run(
-            ["find", where, "-maxdepth", "1", "-name", name, "-delete"],
+            ["find", where, "-maxdepth", "1", *names, "-delete"],
             what="remove remote staging files",
             creds=False,
         )

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Protocol
 
 from migratio.adapters import processes, qemu_img, rsync
 from migratio.adapters.glance_api import GlanceApi
-from migratio.adapters.glance_cli import RemoteGlance, parse_table
+from migratio.adapters.glance_cli import RemoteGlance, parse_table, site_tag, staging_name
 from migratio.adapters.ssh import LOGIN_RETRIES, SshMaster, login_refused
 from migratio.atmosphere import status
 from migratio.atmosphere.status import StatusSink, human_bytes
@@ -286,7 +286,7 @@ class Migration(MigrationRun):
             if target_format != image.disk_format or not self.source.has_local_file(image):
                 existing = lookup.result()
                 if existing is not None:
-                    quietly(cli.remove_parts, self.remote_dir, image.id)  # a killed attempt's
+                    quietly(self.remove_staged, cli, image.id)  # a killed attempt's
                     return self.already_there(existing)
             self.workdir.mkdir(parents=True, exist_ok=True)
             try:
@@ -312,18 +312,21 @@ class Migration(MigrationRun):
                 # in another layout (one file, or pieces: STREAMS=auto found another round trip)
                 quietly(self.remove_staged, cli, image.id, target_format)
             except AlreadyThere as there:
-                quietly(cli.remove_parts, self.remote_dir, image.id)
+                quietly(self.remove_staged, cli, image.id)
                 return self.already_there(there.copy)
             finally:
                 self.staged.close()
                 shutil.rmtree(self.workdir, ignore_errors=True)
         return MigrationResult(Outcome.MIGRATED, copy_id, sent)
 
-    def remove_staged(self, cli: RemoteGlance, image_id: str, disk_format: str) -> None:
-        """Remove the image's staging files there in ``disk_format`` (this pair's: only while
-        the lease is ours; another site on the same account may be sending another format)."""
+    def remove_staged(self, cli: RemoteGlance, image_id: str, disk_format: str = "*") -> None:
+        """Remove the image's staging files there, of any format or in ``disk_format`` (this
+        pair's: only while the lease is ours; another site on the same account may be
+        sending the image too, in this format or another)."""
         self.fence()
-        cli.remove_parts(self.remote_dir, image_id, disk_format)
+        cli.remove_parts(
+            self.remote_dir, image_id, disk_format, (site_tag(self.site.site_id), None)
+        )
 
     # 6-8, REGISTER=api
     def stream_to_api(self, payload: Payload, fields: Mapping[str, Any]) -> str:
@@ -472,14 +475,11 @@ class Migration(MigrationRun):
         assert self.site.ssh is not None
         target_format = str(fields["disk_format"])
         _, digest = digests.cheapest()
-        remote_path = f"{self.remote_dir}/{image.id}-{digest[:12]}.{target_format}.part"
+        name = staging_name(image.id, digest, self.site.site_id, target_format)
+        remote_path = f"{self.remote_dir}/{name}"
         sparse = target_format == "raw"
         streams, piece = (
-            (1, None)
-            if sparse
-            else layout(
-                self.site.streams, rtt, digests.size, earlier, remote_path.rpartition("/")[2]
-            )
+            (1, None) if sparse else layout(self.site.streams, rtt, digests.size, earlier, name)
         )
         self.fence()
         with linked(self.cancel) as stop, ThreadPoolExecutor(1, "transfer") as pool:
@@ -563,14 +563,9 @@ class Migration(MigrationRun):
                 if "follow_upload: aborted" in upload.stderr and algo in upload.stderr:
                     for path in remote_files(remote_path, digests.size, piece):
                         quietly(cli.remove_file, path)  # wrong bytes: nothing to resume
-                why = upload.tail() or (
-                    f"the ssh connection to {self.site.ssh.host} was lost"
-                    if upload.returncode == 255
-                    else "it printed nothing"
-                )
                 raise RemoteError(
                     f"uploading into Glance at {self.site.site_id} failed "
-                    f"(exit {upload.returncode}): {why}",
+                    f"(exit {upload.returncode}): {_why(upload, self.site.ssh.host)}",
                     retryable=True,
                 )
             if copy is None:
@@ -583,7 +578,7 @@ class Migration(MigrationRun):
                 quietly(lambda: self.delete_leftovers(cli.find(source_uuid=image.id)))
             if not (isinstance(exc, MigratioError) and exc.retryable):
                 # nothing will resume this transfer: the staged file goes now, not at the sweep
-                quietly(cli.remove_parts, self.remote_dir, image.id)
+                quietly(self.remove_staged, cli, image.id)
             raise
         self.status(f"{status.REGISTERED} as image {copy.id} at {self.site.site_id}")
         return copy.id, sent
@@ -605,6 +600,19 @@ class Migration(MigrationRun):
                 self.fence()
                 log.info("deleting %s copy %s left by an interrupted attempt", copy.status, copy.id)
                 self.destination.delete(copy.id)
+
+
+def _why(upload: processes.Completed, host: str) -> str:
+    """Why the remote upload failed, in the helper's words (or the shell's, or ssh's)."""
+    why = upload.tail() or (
+        f"the ssh connection to {host} was lost"
+        if upload.returncode == 255
+        else "it printed nothing"
+    )
+    if 128 < upload.returncode < 255 and "follow_upload:" not in upload.stderr:
+        # the remote shell's status of the helper it ran: a signal ended it
+        why = f"the upload helper there was killed by signal {upload.returncode - 128} ({why})"
+    return why
 
 
 def _is_file(path: Path) -> bool:

@@ -109,6 +109,11 @@ def guard(command: List[str], data_r: int, data_w: int, life_r: int) -> None:
     os.close(data_r)
 
     def stop(*_args: object) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            # it may have ended first (why the feeder gave up): its pipe closes a moment
+            # before it can be reaped; meanwhile this guard's write end keeps EOF from it
+            child.wait(timeout=0.5)
+            say_how_it_ended(command[0], child.returncode)
         child.kill()
         child.wait()
         os._exit(ABORTED)
@@ -129,8 +134,21 @@ def guard(command: List[str], data_r: int, data_w: int, life_r: int) -> None:
                 signal.signal(signum, signal.SIG_IGN)  # the bytes are right: let it finish
             child.wait()
             break
+    else:
+        say_how_it_ended(command[0], child.returncode)  # before it had all the bytes
     code = child.returncode
     os._exit(code if code >= 0 else 128 - code)
+
+
+def say_how_it_ended(program: str, returncode: int) -> None:
+    """Tell the migrating side that the upload command ended before it was released."""
+    how = "killed by signal %d" % -returncode if returncode < 0 else "exit %d" % returncode
+    with contextlib.suppress(OSError):
+        sys.stderr.write(
+            "follow_upload: %s ended before the upload was complete (%s)\n"
+            % (os.path.basename(program), how)
+        )
+        sys.stderr.flush()
 
 
 def interrupted(signum: int, _frame: object) -> None:
@@ -194,7 +212,8 @@ def main(argv: List[str]) -> int:
     code = exit_code(os.waitpid(guard_pid, 0)[1])
     if code == 0:
         for done in paths:
-            os.remove(done)
+            with contextlib.suppress(FileNotFoundError):  # removed already: it is in Glance
+                os.remove(done)
     return code
 
 
