@@ -224,6 +224,40 @@ def test_a_staged_file_goes_to_the_api_as_it_is(
     assert again.outcome is Outcome.ALREADY_THERE
 
 
+@pytest.mark.parametrize("staged", [False, True])
+def test_an_api_upload_stops_on_request_and_leaves_no_copy(
+    clean_sandbox: Sandbox, tmp_path: Path, staged: bool
+) -> None:
+    """REGISTER=api, stopped mid-upload (SIGTERM to ``migratio migrate``: its cancel event):
+    the rest is not sent, the unfinished record is deleted, and the next run makes the copy.
+    Bytes from the file store go the hashed way; a conversion of the cache goes unhashed."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "source.qcow2", virtual_size=96 * MiB, data_bytes=64 * MiB)
+    image_id = sb.source.upload_image(image, name="stopped", disk_format="qcow2")
+    conf = sb.site_api_conf.read_text() + ("export DISK_FORMAT=raw\n" if staged else "")
+    yaml = "progress_interval: 0.001\n"
+    settings = settings_for(sb, tmp_path, yaml=yaml, **{"site-staged": conf})
+    cancel = threading.Event()
+    lines = Lines()
+
+    def sink(text: str) -> None:
+        lines(text)
+        if text.startswith("Uploading:"):
+            cancel.set()
+
+    request = MigrationRequest(image_id, "site-staged")
+    with pytest.raises(Cancelled):
+        migrate_to_openstack(settings, request, sink, cancel=cancel)
+
+    uploading = [line for line in lines if line.startswith("Uploading:")]
+    assert len(uploading) == 1, lines  # nothing after the stop
+    assert not any(line.startswith("Transfered") for line in lines)
+    assert copies_at_destination(sb, image_id) == []
+    assert migrate_to_openstack(settings, request, Lines()).outcome is Outcome.MIGRATED
+    [copy] = copies_at_destination(sb, image_id)
+    assert copy["status"] == "active"
+
+
 def test_a_staged_file_changed_behind_our_back_is_made_again(
     clean_sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -220,8 +220,19 @@ class StagingCache:
             try:
                 self._reserve(name, estimate)
                 target = partial / name
-                meta = dict(make(target))
-                _fsync(target)
+                try:
+                    meta = dict(make(target))
+                    _fsync(target)
+                except Exception as exc:
+                    if not _disk_full(exc):
+                        raise
+                    raise StagingFullError(
+                        f"the disk of the staging cache {self.root} filled up while {name} "
+                        f"was being made there (No space left on device; "
+                        f"{human_bytes(_free_bytes(self.root))} free now); the job will be "
+                        "tried again",
+                        retryable=True,
+                    ) from exc
                 made = target.stat()
                 meta["size"], meta["mtime_ns"] = made.st_size, made.st_mtime_ns
                 meta_part = partial / f"{name}.json"
@@ -348,6 +359,23 @@ class StagingCache:
         finally:
             use.release()
         return True
+
+
+#: what a tool (qemu-img) prints when its disk is full
+_NO_SPACE = os.strerror(errno.ENOSPC)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or what caused it (a download's write, wrapped as a Glance error),
+    is a full disk or quota -- or a tool's error that says so."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if _NO_SPACE in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _free_bytes(path: Path) -> int:

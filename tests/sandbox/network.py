@@ -30,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ._process import Service, spawn, stop_process
@@ -285,6 +286,31 @@ class TwoHostNetwork(Service):
         if not binary.exists() or binary.stat().st_mtime < _SOURCE.stat().st_mtime:
             _run(["gcc", "-O2", "-pthread", "-Wall", "-o", str(binary), str(_SOURCE)])
         return binary
+
+    @contextlib.contextmanager
+    def dropped(self) -> Iterator[None]:
+        """Every packet between the two hosts silently dropped, until the block ends.
+
+        The worst way a host can be unreachable: no RST, no ICMP, no failed ARP (both ends
+        keep each other's address as a permanent neighbour). The middle namespace's bridge
+        lets go of its two ports, so frames reach it and go nowhere; the link stays up.
+        Only an unshaped link (no delay line) can be cut this way.
+        """
+        if self._delayline is not None:
+            raise NetworkError("dropped() needs an unshaped link")
+        host_mac = Path(f"/sys/class/net/{self.host_if}/address").read_text().strip()
+        dst_mac = _run(["ip", "netns", "exec", self.dst, "cat", "/sys/class/net/eth0/address"])
+        _ip("neigh", "replace", self.address, "lladdr", dst_mac.stdout.strip(), "dev",
+            self.host_if, "nud", "permanent")  # fmt: skip
+        _ip("-n", self.dst, "neigh", "replace", self.host_address, "lladdr", host_mac, "dev",
+            "eth0", "nud", "permanent")  # fmt: skip
+        self._bridge(False)
+        try:
+            yield
+        finally:
+            self._bridge(True)
+            _ip("neigh", "del", self.address, "dev", self.host_if, check=False)
+            _ip("-n", self.dst, "neigh", "del", self.host_address, "dev", "eth0", check=False)
 
     def tx_bytes(self) -> int:
         """Bytes this host has sent to the destination host so far."""

@@ -170,6 +170,17 @@ class GlanceApi:
             raise GlanceError(
                 f"Glance at {self.where}: {doing} failed: {_describe(exc)}", retryable=False
             ) from exc
+        except (AttributeError, TypeError, KeyError) as exc:
+            # glanceclient reading an error answer it does not expect (a proxy's JSON body
+            # such as {"message": "..."}) fails with these: the status is what counts
+            status = getattr(_last_response, "status", None)
+            if not isinstance(status, int) or status < 400:
+                raise
+            raise GlanceError(
+                f"Glance at {self.where}: {doing} failed: HTTP {status} "
+                f"(an answer glanceclient cannot read: {type(exc).__name__})",
+                retryable=retryable_status(status),
+            ) from exc
         except (OSError, ValueError) as exc:
             if isinstance(exc, VerificationError):
                 raise

@@ -24,6 +24,8 @@ _STAGED = re.compile(r".{36}-.{12}-([0-9a-f]{8})\.", re.DOTALL)
 _ROW = re.compile(r"^\|\s?(.*?)\s*\|\s?(.*?)\s*\|$")
 #: ``image-show --max-column-width``: wide enough that no value is ever wrapped
 WIDE = "1000000000"
+#: seconds the listing of what an earlier attempt left may take (one round trip, normally)
+STAGED_LISTING_TIMEOUT = 30
 #: the image fields ``glance image-create`` takes as options of their own
 CORE_OPTIONS = ("name", "disk_format", "container_format", "min_disk", "min_ram")
 
@@ -290,6 +292,7 @@ class RemoteGlance:
             ["find", find_path(remote_dir), "-maxdepth", "1", "-type", "f",
              "-name", f"{image_id}-*.{disk_format}.part*", "-printf", "%f %s\\n"],
             what="list remote staging files",
+            timeout=STAGED_LISTING_TIMEOUT,  # the transfer waits for it
             creds=False,
             check=False,
         )  # fmt: skip

@@ -33,6 +33,10 @@ LOGIN_RETRIES = (0.5, 1.0, 2.0)
 #: at both ends: it has slack, while the head node's services -- and at the destination, the
 #: upload into Glance that follows the copy -- should not wait for it
 NICE = 10
+#: keepalives: a host that stops answering (packets dropped, no RST) is given up on after
+#: SERVER_ALIVE_INTERVAL * SERVER_ALIVE_COUNT seconds, mid-command or mid-transfer
+SERVER_ALIVE_INTERVAL = 15
+SERVER_ALIVE_COUNT = 4
 
 
 def login_refused(stderr: str) -> bool:
@@ -53,8 +57,8 @@ def ssh_options(target: SshTarget) -> list[str]:
         "-o", "BatchMode=yes",
         "-o", "StrictHostKeyChecking=yes",
         "-o", f"ConnectTimeout={target.connect_timeout}",
-        "-o", "ServerAliveInterval=15",
-        "-o", "ServerAliveCountMax=4",
+        "-o", f"ServerAliveInterval={SERVER_ALIVE_INTERVAL}",
+        "-o", f"ServerAliveCountMax={SERVER_ALIVE_COUNT}",
         "-o", "LogLevel=ERROR",
         "-c", target.ciphers,
     ]  # fmt: skip
@@ -124,15 +128,24 @@ class SshClient:
             time.sleep(pause)
             done = processes.run(argv, what=what, timeout=timeout, check=False, cancel=cancel)
         if done.returncode == 255:
-            raise RemoteError(
-                f"{what}: cannot log in to {self.target.destination} port {self.target.port}: "
-                f"{done.tail()}"
-            )
+            raise RemoteError(self.lost(what, done))
         if check and done.returncode != 0:
             raise RemoteError(
                 f"{what} on {self.target.host} failed (exit {done.returncode}): {done.tail()}"
             )
         return done
+
+    def lost(self, what: str, done: processes.Completed) -> str:
+        """Why ssh ended with 255: its own words, or (none: a command through a master whose
+        connection died) that the connection was lost."""
+        where = f"{self.target.destination} port {self.target.port}"
+        if done.tail():
+            return f"{what}: cannot log in to {where}: {done.tail()}"
+        return (
+            f"{what}: lost the ssh connection to {where}: {self.target.host} stopped "
+            f"answering (no reply for {SERVER_ALIVE_INTERVAL * SERVER_ALIVE_COUNT} s) or the "
+            "connection was cut"
+        )
 
     def start(self, remote: Sequence[str], *, what: str) -> processes.Child:
         """Start ``remote`` there with a pipe to its stdin, and return at once."""

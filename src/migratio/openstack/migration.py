@@ -35,6 +35,7 @@ from migratio.atmosphere import status
 from migratio.atmosphere.status import StatusSink, human_bytes
 from migratio.config import OpenStackSite, Settings
 from migratio.errors import (
+    Cancelled,
     ConfigError,
     MetadataError,
     MigratioError,
@@ -344,7 +345,14 @@ class Migration(MigrationRun):
         self.fence()
         copy = api.create(fields)
         try:
-            on_progress = self.progress("Uploading", digests.size)
+            report = self.progress("Uploading", digests.size)
+
+            def on_progress(done: int) -> None:
+                # SIGTERM to ``migratio migrate``, a cold stop: the rest is not sent
+                if self.cancel.is_set():
+                    raise Cancelled("the upload was stopped on request")
+                report(done)
+
             if payload.entry is not None and payload.entry.unchanged():
                 api.upload_file(
                     copy.id,

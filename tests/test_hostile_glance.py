@@ -1,0 +1,61 @@
+"""A hostile environment: the destination's Glance answers 5xx, or nothing, while a copy is
+made -- through a misbehaving proxy in front of the real sandbox Glance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tests.sandbox.faulty_proxy import FaultyProxy
+from tests.sandbox.images import make_qcow2
+from tests.sandbox.site import Sandbox, api_site_conf
+from tests.support import Lines, no_work_left, settings_for
+from tests.test_openstack_migration import copies_at_destination
+
+from migratio.errors import GlanceError
+from migratio.openstack.migration import migrate_to_openstack
+from migratio.request import MigrationRequest, Outcome
+
+MiB = 1024 * 1024
+CREATE = ("POST", r"^/v2/images$")
+DATA = ("PUT", r"^/v2/images/[0-9a-f-]+/file$")
+
+
+def source_image(sb: Sandbox, tmp_path: Path) -> str:
+    image = make_qcow2(tmp_path / "source.qcow2", virtual_size=16 * MiB, data_bytes=4 * MiB)
+    return sb.source.upload_image(image, name="faulty", disk_format="qcow2")
+
+
+@pytest.mark.parametrize(
+    ("request_", "action", "doing"),
+    [
+        (CREATE, "503", "creating the image record"),
+        (DATA, "500", "uploading the data of image"),
+        (DATA, "after:502", "uploading the data of image"),
+    ],
+    ids=["create-503", "upload-500", "upload-stored-then-502"],
+)
+def test_a_glance_5xx_over_the_api_is_retryable_and_leaves_no_image(
+    clean_sandbox: Sandbox, tmp_path: Path, request_: tuple[str, str], action: str, doing: str
+) -> None:
+    sb = clean_sandbox
+    image_id = source_image(sb, tmp_path)
+    with FaultyProxy(sb.destination.endpoint) as proxy:
+        proxy.fail(*request_, action)
+        settings = settings_for(sb, tmp_path, **{"site-lb": api_site_conf(proxy.endpoint)})
+        lines = Lines()
+        with pytest.raises(GlanceError) as failed:
+            migrate_to_openstack(settings, MigrationRequest(image_id, "site-lb"), lines)
+        assert any(a == action for _, _, a in proxy.seen)
+    message = str(failed.value)
+    code = action.removeprefix("after:")
+    assert doing in message and code in message and proxy.endpoint in message, message
+    assert failed.value.retryable
+    assert lines[-1] == failed.value.status_line()
+    assert copies_at_destination(sb, image_id) == []
+    assert no_work_left(settings.staging_dir)
+    # Glance is well again: the retry makes the one copy
+    good = settings_for(sb, tmp_path)
+    result = migrate_to_openstack(good, MigrationRequest(image_id, "site-b-api"), Lines())
+    assert result.outcome == Outcome.MIGRATED
+    assert len(copies_at_destination(sb, image_id)) == 1

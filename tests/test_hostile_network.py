@@ -1,0 +1,93 @@
+"""A hostile environment: a destination host whose packets vanish (no RST, no ICMP)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tests.sandbox.images import make_qcow2
+from tests.sandbox.site import Sandbox
+from tests.support import Lines, no_work_left, settings_for
+from tests.test_network_sandbox import needs_network
+from tests.test_openstack_migration import copies_at_destination, site_b_with
+
+from migratio.errors import RemoteError
+from migratio.openstack.migration import migrate_to_openstack
+from migratio.request import MigrationRequest
+
+MiB = 1024 * 1024
+
+
+@needs_network
+def test_a_silent_destination_fails_in_bounded_time_naming_the_host(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sb = clean_sandbox
+    assert sb.network is not None
+    image = make_qcow2(tmp_path / "source.qcow2", virtual_size=16 * MiB, data_bytes=2 * MiB)
+    image_id = sb.source.upload_image(image, name="silent", disk_format="qcow2")
+    conf = site_b_with(sb, "export SSH_CONNECT_TIMEOUT=3")
+    settings = settings_for(sb, tmp_path, **{"site-silent": conf})
+    lines = Lines()
+    begin = time.monotonic()
+    with sb.network.dropped(), pytest.raises(RemoteError) as failed:
+        migrate_to_openstack(settings, MigrationRequest(image_id, "site-silent"), lines)
+    took = time.monotonic() - begin
+    message = str(failed.value)
+    assert sb.ssh.address in message
+    assert failed.value.retryable
+    assert lines[-1].startswith("Error: ") and sb.ssh.address in lines[-1]
+    assert took < 30, took
+    assert copies_at_destination(sb, image_id) == []
+    assert no_work_left(settings.staging_dir)
+
+
+def _drop_once_sending(sb: Sandbox, until: threading.Event, dropped: threading.Event) -> None:
+    """Cut the link once the first bytes are in the remote staging dir; keep it cut until
+    ``until`` is set."""
+    assert sb.network is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not until.is_set():
+        files = [p for p in sb.remote_staging.rglob("*") if p.is_file()]
+        if any(p.stat().st_size > 1 * MiB for p in files):
+            break
+        time.sleep(0.05)
+    with sb.network.dropped():
+        dropped.set()
+        until.wait(300)
+
+
+@needs_network
+@pytest.mark.slow
+def test_a_destination_gone_silent_mid_transfer_fails_in_bounded_time(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "source.qcow2", virtual_size=64 * MiB, data_bytes=40 * MiB)
+    image_id = sb.source.upload_image(image, name="silent", disk_format="qcow2")
+    conf = site_b_with(sb, "export SSH_CONNECT_TIMEOUT=3", "export BWLIMIT=4000")
+    settings = settings_for(sb, tmp_path, **{"site-silent": conf})
+    lines = Lines()
+    until, dropped = threading.Event(), threading.Event()
+    cutter = threading.Thread(target=_drop_once_sending, args=(sb, until, dropped))
+    cutter.start()
+    begin = time.monotonic()
+    try:
+        with pytest.raises(RemoteError) as failed:
+            migrate_to_openstack(settings, MigrationRequest(image_id, "site-silent"), lines)
+    finally:
+        took = time.monotonic() - begin
+        until.set()
+        cutter.join()
+    message = str(failed.value)
+    assert dropped.is_set()
+    assert sb.ssh.address in message
+    assert failed.value.retryable
+    assert lines[-1].startswith("Error: ") and sb.ssh.address in lines[-1]
+    assert took < 120, took
+    # the login had worked: what ended it is said, never an empty "cannot log in to ...: "
+    assert "cannot log in" not in message and not message.rstrip().endswith(":")
+    assert copies_at_destination(sb, image_id) == []
+    assert no_work_left(settings.staging_dir)
