@@ -27,23 +27,28 @@ the compression ``auto`` chose, the peak RSS of migratio and CPU seconds per GiB
 and the way to the first byte: when migratio had started (Python, its imports, the
 configuration, the lease), when its SSH master was up (or first needed, if it was up before),
 when the source image was found and when the transfer started, from the log's time stamps.
-migratio's modules are compiled once beforehand, as an installed package has them
-(``--compile-each-run``: at every start, as under PYTHONDONTWRITEBYTECODE in a checkout).
+migratio's modules are compiled beforehand (``__pycache__``, removed afterwards), as an
+installed package has them (``--compile-each-run``: at every start, as a checkout does under
+PYTHONDONTWRITEBYTECODE).
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import datetime
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,26 +167,22 @@ class Case:
     link: tuple[float, float] = (0.0, 0.0)
 
 
-#: the environment ``migratio migrate`` runs in (see :func:`bytecode_environment`)
-MIGRATIO_ENV: dict[str, str] = dict(os.environ)
-
-
-def bytecode_environment(work: Path) -> dict[str, str]:
-    """The environment for ``migratio migrate``, with its modules compiled once (into a
-    private prefix), as an installed package has them. Under PYTHONDONTWRITEBYTECODE (as
-    the development shells here set) every start would otherwise compile the ~30 modules
-    a migration imports from source: 0.2-0.3 s before the first byte that a deployment
-    does not spend."""
-    env = dict(os.environ)
-    if not env.get("PYTHONDONTWRITEBYTECODE"):
-        return env
-    env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", str(ROOT / "src" / "migratio")],
-        env=env,
-        check=True,
-    )
-    return env
+@contextmanager
+def installed_bytecode(enabled: bool) -> Iterator[None]:
+    """migratio's modules compiled beforehand (``__pycache__`` beside them, removed
+    afterwards), as an installed package has them. Under PYTHONDONTWRITEBYTECODE (as the
+    development shells here set) every start would otherwise compile the ~30 modules a
+    migration imports from source: 0.2-0.3 s before the first byte that a deployment
+    does not spend. (Python reads bytecode that is there even when it may not write it.)"""
+    source = ROOT / "src" / "migratio"
+    before = set(source.rglob("__pycache__"))
+    if enabled and os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        compileall.compile_dir(source, quiet=1)
+    try:
+        yield
+    finally:
+        for made in set(source.rglob("__pycache__")) - before:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float | None) -> Run:
@@ -198,7 +199,6 @@ def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float |
             [migratio, "migrate", "--config", str(sb.config_path), image_id, site],
             stdout=subprocess.PIPE,
             text=True,
-            env=MIGRATIO_ENV,
         )
         peak = PeakRss(proc, interval=0.05)
         assert proc.stdout is not None
@@ -409,14 +409,13 @@ def main() -> int:
     if missing:
         raise SystemExit(f"bench/network.py needs the two-host sandbox: {missing}")
 
-    with tempfile.TemporaryDirectory(prefix="migratio-bench-net-") as tmp:
+    each = args.compile_each_run and bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
+    print(f"migratio's bytecode: {'compiled at every start' if each else 'as installed'}")
+    with (
+        installed_bytecode(not args.compile_each_run),
+        tempfile.TemporaryDirectory(prefix="migratio-bench-net-") as tmp,
+    ):
         work = Path(tmp)
-        if not args.compile_each_run:
-            MIGRATIO_ENV.update(bytecode_environment(work))
-        each = MIGRATIO_ENV.get("PYTHONDONTWRITEBYTECODE") and "PYTHONPYCACHEPREFIX" not in (
-            MIGRATIO_ENV
-        )
-        print(f"migratio's bytecode: {'compiled at every start' if each else 'as installed'}")
         data, virtual = int(args.data_gib * GiB), int(args.virtual_gib * GiB)
         kinds = {CASES[n][3] for n in args.cases}
         images: dict[str, Path] = {}
