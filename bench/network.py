@@ -23,21 +23,32 @@ and on the unshaped link (case 5, random data) ``COMPRESS=auto`` within 5 % of `
 this machine's /usr; "random": the same size of random data. It also prints the bytes on the
 wire / file size, the link utilisation of the transfer (between 5 % and 95 % of its bytes),
 the compression ``auto`` chose, the peak RSS of migratio and CPU seconds per GiB on each side
-(source: migratio and its rsync/ssh children; destination: every process of its namespace).
+(source: migratio and its rsync/ssh children; destination: every process of its namespace),
+and the way to the first byte: when migratio had started (Python, its imports, the
+configuration, the lease), when its SSH master was up (or first needed, if it was up before),
+when the source image was found and when the transfer started, from the log's time stamps.
+migratio's modules are compiled beforehand (``__pycache__``, removed afterwards), as an
+installed package has them (``--compile-each-run``: at every start, as a checkout does under
+PYTHONDONTWRITEBYTECODE).
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
+import datetime
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +65,14 @@ MB = 1e6
 FIRST_BYTES = 256 << 10
 TICK = os.sysconf("SC_CLK_TCK")
 _DECISION = re.compile(r"compression ([\w, ]+)\)")
+#: the log lines that mark the way to the first byte (REGISTER=ssh), in their order
+_MILESTONES = (
+    ("started", "status: Migration started"),
+    ("login", "ssh master connection to"),
+    ("source", "from the file store"),
+    ("transfer", "migratio.openstack.migration: compression "),
+)
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 CASES = {
     1: ("1 Gbit/s, 20 ms RTT", 1000.0, 20.0, "os", 0.60),
@@ -131,6 +150,8 @@ class Run:
     cpu_src: float = 0.0  # CPU seconds per GiB of file
     cpu_dst: float = 0.0
     legs: tuple[float, float] = (0.0, 0.0)
+    #: seconds from the start of ``migratio migrate`` to each of _MILESTONES, as logged
+    milestones: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -146,6 +167,24 @@ class Case:
     link: tuple[float, float] = (0.0, 0.0)
 
 
+@contextmanager
+def installed_bytecode(enabled: bool) -> Iterator[None]:
+    """migratio's modules compiled beforehand (``__pycache__`` beside them, removed
+    afterwards), as an installed package has them. Under PYTHONDONTWRITEBYTECODE (as the
+    development shells here set) every start would otherwise compile the ~30 modules a
+    migration imports from source: 0.2-0.3 s before the first byte that a deployment
+    does not spend. (Python reads bytecode that is there even when it may not write it.)"""
+    source = ROOT / "src" / "migratio"
+    before = set(source.rglob("__pycache__"))
+    if enabled and os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        compileall.compile_dir(source, quiet=1)
+    try:
+        yield
+    finally:
+        for made in set(source.rglob("__pycache__")) - before:
+            shutil.rmtree(made, ignore_errors=True)
+
+
 def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float | None) -> Run:
     assert sb.network is not None
     migratio = str(ROOT / ".venv" / "bin" / "migratio")
@@ -155,6 +194,7 @@ def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float |
     logged = log_file.stat().st_size if log_file.exists() else 0
     with LinkMeter(sb.network) as meter:
         begin = time.perf_counter()
+        wall = time.time()
         proc = subprocess.Popen(
             [migratio, "migrate", "--config", str(sb.config_path), image_id, site],
             stdout=subprocess.PIPE,
@@ -176,7 +216,14 @@ def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float |
     decision = _DECISION.search(out)
     with log_file.open("rb") as log:
         log.seek(logged)
-        trial = [x for x in log.read().decode().splitlines() if "compression: lz4 reached" in x]
+        lines = log.read().decode().splitlines()
+    trial = [x for x in lines if "compression: lz4 reached" in x]
+    milestones = {}
+    for name, marker in _MILESTONES:
+        stamp = next((_STAMP.match(x) for x in lines if marker in x), None)
+        if stamp is not None:
+            when = datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f")
+            milestones[name] = when.timestamp() - wall
     link = (rate or 0) * 1e6 / 8
     return Run(
         seconds=seconds,
@@ -188,6 +235,7 @@ def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float |
         peak_rss=peak.bytes / MB,
         cpu_src=(usage.ru_utime + usage.ru_stime) / (size / GiB),
         cpu_dst=cpu_dst / (size / GiB),
+        milestones=milestones,
     )
 
 
@@ -237,6 +285,23 @@ def spread(values: list[float], fmt: str = "{:.1f}") -> str:
     if len(values) == 1:
         return median
     return f"{median} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def breakdown(runs: list[Run]) -> str:
+    """Medians (s after the start) of the logged milestones and of the first 256 KiB."""
+    labels = {
+        "started": "Python, imports, config, lease",
+        "login": "SSH master up (or first needed)",
+        "source": "source image found",
+        "transfer": "transfer starts",
+    }
+    parts = []
+    for name, label in labels.items():
+        values = [r.milestones[name] for r in runs if name in r.milestones]
+        if values:
+            parts.append(f"{label} {statistics.median(values):.2f}")
+    parts.append(f"first 256 KiB {statistics.median(r.first_byte for r in runs):.2f}")
+    return "; ".join(parts)
 
 
 def report(cases: list[Case], sizes: dict[str, int]) -> None:
@@ -299,6 +364,8 @@ def report(cases: list[Case], sizes: dict[str, int]) -> None:
         for run in case.ssh:
             if run.trial:
                 print(f"  auto's trial: {run.trial}")
+        for name, runs in (("ssh", case.ssh), ("api", case.api)):
+            print(f"  {name:8} on the way to the first byte: {breakdown(runs)}")
         for name, runs in (("original", case.original), ("ssh", case.ssh), ("api", case.api)):
             first = [r.first_byte for r in runs]
             ok = "" if name == "original" else f" {verdict(statistics.median(first) <= 1.5)}"
@@ -331,12 +398,23 @@ def main() -> int:
         choices=["zstd", "lz4", "none"],
         help="also time REGISTER=ssh with COMPRESS fixed to each of these",
     )
+    parser.add_argument(
+        "--compile-each-run",
+        action="store_true",
+        help="under PYTHONDONTWRITEBYTECODE, let migratio compile its modules at every start "
+        "(default: once, beforehand, as an installed package has them)",
+    )
     args = parser.parse_args()
     missing = network_missing()
     if missing:
         raise SystemExit(f"bench/network.py needs the two-host sandbox: {missing}")
 
-    with tempfile.TemporaryDirectory(prefix="migratio-bench-net-") as tmp:
+    each = args.compile_each_run and bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
+    print(f"migratio's bytecode: {'compiled at every start' if each else 'as installed'}")
+    with (
+        installed_bytecode(not args.compile_each_run),
+        tempfile.TemporaryDirectory(prefix="migratio-bench-net-") as tmp,
+    ):
         work = Path(tmp)
         data, virtual = int(args.data_gib * GiB), int(args.virtual_gib * GiB)
         kinds = {CASES[n][3] for n in args.cases}

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from migratio.atmosphere.status import StatusSink
 from migratio.config import Settings
 from migratio.errors import ConfigError, MigratioError
 from migratio.openstack.migration import migrate_to_openstack
 from migratio.request import MigrationRequest, MigrationResult
+
+if TYPE_CHECKING:
+    from migratio.adapters.ssh import SshMaster
 
 _KIND_NAMES = {"openstack": "OpenStack", "amazon": "Amazon"}
 
@@ -23,12 +26,15 @@ def migrate(
     kind: Literal["openstack", "amazon"] | None = None,
     cancel: threading.Event | None = None,
     fence: Callable[[], None] | None = None,
+    master: SshMaster | None = None,
 ) -> MigrationResult:
     """Migrate one image to its destination, OpenStack or Amazon, reporting to ``sink``.
 
     ``kind`` is what the job asked for (Atmosphere's job class); a destination of the other
     kind is refused. Failures are reported to ``sink`` and raised. ``fence`` raises when this
     attempt may no longer touch the destination (its lease is lost, see :mod:`migratio.lease`).
+    ``master``: the destination's SSH master connection when the caller started it already
+    (:func:`migratio.cli.early_login`).
     """
     try:
         site = settings.site(request.destination)
@@ -45,4 +51,4 @@ def migrate(
         from migratio.amazon.migration import migrate_to_amazon  # noqa: PLC0415
 
         return migrate_to_amazon(settings, request, sink, cancel=cancel, fence=fence)
-    return migrate_to_openstack(settings, request, sink, cancel=cancel, fence=fence)
+    return migrate_to_openstack(settings, request, sink, cancel=cancel, fence=fence, master=master)

@@ -19,14 +19,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
-
-from redis import Redis
-from redis import exceptions as rexc
 
 from migratio.atmosphere.keys import Keys, migration_queue
 from migratio.errors import ConfigError, RedisFailure
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+# redis-py is imported where it is used (~0.2 s with its asyncio half): the configuration,
+# which validates the URL here, is loaded before ``migrate`` starts its SSH login
 
 SCHEMES = ("redis", "rediss", "unix")
 #: BLMOVE, which takes jobs without losing one, came with Redis 6.2
@@ -138,11 +141,15 @@ def connect(url: str, tls: RedisTls = RedisTls(), **options: Any) -> Redis:
         if tls.cert_file is not None and tls.key_file is not None:
             options["ssl_certfile"] = str(tls.cert_file)
             options["ssl_keyfile"] = str(tls.key_file)
+    from redis import Redis  # noqa: PLC0415 (see the imports)
+
     return Redis.from_url(url, **options)
 
 
 def describe(exc: BaseException, url: str, doing: str = "") -> RedisFailure:
     """One line for the operator: where, what failed, what to check."""
+    from redis import exceptions as rexc  # noqa: PLC0415 (see the imports)
+
     where = f"Redis at {redacted(url)}"
     if doing:
         where += f" ({doing})"
@@ -190,6 +197,8 @@ def describe(exc: BaseException, url: str, doing: str = "") -> RedisFailure:
 @contextmanager
 def redis_errors(url: str, doing: str = "") -> Iterator[None]:
     """Raise any Redis failure inside as a :class:`RedisFailure` (see :func:`describe`)."""
+    from redis import exceptions as rexc  # noqa: PLC0415 (see the imports)
+
     try:
         yield
     except (rexc.RedisError, ssl.SSLError) as exc:
@@ -201,6 +210,8 @@ def is_outage(exc: BaseException | None) -> bool:
 
     A refused password or certificate, a missing permission or an old Redis are not.
     """
+    from redis import exceptions as rexc  # noqa: PLC0415 (see the imports)
+
     if isinstance(exc, rexc.TimeoutError | rexc.BusyLoadingError):
         return True
     if isinstance(exc, rexc.AuthenticationError | rexc.AuthorizationError):
@@ -258,6 +269,8 @@ def probe(redis: Redis, url: str, namespace: str | None, site: str) -> Iterator[
 
 
 def _whoami(redis: Redis) -> str:
+    from redis import exceptions as rexc  # noqa: PLC0415 (see the imports)
+
     try:
         who = redis.acl_whoami()
         return f"user {who.decode() if isinstance(who, bytes) else who}"

@@ -22,9 +22,8 @@ import requests
 from glanceclient import Client
 from glanceclient import exc as gexc
 from glanceclient.common.utils import strip_version
+from keystoneauth1 import adapter, session, token_endpoint
 from keystoneauth1 import exceptions as kexc
-from keystoneauth1 import session, token_endpoint
-from keystoneauth1.identity import generic
 
 from migratio.config import OpenStackCredentials
 from migratio.errors import GlanceError, VerificationError, quietly
@@ -70,6 +69,9 @@ def make_session(creds: OpenStackCredentials, *, timeout: float = 60) -> Any:
     if creds.uses_token:
         auth: Any = token_endpoint.Token(creds.image_url, creds.token)
     else:
+        # imported here: ~60 ms (its plugin loader) that a site with a fixed token need not pay
+        from keystoneauth1.identity import generic  # noqa: PLC0415
+
         auth = generic.Password(
             auth_url=str(creds.auth_url),
             username=creds.username,
@@ -96,14 +98,53 @@ class GlanceApi:
         self.creds = creds
         self.where = creds.image_url or creds.auth_url or creds.source
         self.session = make_session(creds, timeout=timeout)
-        kwargs: dict[str, Any] = {"session": self.session}
+        self._kwargs: dict[str, Any] = {"session": self.session}
         if not creds.uses_token:
-            kwargs["interface"] = creds.interface
+            self._kwargs["interface"] = creds.interface
             if creds.region_name:
-                kwargs["region_name"] = creds.region_name
+                self._kwargs["region_name"] = creds.region_name
             if creds.image_url:
-                kwargs["endpoint_override"] = creds.image_url
-        self.client = Client("2", **kwargs)
+                self._kwargs["endpoint_override"] = creds.image_url
+        #: the image API's endpoint on the session, as glanceclient's v2 client finds it
+        self.http = adapter.Adapter(
+            service_type="image",
+            user_agent="python-glanceclient",
+            **self._kwargs,
+        )
+        self._client: Any = None
+        self._making = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """The glanceclient, made on first use: its v2 module imports ~0.2 s of schema
+        validators, and its first call of a kind fetches a schema; a migration that only
+        reads the source image (:meth:`get`) needs neither."""
+        with self._making:
+            if self._client is None:
+                self._client = Client("2", **self._kwargs)
+            return self._client
+
+    def _get_json(self, path: str) -> dict[str, Any]:
+        """GET ``path`` of the image API: the request glanceclient's v2 client makes (e.g.
+        ``images.get``), raising the errors it raises, but without importing it (~0.3 s of
+        pyOpenSSL and schema validators) or fetching the schema it builds its models from."""
+        try:
+            response = self.http.get(path, raise_exc=False)
+        except kexc.ConnectTimeout as exc:
+            url = f"{str(self.http.get_endpoint()).rstrip('/')}/{path.lstrip('/')}"
+            raise gexc.InvalidEndpoint(message=f"Error communicating with {url} {exc}") from exc
+        except kexc.ConnectFailure as exc:
+            url = f"{str(self.http.get_endpoint()).rstrip('/')}/{path.lstrip('/')}"
+            raise gexc.CommunicationError(
+                message=f"Error finding address for {url}: {exc}"
+            ) from exc
+        if not response.ok or response.status_code == 300:
+            raise gexc.from_response(response, response.content)
+        body = response.json()
+        if not isinstance(body, dict):
+            raise GlanceError(f"Glance at {self.where} answered {path} with no JSON object")
+        body.pop("self", None)  # as glanceclient does
+        return body
 
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
@@ -159,7 +200,8 @@ class GlanceApi:
 
         try:
             with self._errors(f"reading image {image_id}"):
-                return ImageRecord.from_glance(dict(self.client.images.get(image_id)))
+                body = self._get_json(f"/v2/images/{urllib.parse.quote(image_id, safe='')}")
+                return ImageRecord.from_glance(body)
         except GlanceError as exc:
             if isinstance(exc.__cause__, gexc.HTTPNotFound):
                 return None
@@ -250,7 +292,7 @@ class GlanceApi:
         """
         doing = f"uploading the data of image {image_id}"
         with self._errors(doing):
-            endpoint, _ = strip_version(str(self.client.http_client.get_endpoint()))
+            endpoint, _ = strip_version(str(self.http.get_endpoint()))
         url = f"{endpoint}/v2/images/{urllib.parse.quote(image_id, safe='')}/file"
         if requests.utils.get_environ_proxies(url):
             with path.open("rb") as stream:

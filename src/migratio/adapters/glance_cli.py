@@ -283,9 +283,11 @@ class RemoteGlance:
             raise RemoteError(f"listing {remote_dir} at {self.site.site_id} failed: {done.tail()}")
         return [name for name in done.stdout.splitlines() if _UUID.match(name)]
 
-    def staged_sizes(self, remote_dir: str, image_id: str, disk_format: str) -> dict[str, int]:
-        """The staging files of ``image_id`` in ``disk_format`` there (one file, or pieces):
-        name → bytes. What an interrupted attempt left, for the next one to resume."""
+    def staged_sizes(
+        self, remote_dir: str, image_id: str, disk_format: str = "*"
+    ) -> dict[str, int]:
+        """The staging files of ``image_id`` there (one file, or pieces; in ``disk_format``,
+        or in any): name → bytes. What an interrupted attempt left, for the next one to resume."""
         done = self.ssh.run(
             ["find", find_path(remote_dir), "-maxdepth", "1", "-type", "f",
              "-name", f"{image_id}-*.{disk_format}.part*", "-printf", "%f %s\\n"],

@@ -240,6 +240,8 @@ class SshMaster:
         #: the target, reached through this master
         self.target = dataclasses.replace(target, control_path=self._dir / "master")
         self._child: processes.Child | None = None
+        self._started = 0.0
+        self._up = False
         #: one waiter at a time: a refused login is started again by one thread only
         self._waiting = threading.Lock()
 
@@ -257,6 +259,7 @@ class SshMaster:
         # the rsyncs' ssh hands its channel to the master, which encrypts their bytes: at the
         # bulk copy's priority, as that ssh ran before there were masters
         self._child = processes.Child(argv, what="ssh master connection", nice=NICE)
+        self._started = time.monotonic()
 
     def wait(self) -> bool:
         """Wait until the master is up (True), or has failed or timed out (False).
@@ -273,9 +276,16 @@ class SshMaster:
         assert self.target.control_path is not None and self._child is not None
         pauses = iter(LOGIN_RETRIES)
         deadline = time.monotonic() + self.plain.connect_timeout + 5
+        waited = False
         while time.monotonic() < deadline:
             if self.target.control_path.exists():
+                if not self._up:
+                    self._up = True
+                    log.info("ssh master connection to %s %s %.2f s after its start",
+                             self.plain.host, "up" if waited else "up before it was needed,",
+                             time.monotonic() - self._started)  # fmt: skip
                 return True
+            waited = True
             if self._child.poll() is not None:
                 ended = self._child.communicate(timeout=5)
                 pause = next(pauses, None)

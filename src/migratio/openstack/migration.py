@@ -47,7 +47,7 @@ from migratio.hashing import Digests
 from migratio.images import CONVERTED_HASH, LINK_PROPERTIES, SOURCE_HASH, ImageRecord
 from migratio.openstack import compression
 from migratio.openstack.bandwidth import ThrottledReader
-from migratio.openstack.compression import LinkHistory, PieceCompression
+from migratio.openstack.compression import Choice, LinkHistory, PieceCompression
 from migratio.openstack.copies import Owners, why_not_ours
 from migratio.openstack.streams import layout, linked, measure_rtt, push_ranges
 from migratio.request import MigrationRequest, MigrationResult, MigrationRun, Outcome
@@ -79,7 +79,8 @@ class Migration(MigrationRun):
 
     site: OpenStackSite
     destination: Destination
-    #: REGISTER=ssh: the migration's own master connection, once started
+    #: REGISTER=ssh: the master connection the migration uses, once started (by the caller,
+    #: or by :meth:`run`, which then also stops it)
     master: SshMaster | None = None
 
     # 2
@@ -199,12 +200,13 @@ class Migration(MigrationRun):
             f"{status.MIGRATION_STARTED}: image {self.request.image_id} to {self.site.site_id}"
         )
         if isinstance(self.destination, RemoteGlance):
-            # the master's login (several round trips) goes on while the source is asked
-            with SshMaster(self.destination.ssh.target) as master:
+            with contextlib.ExitStack() as stack:
+                # the master's login (several round trips) goes on while the source is asked;
+                # the command line starts it sooner still, before most of migratio is imported
+                master = self.master or stack.enter_context(SshMaster(self.destination.ssh.target))
                 self.destination.ssh.target = master.target  # the lookups share one login
                 self.master = master
-                image, target_format, fields = self.prepare()
-                return self.run_over_ssh(master, image, target_format, fields)
+                return self.run_over_ssh(master)
         image, target_format, fields = self.prepare()
         existing = self.existing_copy(image, target_format)
         if existing is not None:
@@ -242,34 +244,46 @@ class Migration(MigrationRun):
         fields[CONVERTED_HASH] = payload.digests.to_text()
         return payload
 
-    def run_over_ssh(
-        self, master: SshMaster, image: ImageRecord, target_format: str, fields: dict[str, Any]
-    ) -> MigrationResult:
+    def run_over_ssh(self, master: SshMaster) -> MigrationResult:
         """REGISTER=ssh: the transfer starts while the destination is still being looked up.
 
         Looking for an existing copy costs a few runs of the remote glance CLI (seconds);
         the transfer only writes the remote staging directory, so it need not wait. The
         upload into Glance, which does make an image, starts only once the lookup found no
         copy. A download from the source Glance or a conversion waits for the lookup, so
-        that a copy already there costs neither.
+        that a copy already there costs neither. What needs only the image's id -- the
+        round trip, what an earlier attempt left in the staging directory there -- is asked
+        before the source is, and so are the samples of the file store's file that tell
+        ``COMPRESS=auto`` how well it compresses.
         """
         cli = self.destination
         assert isinstance(cli, RemoteGlance)
-
-        def look_up() -> ImageRecord | None:
-            master.wait()  # share its login rather than make one more at the same time
-            return self.existing_copy(image, target_format)
+        ssh = self.site.ssh
+        assert ssh is not None
+        image_id = self.request.image_id
 
         def left_there() -> dict[str, int]:
-            master.wait()
-            return cli.staged_sizes(self.remote_dir, image.id, target_format)
+            master.wait()  # share its login rather than make one more at the same time
+            return cli.staged_sizes(self.remote_dir, image_id)  # one round trip through it
 
-        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="lookup") as pool:
-            lookup = pool.submit(look_up)
-            ssh = self.site.ssh
-            assert ssh is not None
+        with ThreadPoolExecutor(max_workers=5, thread_name_prefix="lookup") as pool:
             rtt = pool.submit(measure_rtt, ssh.host, ssh.port)
-            earlier = pool.submit(left_there)  # one round trip through the master
+            earlier = pool.submit(left_there)
+            # the file store's file is what is sent, unless it must be downloaded or
+            # converted: its samples are compressed (zlib, off the GIL) meanwhile
+            stored = self.settings.images_dir / image_id
+            sampled = (
+                pool.submit(compression.sample_ratio, stored)
+                if self.site.compress == "auto" and _is_file(stored)
+                else None
+            )
+            image, target_format, fields = self.prepare()
+
+            def look_up() -> ImageRecord | None:
+                master.wait()
+                return self.existing_copy(image, target_format)
+
+            lookup = pool.submit(look_up)
             if target_format != image.disk_format or not self.source.has_local_file(image):
                 existing = lookup.result()
                 if existing is not None:
@@ -278,6 +292,12 @@ class Migration(MigrationRun):
             self.workdir.mkdir(parents=True, exist_ok=True)
             try:
                 payload = self.payload(image, target_format, fields)
+                choice = pool.submit(
+                    self.choose_compression,
+                    payload.path,
+                    rtt.result(),
+                    sampled if payload.path == stored else None,
+                )
                 copy_id, sent = self.rsync_and_upload(
                     cli,
                     image,
@@ -287,6 +307,7 @@ class Migration(MigrationRun):
                     lookup,
                     rtt.result(),
                     _left_there(earlier),
+                    choice.result(),
                 )
                 # the helper removed what it fed; an earlier attempt may have sent the file
                 # in another layout (one file, or pieces: STREAMS=auto found another round trip)
@@ -364,11 +385,11 @@ class Migration(MigrationRun):
         *,
         sparse: bool,
         cancel: threading.Event,
+        choice: Choice,
         streams: int = 1,
         piece: int | None = None,
-        rtt: float | None = None,
     ) -> rsync.RsyncResult:
-        """rsync ``payload`` there, compressed as the site's ``COMPRESS`` says (or ``auto``).
+        """rsync ``payload`` there, compressed as ``choice`` says (:meth:`choose_compression`).
 
         With ``piece``, it goes in pieces of that size over ``streams`` connections at once
         (:mod:`migratio.openstack.streams`). The remote staging directory is made on the way.
@@ -376,8 +397,6 @@ class Migration(MigrationRun):
         assert self.site.ssh is not None
         assert self.master is not None
         history = LinkHistory(self.settings.staging_dir)
-        link_rate = history.rate(self.site.site_id)
-        choice = compression.choose(self.site.compress, payload, link_rate, rtt)
         size = payload.stat().st_size
         per_piece = None if piece is None else PieceCompression(choice, streams, -(-size // piece))
         plan = choice.algorithm if per_piece is None else per_piece.plan()
@@ -422,6 +441,20 @@ class Migration(MigrationRun):
         )
         return result
 
+    def choose_compression(
+        self, payload: Path, rtt: float | None, sampled: Future[float] | None = None
+    ) -> Choice:
+        """How rsync compresses ``payload``: the site's ``COMPRESS``, or what ``auto`` finds
+        (from ``sampled``, its samples' ratio, when they were taken already)."""
+        link_rate = LinkHistory(self.settings.staging_dir).rate(self.site.site_id)
+        ratio = None
+        if sampled is not None:
+            try:
+                ratio = sampled.result()
+            except OSError as exc:
+                log.info("sampling %s failed (%s): again", payload, exc)
+        return compression.choose(self.site.compress, payload, link_rate, rtt, ratio=ratio)
+
     @property
     def remote_dir(self) -> str:
         return self.site.remote_staging_dir.rstrip("/") or "."
@@ -437,13 +470,15 @@ class Migration(MigrationRun):
         lookup: Future[ImageRecord | None],
         rtt: float | None,
         earlier: Mapping[str, int],
+        choice: Choice,
     ) -> tuple[str, int]:
         """rsync the file while the destination's glance CLI uploads what has arrived.
 
         The transfer starts at once; the upload only when ``lookup`` (the search for an
         existing copy) has found none. If it found one, the transfer is stopped and
         :class:`AlreadyThere` raised. ``earlier`` (staging file → bytes there) says in
-        which layout an interrupted attempt left the file, to resume it in the same one.
+        which layout an interrupted attempt left the file, to resume it in the same one;
+        ``choice`` how rsync compresses it.
         """
         assert self.site.ssh is not None
         target_format = str(fields["disk_format"])
@@ -462,9 +497,9 @@ class Migration(MigrationRun):
                 remote_path,
                 sparse=sparse,
                 cancel=stop,
+                choice=choice,
                 streams=streams,
                 piece=piece,
-                rtt=rtt,
             )
             try:
                 existing = lookup.result()
@@ -588,6 +623,13 @@ def _why(upload: processes.Completed, host: str) -> str:
     return why
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _left_there(listing: Future[dict[str, int]]) -> dict[str, int]:
     """What an interrupted attempt left in the remote staging directory (nothing known when
     it could not be listed: the transfer then reports what is wrong with the host)."""
@@ -631,10 +673,13 @@ def migrate_to_openstack(
     *,
     cancel: threading.Event | None = None,
     fence: Callable[[], None] | None = None,
+    master: SshMaster | None = None,
 ) -> MigrationResult:
     """Migrate one image to an OpenStack site, reporting each step to ``sink``.
 
     A failure is reported to ``sink`` with the original's text where it had one, then raised.
+    ``master``: the site's SSH master connection, already started (REGISTER=ssh; else the
+    migration starts its own).
     """
     try:
         site = settings.site(request.destination)
@@ -649,6 +694,7 @@ def migrate_to_openstack(
             destination=destination_for(site, settings),
             workdir=settings.staging_dir / f"{request.image_id}-{site.site_id}",
             cancel=cancel or threading.Event(),
+            master=master,
         )
         if fence is not None:
             migration.fence = fence
