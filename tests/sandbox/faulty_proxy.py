@@ -4,8 +4,9 @@ except those that match a rule, which it answers with an error status or leaves 
 A rule is ``(method, path regex, action)``; the action is ``"503"`` (any status: answered at
 once, the request never reaches Glance), ``"after:502"`` (passed on, Glance does the work, then
 the status is what comes back), or ``"hang"`` (read, never answered; the connection stays
-open until the proxy stops). Request bodies (with a length or chunked) are read whole: for test
-images of a few MiB.
+open until the proxy stops). Error bodies are JSON ``{"message": ...}`` (as API gateways
+answer) or, with ``html``, nginx's page. Request bodies (with a length or chunked) are read
+whole: for test images of a few MiB.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if action is not None and action.startswith("after:"):
             status = int(action.split(":", 1)[1])
         elif action is not None:
-            self._answer(int(action), b'{"message": "injected by the sandbox proxy"}', {})
+            self._answer(int(action), *self.server.error_body(int(action)))
             return
         conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=120)
         try:
@@ -63,7 +64,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             skip = ("transfer-encoding", "content-length", "connection")
             passed = {k: v for k, v in response.getheaders() if k.lower() not in skip}
             if status is not None:
-                data, passed = b'{"message": "bad gateway, injected by the sandbox proxy"}', {}
+                data, passed = self.server.error_body(status)
             self._answer(status or response.status, data, passed)
         finally:
             conn.close()
@@ -87,13 +88,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, listen: str, upstream: str) -> None:
+    def __init__(self, listen: str, upstream: str, html: bool) -> None:
         super().__init__((listen, 0), _Handler)
+        self.html = html
         parts = urllib.parse.urlsplit(upstream)
         self.host, self.port = parts.hostname or "", parts.port or 80
         self.rules: list[tuple[str, re.Pattern[str], str]] = []
         self.seen: list[tuple[str, str, str | None]] = []
         self.released = threading.Event()
+
+    def error_body(self, status: int) -> tuple[bytes, dict[str, str]]:
+        """An error answer as a gateway words it: JSON ``{"message": ...}`` or nginx's HTML."""
+        if self.html:
+            page = f"<html><body><center><h1>{status} Error</h1></center><hr><center>nginx"
+            return f"{page}</center></body></html>".encode(), {"Content-Type": "text/html"}
+        body = f'{{"message": "{status}: injected by the sandbox proxy"}}'.encode()
+        return body, {"Content-Type": "application/json"}
 
     def action(self, method: str, path: str) -> str | None:
         for want, pattern, action in self.rules:
@@ -105,8 +115,8 @@ class _Server(http.server.ThreadingHTTPServer):
 class FaultyProxy(Service):
     """The proxy, listening on ``listen`` (an address of this host) in front of ``upstream``."""
 
-    def __init__(self, upstream: str, listen: str = "127.0.0.1") -> None:
-        self._server = _Server(listen, upstream)
+    def __init__(self, upstream: str, listen: str = "127.0.0.1", *, html: bool = False) -> None:
+        self._server = _Server(listen, upstream, html)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         address = self._server.server_address
         self.endpoint = f"http://{address[0]}:{address[1]}"
