@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from tests.sandbox.faulty_proxy import FaultyProxy
 from tests.sandbox.images import make_qcow2
+from tests.sandbox.ports import free_port
 from tests.sandbox.site import Sandbox, api_site_conf
 from tests.support import Lines, no_work_left, settings_for
 from tests.test_openstack_migration import copies_at_destination, site_b_with
@@ -121,3 +122,74 @@ def test_a_glance_5xx_through_the_remote_cli_is_retryable_and_leaves_no_image(
     result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-b"), Lines())
     assert result.outcome == Outcome.MIGRATED
     assert len(copies_at_destination(sb, image_id)) == 1
+
+
+# --- the source's Glance (or Keystone) down -------------------------------------------------
+
+
+def source_creds(sb: Sandbox, tmp_path: Path, *lines: str) -> Path:
+    """The source's credentials without its file store (the image is downloaded through the
+    API), with ``lines`` ("KEY=value") instead of the sandbox's."""
+    keys = {line.split("=", 1)[0] for line in lines}
+    kept = [
+        line
+        for line in sb.creds_path.read_text().splitlines()
+        if line.startswith("export ") and line[7:].split("=", 1)[0] not in keys | {"IMAGES_DIR"}
+    ]
+    creds = tmp_path / "source.creds"
+    creds.write_text("".join(f"{x}\n" for x in [*kept, *(f"export {y}" for y in lines)]))
+    creds.chmod(0o600)
+    return creds
+
+
+def test_a_source_that_is_down_at_the_start_is_named_and_retried(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    sb = clean_sandbox
+    image_id = source_image(sb, tmp_path)
+    dead = f"http://127.0.0.1:{free_port()}"  # connection refused
+    creds = source_creds(sb, tmp_path, f"OS_IMAGE_URL={dead}")
+    settings = settings_for(sb, tmp_path, yaml=f"credentials_file: {creds}\n")
+    lines = Lines()
+    with pytest.raises(GlanceError) as failed:
+        migrate_to_openstack(settings, MigrationRequest(image_id, "site-b-api"), lines)
+    message = str(failed.value)
+    assert f"cannot connect to {dead}" in message and "Connection refused" in message, message
+    assert f"check OS_IMAGE_URL in {creds}" in message
+    assert failed.value.retryable
+    assert lines[-1] == failed.value.status_line()
+    assert not settings.staging_dir.exists() or no_work_left(settings.staging_dir)
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [("cut", "Connection broken: IncompleteRead"),
+     ("close", "no answer from {url} (Remote end closed connection without response)")],
+    ids=["cut-midway", "closed-unanswered"],
+)  # fmt: skip
+def test_a_source_download_cut_is_retried_and_leaves_no_partial_entry(
+    clean_sandbox: Sandbox, tmp_path: Path, action: str, expected: str
+) -> None:
+    sb = clean_sandbox
+    image_id = source_image(sb, tmp_path)
+    with FaultyProxy(sb.source.endpoint) as proxy:
+        expected = expected.format(url=f"{proxy.endpoint}/v2/images/{image_id}/file")
+        proxy.fail("GET", r"^/v2/images/[0-9a-f-]+/file$", action)
+        creds = source_creds(sb, tmp_path, f"OS_IMAGE_URL={proxy.endpoint}")
+        settings = settings_for(sb, tmp_path, yaml=f"credentials_file: {creds}\n")
+        lines = Lines()
+        with pytest.raises(MigratioError) as failed:
+            migrate_to_openstack(settings, MigrationRequest(image_id, "site-b-api"), lines)
+        assert any(a == action for _, _, a in proxy.seen)
+        message = str(failed.value)
+        assert proxy.endpoint in message and f"downloading image {image_id}" in message, message
+        # it connected: the operator is not sent to check OS_IMAGE_URL
+        assert "cannot connect" not in message and "OS_IMAGE_URL" not in message, message
+        assert expected in message, message
+        assert failed.value.retryable
+        assert lines[-1] == failed.value.status_line()
+        assert no_work_left(settings.staging_dir)
+        assert copies_at_destination(sb, image_id) == []
+        proxy.heal()
+        result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-b-api"), Lines())
+    assert result.outcome == Outcome.MIGRATED

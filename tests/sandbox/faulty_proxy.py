@@ -3,7 +3,9 @@ except those that match a rule, which it answers with an error status or leaves 
 
 A rule is ``(method, path regex, action)``; the action is ``"503"`` (any status: answered at
 once, the request never reaches Glance), ``"after:502"`` (passed on, Glance does the work, then
-the status is what comes back), or ``"hang"`` (read, never answered; the connection stays
+the status is what comes back), ``"cut"`` (passed on, and half of the answer's body sent
+before the connection is closed), ``"close"`` (the connection closed, no answer), or
+``"hang"`` (read, never answered; the connection stays
 open until the proxy stops). Error bodies are JSON ``{"message": ...}`` (as API gateways
 answer) or, with ``html``, nginx's page. Request bodies (with a length or chunked) are read
 whole: for test images of a few MiB.
@@ -42,6 +44,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = self._body()
         action = self.server.action(self.command, self.path)
         self.server.seen.append((self.command, self.path, action))
+        if action == "close":
+            self.close_connection = True
+            return
         if action == "hang":
             self.server.released.wait()
             self.close_connection = True
@@ -49,7 +54,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         status = None
         if action is not None and action.startswith("after:"):
             status = int(action.split(":", 1)[1])
-        elif action is not None:
+        elif action not in (None, "cut"):
             self._answer(int(action), *self.server.error_body(int(action)))
             return
         conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=120)
@@ -65,6 +70,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             passed = {k: v for k, v in response.getheaders() if k.lower() not in skip}
             if status is not None:
                 data, passed = self.server.error_body(status)
+            if action == "cut":  # the whole length announced, half of it sent, then closed
+                self.send_response(response.status)
+                for key, value in passed.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
             self._answer(status or response.status, data, passed)
         finally:
             conn.close()
@@ -133,6 +148,10 @@ class FaultyProxy(Service):
     def fail(self, method: str, path: str, action: str) -> None:
         """Answer ``method`` requests whose path matches ``path`` with ``action``."""
         self._server.rules.append((method, re.compile(path), action))
+
+    def heal(self) -> None:
+        """Pass every request on from now on."""
+        self._server.rules.clear()
 
     @property
     def seen(self) -> list[tuple[str, str, Any]]:

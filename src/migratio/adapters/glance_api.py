@@ -163,6 +163,11 @@ class GlanceApi:
                 retryable=retryable_status(status),
             ) from exc
         except (gexc.CommunicationError, gexc.InvalidEndpoint, kexc.ConnectionError) as exc:
+            if _closed_unanswered(exc):  # connected: not the URL's fault
+                raise GlanceError(
+                    f"Glance: {doing} failed: {_unreachable(exc, self.creds, connected=True)}",
+                    retryable=True,
+                ) from exc
             if _read_timeout(exc):  # keystoneauth words both timeouts alike
                 raise GlanceError(
                     f"Glance: {doing} failed: {_unreachable(exc, self.creds, connected=True)}; "
@@ -526,6 +531,16 @@ def _read_timeout(exc: BaseException) -> bool:
     return False
 
 
+def _closed_unanswered(exc: BaseException) -> bool:
+    """Whether the server took the request and closed the connection without an answer."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, http.client.RemoteDisconnected):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _unreachable(exc: Exception, creds: OpenStackCredentials, *, connected: bool = False) -> str:
     """'cannot connect to URL (reason); check KEY in FILE': the URL once, and what to fix;
     ``connected``: 'no answer from URL (reason)', the URL once."""
@@ -537,7 +552,8 @@ def _unreachable(exc: Exception, creds: OpenStackCredentials, *, connected: bool
     url = tried.group(1) if tried else (creds.image_url or creds.auth_url or "")
     reason = re.search(
         r"\[Errno -?\d+\] ([^\"')]+)|(certificate verify failed[^\"')]*)|(timed out)|"
-        r"(Name or service not known)|(Connection refused)",
+        r"(Name or service not known)|(Connection refused)|"
+        r"(Remote end closed connection without response)",
         text,
     )
     why = next((g for g in reason.groups() if g), "") if reason else text[:200]
