@@ -149,5 +149,8 @@ def test_a_full_remote_staging_dir_says_so_and_registers_nothing(
         assert lines[-1] == full.value.status_line()
     assert copies_at_destination(sb, image_id) == []
     assert no_work_left(settings.staging_dir)
-    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-small"), Lines())
+    try:
+        result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-small"), Lines())
+    finally:
+        sb.ssh.remove_home_path("small-staging")  # the retry's, made on the home's own disk
     assert result.outcome == Outcome.MIGRATED

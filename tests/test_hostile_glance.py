@@ -110,8 +110,11 @@ def test_a_glance_5xx_through_the_remote_cli_is_retryable_and_leaves_no_image(
         conf = site_b_with(sb, "export REMOTE_CREDS='~/lb.creds'")
         settings = settings_for(sb, tmp_path, **{"site-lb": conf})
         lines = Lines()
-        with pytest.raises(MigratioError) as failed:
-            migrate_to_openstack(settings, MigrationRequest(image_id, "site-lb"), lines)
+        try:
+            with pytest.raises(MigratioError) as failed:
+                migrate_to_openstack(settings, MigrationRequest(image_id, "site-lb"), lines)
+        finally:
+            sb.ssh.remove_home_path("lb.creds")
         assert any(a == action for _, _, a in proxy.seen)
     message = str(failed.value)
     assert action.removeprefix("after:") in message and "site-lb" in message, message
