@@ -521,24 +521,24 @@ class _IterReader:
         return data
 
 
-def _read_timeout(exc: BaseException) -> bool:
-    """Whether a connection was made and the answer did not come in time (not a connect)."""
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` or an exception in its chain of causes is a ``kind``."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, requests.exceptions.ReadTimeout):
+        if isinstance(seen, kind):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def _read_timeout(exc: BaseException) -> bool:
+    """Whether a connection was made and the answer did not come in time (not a connect)."""
+    return _caused_by(exc, requests.exceptions.ReadTimeout)
 
 
 def _closed_unanswered(exc: BaseException) -> bool:
     """Whether the server took the request and closed the connection without an answer."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, http.client.RemoteDisconnected):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return _caused_by(exc, http.client.RemoteDisconnected)
 
 
 def _unreachable(exc: Exception, creds: OpenStackCredentials, *, connected: bool = False) -> str:
