@@ -55,14 +55,16 @@ def site_b_with(sandbox: Sandbox, *lines: str) -> str:
 
 
 def start_migration(
-    settings: Settings, image_id: str, site: str, tmpdir: Path
-) -> subprocess.Popen[bytes]:
-    """The migration in a process of its own, whose temporary files go to ``tmpdir``."""
+    settings: Settings, image_id: str, site: str, tmpdir: Path, *, capture: bool = False
+) -> subprocess.Popen[str]:
+    """The migration in a process of its own, whose temporary files go to ``tmpdir`` (its
+    output read by the test with ``capture``, else dropped)."""
     tmpdir.mkdir(exist_ok=True)
     return subprocess.Popen(
         [sys.executable, "-c", MIGRATE, str(settings.config_path), image_id, site],
         env={**os.environ, "TMPDIR": str(tmpdir)},
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+        text=True,
     )
 
 
@@ -80,7 +82,7 @@ def wait_for(
     what: str,
     condition: Callable[[], object],
     timeout: float = 120,
-    process: subprocess.Popen[bytes] | None = None,
+    process: subprocess.Popen[str] | None = None,
 ) -> None:
     """Wait until ``condition``; fail after ``timeout`` or once ``process`` has ended."""
     deadline = time.monotonic() + timeout
@@ -431,12 +433,7 @@ def test_the_master_connection_killed_during_the_upload(
         sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=1", "BWLIMIT=20M", "COMPRESS=none")}
     )
     tmpdir = short_tmp
-    migrating = subprocess.Popen(
-        [sys.executable, "-c", MIGRATE, str(settings.config_path), image_id, "site-s"],
-        env={**os.environ, "TMPDIR": str(tmpdir)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    migrating = start_migration(settings, image_id, "site-s", tmpdir, capture=True)
     try:
         wait_for(
             "the upload", lambda: processes_of(sb.ssh.user, "follow_upload"), process=migrating
@@ -558,12 +555,7 @@ def test_the_remote_upload_killed_fails_the_attempt_and_the_retry_makes_one_copy
     settings = settings_for(
         sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=1", "BWLIMIT=20M", "COMPRESS=none")}
     )
-    migrating = subprocess.Popen(
-        [sys.executable, "-c", MIGRATE, str(settings.config_path), image_id, "site-s"],
-        env={**os.environ, "TMPDIR": str(short_tmp)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    migrating = start_migration(settings, image_id, "site-s", short_tmp, capture=True)
     try:
 
         def saving() -> bool:
