@@ -131,6 +131,39 @@ def test_a_copy_that_reads_back_different_is_deleted(
     assert sb.destination.images() == []
 
 
+@pytest.mark.parametrize(
+    ("properties", "shows"),
+    [({"os_distro": "ubuntu", "note": "short"}, 0), ({"long": " ".join(["word"] * 30)}, 1)],
+    ids=["short-values", "a-wrapped-value"],
+)
+def test_the_copy_is_checked_from_the_table_image_create_printed(
+    clean_sandbox: Sandbox, tmp_path: Path, properties: dict[str, str], shows: int
+) -> None:
+    """``glance image-create`` reads the image back once its data are in, and prints it: the
+    CLI is not started once more for ``image-show`` -- unless a value took more than one row
+    of that 80-column table, which only a wide ``image-show`` shows exactly."""
+    sb = clean_sandbox
+    calls = "glance-calls.log"
+    logged = sb.ssh.write_home_file(
+        "logged-glance", f'#!/bin/sh\necho "$*" >> ~/{calls}\nexec glance "$@"\n', 0o755
+    )
+    sb.ssh.remove_home_path(calls)
+    image_id = small_raw(sb, tmp_path, properties=properties)
+    settings = settings_for(sb, tmp_path, **{"site-s": site_b_with(sb, f"REMOTE_GLANCE={logged}")})
+
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines())
+
+    copy = sb.destination.image(str(result.destination_image_id))
+    assert all(copy[key] == value for key, value in properties.items())
+    commands = (sb.ssh.home / calls).read_text().splitlines()
+    creates = [c for c in commands if "image-create" in c and f"source_uuid={image_id}" in c]
+    assert len(creates) == 1, commands
+    after = commands[commands.index(creates[0]) + 1 :]
+    assert [c for c in after if "image-show" in c] == [f"--os-image-api-version 2 image-show "
+                                                       f"--max-column-width 1000000000 {copy['id']}"
+                                                       ] * shows, commands  # fmt: skip
+
+
 def test_table_parsing_keeps_pipes_lines_and_wrapped_hashes() -> None:
     wide = (
         "+----------+-------------------+\n"

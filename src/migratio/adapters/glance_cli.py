@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -42,6 +42,29 @@ def parse_table(text: str, *, wrapped: bool = True) -> dict[str, str]:
     """
     values: dict[str, str] = {}
     last: str | None = None
+    for key, value in _rows(text):
+        if key:
+            values[key] = value
+            last = key
+        elif last is not None:
+            values[last] += value if wrapped else "\n" + value
+    return values
+
+
+def continued(text: str) -> set[str]:
+    """The keys of :func:`parse_table` whose value took more than one row of the table."""
+    keys: set[str] = set()
+    last: str | None = None
+    for key, _value in _rows(text):
+        if key:
+            last = key
+        elif last is not None:
+            keys.add(last)
+    return keys
+
+
+def _rows(text: str) -> Iterator[tuple[str, str]]:
+    """The table's rows below its header, as (first cell, second cell)."""
     width: int | None = None
     borders = 0
     for line in text.split("\n"):
@@ -53,15 +76,8 @@ def parse_table(text: str, *, wrapped: bool = True) -> dict[str, str]:
         if borders < 2 or not line.startswith("|"):
             continue  # before the header's lower border: the header itself
         row = _split_row(line, width)
-        if row is None:
-            continue
-        key, value = row
-        if key:
-            values[key] = value
-            last = key
-        elif last is not None:
-            values[last] += value if wrapped else "\n" + value
-    return values
+        if row is not None:
+            yield row
 
 
 def _split_row(line: str, width: int | None) -> tuple[str, str] | None:
@@ -211,6 +227,26 @@ class RemoteGlance:
                     f"{self.site.site_id} (REGISTER=ssh, through the glance CLI) cannot register "
                     "it exactly: rename the property, or register there with REGISTER=api"
                 )
+
+    def as_created(self, printed: str, fields: Mapping[str, Any]) -> ImageRecord | None:
+        """The image that ``glance image-create`` printed once it had uploaded the data (it
+        reads the image back itself), if that table shows every one of ``fields`` as
+        :meth:`get` would (None: ask :meth:`get`, wide). Saves a start of the CLI at the end
+        of each upload.
+
+        Its values are wrapped at 80 columns: one that took several rows is read back exactly
+        only if it has no whitespace (a hash: cut anywhere, joined back as it was); wrapping
+        drops the whitespace it breaks at."""
+        table = parse_table(printed)
+        if "id" not in table or any(key not in table for key in fields):
+            return None
+        wrapped = continued(printed)
+        if wrapped & {"id", "status", "size", "checksum"} or any(
+            key in wrapped and (value == "" or any(c.isspace() for c in str(value)))
+            for key, value in fields.items()
+        ):
+            return None
+        return ImageRecord.from_glance(table)
 
     def readback(self, text: str) -> str:
         """What of a name or property value :meth:`get` can show: compare these forms."""

@@ -148,9 +148,21 @@ class Migration(MigrationRun):
         return fields
 
     # 8
-    def verify(self, image_id: str, sent: Digests, fields: Mapping[str, Any]) -> ImageRecord:
-        """Read the copy back: check its state, hashes, name and properties; delete it if wrong."""
-        copy = self.destination.get(image_id)
+    def verify(
+        self,
+        image_id: str,
+        sent: Digests,
+        fields: Mapping[str, Any],
+        shown: ImageRecord | None = None,
+    ) -> ImageRecord:
+        """Read the copy back: check its state, hashes, name and properties; delete it if wrong.
+
+        ``shown``: the copy as the destination showed it once its data were in (``glance
+        image-create`` prints it), instead of asking again.
+        """
+        copy = (
+            shown if shown is not None and shown.id == image_id else self.destination.get(image_id)
+        )
         problem = None
         if copy is None:
             problem = "it disappeared"
@@ -578,7 +590,7 @@ class Migration(MigrationRun):
                 )
             if copy is None:
                 raise RemoteError(f"glance image-create at {self.site.site_id} printed no image")
-            self.verify(copy.id, digests, fields)
+            self.verify(copy.id, digests, fields, shown=cli.as_created(upload.stdout, fields))
         except BaseException as exc:
             if copy is not None:
                 quietly(cli.delete, copy.id)
