@@ -133,8 +133,13 @@ def test_a_copy_that_reads_back_different_is_deleted(
 
 @pytest.mark.parametrize(
     ("properties", "shows"),
-    [({"os_distro": "ubuntu", "note": "short"}, 0), ({"long": " ".join(["word"] * 30)}, 1)],
-    ids=["short-values", "a-wrapped-value"],
+    [
+        ({"os_distro": "ubuntu", "note": "short"}, 0),
+        ({"long": " ".join(["word"] * 30)}, 1),
+        # a key over 80 columns wraps too, and its rest would read as the checksum's row
+        ({"k" * 80 + "checksum": "0" * 32}, 1),
+    ],
+    ids=["short-values", "a-wrapped-value", "a-wrapped-key"],
 )
 def test_the_copy_is_checked_from_the_table_image_create_printed(
     clean_sandbox: Sandbox, tmp_path: Path, properties: dict[str, str], shows: int

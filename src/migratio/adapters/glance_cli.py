@@ -240,6 +240,9 @@ class RemoteGlance:
         table = parse_table(printed)
         if "id" not in table or any(key not in table for key in fields):
             return None
+        keys = [key for key, _value in _rows(printed) if key]
+        if len(keys) != len(set(keys)):
+            return None  # a key over 80 columns wrapped too: its rest may read as another key
         wrapped = continued(printed)
         if wrapped & {"id", "status", "size", "checksum"} or any(
             key in wrapped and (value == "" or any(c.isspace() for c in str(value)))
