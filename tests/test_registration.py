@@ -7,21 +7,24 @@ answer 410, 429 or 504 on demand.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
+import io
 import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from glanceclient.common import utils as glance_utils
 from tests.sandbox.images import make_raw, sha256_file
 from tests.sandbox.moto_server import MotoServer
 from tests.sandbox.site import Sandbox
 from tests.support import Lines, settings_for
 
 from migratio.adapters.glance_api import GlanceApi
-from migratio.adapters.glance_cli import parse_table
+from migratio.adapters.glance_cli import RemoteGlance, parse_table
 from migratio.adapters.qemu_img import QEMU_DRIVERS, WRITABLE, check_convertible
 from migratio.amazon.migration import migrate_to_amazon
 from migratio.atmosphere import status
@@ -167,6 +170,54 @@ def test_the_copy_is_checked_from_the_table_image_create_printed(
     assert [c for c in after if "image-show" in c] == [f"--os-image-api-version 2 image-show "
                                                        f"--max-column-width 1000000000 {copy['id']}"
                                                        ] * shows, commands  # fmt: skip
+
+
+def created_table(**properties: str) -> tuple[str, dict[str, str]]:
+    """What ``glance image-create`` prints for an image with ``properties`` (glanceclient's own
+    table, 80 columns), and the fields migratio asked for."""
+    fields = {"name": "n", "disk_format": "raw", "container_format": "bare", **properties}
+    image = {
+        **fields,
+        "id": "0e2d1a8c-1d1f-4a5e-9a55-3c1e7a2b9f00",
+        "status": "active",
+        "size": 4194304,
+        "checksum": "c3e7d1536aa7d81b256b589f3130c067",
+        "os_hash_algo": "sha512",
+        "os_hash_value": "d8" * 64,
+        "min_disk": 0,
+        "min_ram": 0,
+        "owner": "4a1c0b6f2e7d4c3b9a8f1e2d3c4b5a69",
+    }
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        glance_utils.print_image(image)
+    return out.getvalue(), fields
+
+
+def test_the_created_table_is_used_only_where_it_reads_back_exactly() -> None:
+    """Values wrapped at 80 columns are joined back only when that gives them as they were."""
+    cli = RemoteGlance.__new__(RemoteGlance)
+    fine = {"source_hash": "sha512:" + "ab" * 64, "os_distro": "ubuntu", "a-b": "-".join("x" * 60)}
+    printed, fields = created_table(**fine)
+    record = cli.as_created(printed, fields)
+    assert record is not None
+    assert (record.checksum, record.size, record.status) == (
+        "c3e7d1536aa7d81b256b589f3130c067",
+        4194304,
+        "active",
+    )
+    assert {key: record.properties[key] for key in fine} == fine
+
+    for awkward in (
+        " ".join(["word"] * 30),  # wrapping drops the spaces it breaks at
+        "\x1b[31m" + "N" * 100,  # the wrapper repeats the escape sequence on each line
+        "\x1b]8;;http://x\x07" + "L" * 120 + "\x1b]8;;\x07",
+        "tab\tseparated" * 10,
+    ):
+        printed, fields = created_table(note=awkward)
+        assert cli.as_created(printed, fields) is None, awkward
+    printed, fields = created_table(**{"k" * 80 + "checksum": "0" * 32})
+    assert cli.as_created(printed, fields) is None  # a wrapped key: its rest reads as a key
 
 
 def test_table_parsing_keeps_pipes_lines_and_wrapped_hashes() -> None:

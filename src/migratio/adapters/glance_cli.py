@@ -102,6 +102,12 @@ def parse_ids(text: str) -> list[str]:
     return ids
 
 
+def _plain(text: str) -> bool:
+    """Whether ``text``, wrapped into rows of a table, joins back as it was: printable
+    (no escape, control or format character) and without whitespace, and not empty."""
+    return text.isprintable() and " " not in text and text != ""
+
+
 def find_path(path: str) -> str:
     """``path`` as ``find`` takes it: it has no ``--``, and reads a first word that starts
     with ``-`` as an expression (``REMOTE_STAGING_DIR=-x``)."""
@@ -235,8 +241,9 @@ class RemoteGlance:
         of each upload.
 
         Its values are wrapped at 80 columns: one that took several rows is read back exactly
-        only if it has no whitespace (a hash: cut anywhere, joined back as it was); wrapping
-        drops the whitespace it breaks at."""
+        only if it is printable text without spaces (a hash: cut anywhere, joined back as it
+        was). Wrapping drops the whitespace it breaks at, and the CLI's wrapper (wcwidth's)
+        repeats terminal escape sequences on every line it makes."""
         table = parse_table(printed)
         if "id" not in table or any(key not in table for key in fields):
             return None
@@ -245,7 +252,7 @@ class RemoteGlance:
             return None  # a key over 80 columns wrapped too: its rest may read as another key
         wrapped = continued(printed)
         if wrapped & {"id", "status", "size", "checksum"} or any(
-            key in wrapped and (value == "" or any(c.isspace() for c in str(value)))
+            key in wrapped and not (_plain(str(value)) and _plain(table[key]))
             for key, value in fields.items()
         ):
             return None
