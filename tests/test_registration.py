@@ -220,6 +220,23 @@ def test_the_created_table_is_used_only_where_it_reads_back_exactly() -> None:
     assert cli.as_created(printed, fields) is None  # a wrapped key: its rest reads as a key
 
 
+def test_keys_the_cli_table_cannot_show_are_refused_before_anything_is_sent() -> None:
+    cli = RemoteGlance.__new__(RemoteGlance)
+    cli.site = OpenStackSite(
+        site_id="site-b", path=Path("site-b.conf"), register="ssh", ssh=None, api=None
+    )
+    cli.check_fields("img", {"name": "n", "pipe | key": "1", "中文": "2", "-x": "3"})
+    for key, why in [
+        ("k\x1b[15C", "control or escape character"),
+        ("a\tb", "control or escape character"),
+        ("中 | 文", "'|' and non-ASCII"),
+        ("a=b", "contains '='"),
+    ]:
+        with pytest.raises(MetadataError, match=why) as caught:
+            cli.check_fields("img", {key: "v"})
+        assert "REGISTER=api" in str(caught.value)
+
+
 def test_table_parsing_keeps_pipes_lines_and_wrapped_hashes() -> None:
     wide = (
         "+----------+-------------------+\n"

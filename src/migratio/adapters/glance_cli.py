@@ -227,6 +227,10 @@ class RemoteGlance:
                 problem = "is empty"
             elif "=" in key:
                 problem = "contains '=' (the glance CLI splits --property at the first '=')"
+            elif not key.isprintable():
+                problem = "contains a control or escape character (the CLI's table mangles it)"
+            elif "|" in key and not key.isascii():
+                problem = "contains '|' and non-ASCII text (the CLI's table cannot be read back)"
             if problem is not None:
                 raise MetadataError(
                     f"image {image_id} has a property key {key!r} that {problem}, so site "
