@@ -444,7 +444,7 @@ def test_auto_tries_lz4_against_zstd_on_an_unknown_link(
 
     close = PieceCompression(guess, streams=1, pieces=4)
     close.sent(0, "lz4", 32 * MiB, 1.0)
-    close.sent(1, "zstd", 32 * MiB, 0.97)  # 3 % faster: within what warmed-up windows give
+    close.sent(1, "zstd", 32 * MiB, 0.9)  # 11 % faster: within what warmed-up windows give
     assert close.algorithm == "lz4"
 
     few = PieceCompression(guess, streams=2, pieces=5)  # under three waves: nothing to win
