@@ -25,9 +25,6 @@ from migratio.errors import TransferError
 log = logging.getLogger(__name__)
 
 RSYNC = "rsync"
-#: rsync's zstd defaults to level 3: 17 CPU-s per GiB of OS-like data at the sender here, for
-#: 0.29 of it on the wire; level 1 takes 8 CPU-s for 0.34 (lz4: 4.5 CPU-s for 0.49)
-ZSTD_LEVEL = 1
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+(\d+)%")
 _SENT = re.compile(r"Total bytes sent:\s*([\d,]+)")
 
@@ -161,8 +158,6 @@ def _argv(
         argv.append("--sparse")
     if compress != "none":
         argv += ["--compress", f"--compress-choice={compress}"]
-        if compress == "zstd":
-            argv.append(f"--compress-level={ZSTD_LEVEL}")
     if bwlimit is not None:
         argv.append(f"--bwlimit={max(1, round(bwlimit / 1024))}")
     argv += ["--", str(source), f"{target.destination}:{remote_path}"]

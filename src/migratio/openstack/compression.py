@@ -7,9 +7,8 @@
    kinds of data a little better and faster).  Above :data:`INCOMPRESSIBLE` (random data,
    already-compressed images) nothing is compressed: the sampling is all it costs (~50 ms).
 2. **the rate the link to the site reached** in the last transfer there (kept in the staging
-   directory, ``.link-<site>.json``).  zstd (at level 1: rsync's default, 3, costs twice the
-   CPU for 0.29 instead of 0.34 of OS-like data on the wire) costs rsync's sender ~8 CPU-s
-   per GiB of such data here, lz4 ~4.5 but sends 0.49 of it.  Over a link slower than
+   directory, ``.link-<site>.json``).  zstd costs rsync's sender about a core for ~200 MB/s
+   of input; lz4 is nearly free but sends more.  Over a link slower than
    :data:`ZSTD_BELOW` zstd wins; above :data:`LZ4_BELOW` (a LAN, loopback) compression only
    costs CPU and nothing is compressed; in between, lz4.  While the link is not known yet,
    the round trip to the site's SSH port (measured anyway, see :mod:`migratio.openstack.streams`)
