@@ -31,7 +31,7 @@ from tests.sandbox import sidekiq
 from tests.sandbox.redis_server import RedisServer
 from tests.support import redis_only_settings
 
-from migratio.atmosphere.intake import Intake
+from migratio.atmosphere.intake import DEAD_LETTERS_KEPT, Intake
 from migratio.atmosphere.keys import FEEDBACK_QUEUE, OPENSTACK_MIGRATOR, Keys, migration_queue
 from migratio.atmosphere.sidekiq import MAX_NESTING, MAX_PAYLOAD_BYTES, BadPayload, parse_job
 from migratio.config import Settings
@@ -552,3 +552,19 @@ def test_status_never_prints_a_payload_raw(redis: Redis, site: Settings) -> None
     encoded = snapshot.to_json()
     assert encoded.isascii() and "\x1b" not in encoded
     assert json.loads(encoded)["dead_letters"][0]["raw"].startswith("\x1b[2J")
+
+
+def test_the_dead_letters_keep_the_newest_and_count_them_all(redis: Redis, site: Settings) -> None:
+    """Years of a producer's bug cannot fill Redis: the oldest dead letters go."""
+    keys = Keys(site.namespace)
+    intake = Intake(site, redis, rq_queue(site, redis))
+    total = DEAD_LETTERS_KEPT + 30
+    for i in range(total):
+        redis.lpush(intake.source, f'{{"bad": {i}}}'.encode())
+    redis.lpush(intake.source, valid_job(random.Random(1), jid=False))
+    while redis.llen(intake.source):
+        intake.run_once(timeout=1)
+    kept = [json.loads(entry)["raw"] for entry in redis.lrange(keys.dead(site.name), 0, -1)]
+    assert kept == [f'{{"bad": {i}}}' for i in reversed(range(30, total))]
+    assert redis.hget(keys.metrics(site.name), "jobs_refused") == str(total).encode()
+    assert len(rq_jobs(redis, intake)) == 1  # the good job among them went on

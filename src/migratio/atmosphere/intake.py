@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 #: most jobs, and about the most bytes, taken from Redis in one iteration
 BATCH = 200
 BATCH_BYTES = 1024 * 1024
+#: the dead letters kept: the newest this many (each holds at most ~150 KB, so ~150 MB at worst)
+DEAD_LETTERS_KEPT = 1000
 #: how long RQ keeps a finished or failed job's record
 RESULT_TTL = 7 * 24 * 3600
 FAILURE_TTL = 30 * 24 * 3600
@@ -218,6 +220,8 @@ class Intake:
         with self.redis.pipeline(transaction=True) as pipe:
             for raw, refusal in refused:
                 self.dead_letter(pipe, raw, refusal)
+            if refused:  # years of a producer's bug must not fill Redis: the oldest go
+                pipe.ltrim(self.dead, 0, DEAD_LETTERS_KEPT - 1)
             if fresh:
                 self.queue.enqueue_many([item.data for item in fresh], pipeline=pipe)
                 metrics.count_taken(pipe, self.keys, self.settings.name, len(fresh))
@@ -309,7 +313,9 @@ class Intake:
     def dead_letter(self, pipe: Pipeline, raw: bytes, exc: BadPayload) -> None:
         """Add to ``pipe``: keep a payload that cannot run, with why; tell Atmosphere if it can.
 
-        The entry is JSON: ``reason``, ``at``, ``size`` and ``raw`` (the payload as text);
+        The newest :data:`DEAD_LETTERS_KEPT` are kept (:meth:`handle_batch` trims the list;
+        ``migratio_jobs_refused_total`` counts them all). The entry is JSON: ``reason``,
+        ``at``, ``size`` and ``raw`` (the payload as text);
         ``raw_base64`` too when the payload is not UTF-8, and ``truncated`` and ``sha256``
         when it was over ``MAX_PAYLOAD_BYTES`` (only that much of it is kept).
         """
