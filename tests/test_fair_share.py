@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from redis import Redis
+from rq.registry import FinishedJobRegistry
 from tests.sandbox.images import make_raw
 from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
@@ -19,6 +20,7 @@ from tests.support import max_parallel_settings, push, start_service
 from migratio.atmosphere.keys import Keys
 from migratio.cli import main
 from migratio.fair_share import DestinationShare
+from migratio.service import rq_queue
 
 MiB = 1024 * 1024
 
@@ -135,3 +137,12 @@ def test_max_parallel_through_the_service(
     for n, earlier in enumerate(late):
         for later in late[n + 1 :]:
             assert first_start[later] > first_start[earlier] - 3.0
+    # a continuation that only waited leaves no record (each would be kept for 7 days): per
+    # job, the first one (the intake knows a pushed-again job by it) and the one that ran
+    assert re.search(r"again as job migratio-\S+-w[2-9]", log), "no job waited twice"
+    finished = FinishedJobRegistry(queue=rq_queue(settings, redis)).get_job_ids()
+    records = [key.decode() for key in redis.scan_iter("rq:job:migratio-*")]
+    continued = [name for name in records if re.search(r"-w\d+$", name)]
+    assert continued
+    assert len(continued) == len({name.rsplit("-w", 1)[0] for name in continued})
+    assert all(f"rq:job:{job_id}" in records for job_id in finished)

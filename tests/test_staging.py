@@ -77,6 +77,36 @@ def test_jobs_at_once_share_one_make(tmp_path: Path) -> None:
         assert (tmp_path / f"out{i}").read_bytes() == data
 
 
+def test_years_of_images_leave_no_trail_of_lock_files(tmp_path: Path) -> None:
+    """Only complete entries keep files: the lock files of made, failed, evicted and killed
+    makes go."""
+    root = tmp_path / "cache"
+    cache = StagingCache(root, 3 * 4096, 3600)
+
+    def broken(target: Path) -> dict[str, Any]:
+        raise OSError("the download broke")
+
+    names = [entry_name(f"{n:08x}-1111-2222-3333-444455556666", "md5:x", "raw") for n in range(40)]
+    for n, name in enumerate(names):
+        if n % 4 == 3:
+            with pytest.raises(OSError, match="download broke"), cache.use(name, 4096, broken):
+                pass
+        else:
+            with cache.use(name, 4096, maker(b"x" * 4096)):
+                pass
+    # what a job killed while making left: its locks and a half-made entry
+    (root / "killed.use").touch()
+    (root / "killed.make").touch()
+    (root / "killed.partial").mkdir()
+    (root / "gone.make").touch()
+    with cache.use(names[0], 4096, maker(b"y" * 4096)):
+        pass
+    kept = {name for _, name, _ in cache.entries()}
+    assert len(kept) == 3
+    expected = {".lock"} | {f"{name}{suffix}" for name in kept for suffix in ("", ".json", ".use")}
+    assert {path.name for path in root.iterdir()} == expected
+
+
 def test_a_changed_image_is_never_served_from_the_old_entry(tmp_path: Path) -> None:
     cache = StagingCache(tmp_path / "cache", None, 3600)
     old, new = os.urandom(4096), os.urandom(4096)

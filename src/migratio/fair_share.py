@@ -176,9 +176,16 @@ def wait_off_worker(job: Job, reason: str, delay: int = WAIT_DELAY) -> Job:
 
     The new job keeps the function, arguments, timeouts, retries left and the first job's
     arrival; its meta says what it waits for (``migratio status`` shows it).
+
+    The record of ``job`` itself goes when it returns, if it was such a continuation: a job
+    that waits an hour looks 150-360 times, and each record would be kept for its result TTL
+    (7 days). The first job's record stays: the intake knows a pushed-again job by it.
     """
     waits = int(job.meta.get("waits", 0)) + 1
     first, arrival = first_job(job)
+    result_ttl = job.result_ttl
+    if job.id != first:
+        job.result_ttl = 0  # RQ deletes a finished job with no result TTL
     queue = Queue(job.origin, connection=job.connection, serializer=JSONSerializer)
     retry = None
     if job.retries_left:
@@ -192,7 +199,7 @@ def wait_off_worker(job: Job, reason: str, delay: int = WAIT_DELAY) -> Job:
         job_id=f"{first}-w{waits}",
         description=job.description,
         job_timeout=job.timeout,
-        result_ttl=job.result_ttl,
+        result_ttl=result_ttl,
         failure_ttl=job.failure_ttl,
         retry=retry,
         meta=meta,

@@ -146,6 +146,24 @@ class _Lock:
             os.close(self.fd)  # closing drops the flock
             self.fd = None
 
+    def remove(self) -> None:
+        """Remove the lock file, then release it (held exclusively: nobody else relies on it;
+        a job waiting on it finds it gone and locks a new one)."""
+        if self.fd is not None:
+            with suppress(FileNotFoundError):
+                if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+                    self.path.unlink()
+        self.release()
+
+
+def _unlink_if_free(path: Path) -> None:
+    """Remove the lock file ``path`` if nobody holds it."""
+    if not path.exists():
+        return
+    lock = _Lock(path)
+    if lock.acquire(fcntl.LOCK_EX, wait=False):
+        lock.remove()
+
 
 class StagingCache:
     """The cache in ``root`` (``staging_dir/cache``), bounded by ``max_bytes`` (None: the disk)."""
@@ -184,6 +202,8 @@ class StagingCache:
             yield entry
         finally:
             use.release()
+            if not (self.root / f"{name}.json").exists():  # its making failed: nothing to guard
+                _unlink_if_free(self.root / f"{name}.use")
 
     def _complete(self, name: str) -> Entry | None:
         path, meta_path = self.root / name, self.root / f"{name}.json"
@@ -258,7 +278,7 @@ class StagingCache:
             )
             return Entry(self.root / name, meta)
         finally:
-            maker.release()
+            maker.remove()  # waiters find it gone and lock a new one (_Lock.acquire)
 
     def _touch(self, name: str) -> None:
         with suppress(FileNotFoundError):
@@ -291,7 +311,8 @@ class StagingCache:
         """Make room for ``need`` more bytes (evicting unused entries) and note the reservation."""
         with self._bookkeeping():
             now = time.time()
-            in_progress = self._in_progress(name)
+            in_progress = self._in_progress(name)  # removes what killed makers left
+            self._remove_stray_locks()
             entries = self.entries()
             used = in_progress + sum(size for _, _, size in entries)
             kept: list[tuple[str, int]] = []
@@ -324,6 +345,17 @@ class StagingCache:
                 )
             (self.root / f"{name}.partial" / "reserved").write_text(str(need))
 
+    def _remove_stray_locks(self) -> None:
+        """Remove the lock files of entries that are neither there nor being made (a killed
+        job's), so that years of images leave no trail of them."""
+        for lock in [*self.root.glob("*.use"), *self.root.glob("*.make")]:
+            name = lock.name.rsplit(".", 1)[0]
+            if lock.suffix == ".use" and (self.root / f"{name}.json").exists():
+                continue  # guards a complete entry
+            if (self.root / f"{name}.partial").exists():
+                continue  # being made, or left by a killed maker: _in_progress sees to it
+            _unlink_if_free(lock)
+
     def _in_progress(self, mine: str) -> int:
         """Bytes reserved by entries being made; removes what killed makers left."""
         total = 0
@@ -337,7 +369,7 @@ class StagingCache:
                     log.info("staging: removing %s, left by an interrupted job", partial.name)
                     shutil.rmtree(partial, ignore_errors=True)
                 finally:
-                    maker.release()
+                    maker.remove()
                 continue
             try:
                 reserved = int((partial / "reserved").read_text())
