@@ -22,6 +22,7 @@ from migratio.errors import Cancelled, RemoteError
 from migratio.hashing import Digests, file_digests
 from migratio.openstack.bandwidth import ThrottledReader
 from migratio.openstack.compression import LinkHistory, PieceCompression, choose
+from migratio.openstack.copies import Owners
 from migratio.openstack.migration import migrate_to_openstack
 from migratio.openstack.streams import layout, piece_size, stream_count
 from migratio.request import MigrationRequest, Outcome
@@ -519,3 +520,23 @@ def lz4_size(image: Path) -> int:
     """What lz4 alone makes of ``image`` (the ``lz4`` tool: rsync's algorithm)."""
     done = subprocess.run(["lz4", "-1", "-c", str(image)], capture_output=True, check=True)
     return len(done.stdout)
+
+
+def test_what_is_remembered_per_site_leaves_no_temporary_file_when_it_cannot_be_written(
+    tmp_path: Path,
+) -> None:
+    """A write that fails (here: a directory in the way; a full disk alike) is only logged,
+    and leaves no ``.tmp`` file behind: one per job would pile up for years."""
+    site_file = tmp_path / "site-b.conf"
+    site_file.write_text("HOST=x\n")
+    for blocked in (tmp_path / ".link-site-b.json", tmp_path / ".owner-site-b.json"):
+        blocked.mkdir()
+        (blocked / "in-the-way").touch()
+    LinkHistory(tmp_path).record("site-b", 100 << 20, 2.0, capped=False, compressed=False)
+    Owners(tmp_path).remember("site-b", site_file, "project-1")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        ".link-site-b.json",
+        ".owner-site-b.json",
+        "site-b.conf",
+    ]
+    assert LinkHistory(tmp_path).rate("site-b") is None

@@ -43,6 +43,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -314,4 +315,6 @@ class LinkHistory:
             tmp.write_text(json.dumps({"bytes_per_s": wire_bytes / seconds, "at": time.time()}))
             tmp.replace(path)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # a full disk must not leave one per attempt
             log.warning("cannot remember the link rate to %s: %s", site_id, exc)
