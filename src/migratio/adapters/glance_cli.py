@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -40,27 +41,33 @@ def parse_table(text: str, *, wrapped: bool = True) -> dict[str, str]:
     --max-column-width`` wide) they are the further lines of a multi-line value. A value's
     trailing spaces cannot be told from the table's padding and are lost.
     """
-    values: dict[str, str] = {}
-    last: str | None = None
-    for key, value in _rows(text):
-        if key:
-            values[key] = value
-            last = key
-        elif last is not None:
-            values[last] += value if wrapped else "\n" + value
-    return values
+    return _Table.read(text, wrapped=wrapped).values
 
 
-def continued(text: str) -> set[str]:
-    """The keys of :func:`parse_table` whose value took more than one row of the table."""
-    keys: set[str] = set()
-    last: str | None = None
-    for key, _value in _rows(text):
-        if key:
-            last = key
-        elif last is not None:
-            keys.add(last)
-    return keys
+@dataclass(frozen=True)
+class _Table:
+    """What one pass over a CLI table finds: the values (as :func:`parse_table` gives them),
+    the keys whose value took more than one row, and whether a key came twice."""
+
+    values: dict[str, str]
+    continued: frozenset[str]
+    repeated: bool
+
+    @classmethod
+    def read(cls, text: str, *, wrapped: bool = True) -> _Table:
+        values: dict[str, str] = {}
+        continued: set[str] = set()
+        repeated = False
+        last: str | None = None
+        for key, value in _rows(text):
+            if key:
+                repeated = repeated or key in values
+                values[key] = value
+                last = key
+            elif last is not None:
+                values[last] += value if wrapped else "\n" + value
+                continued.add(last)
+        return cls(values, frozenset(continued), repeated)
 
 
 def _rows(text: str) -> Iterator[tuple[str, str]]:
@@ -248,19 +255,18 @@ class RemoteGlance:
         only if it is printable text without spaces (a hash: cut anywhere, joined back as it
         was). Wrapping drops the whitespace it breaks at, and the CLI's wrapper (wcwidth's)
         repeats terminal escape sequences on every line it makes."""
-        table = parse_table(printed)
-        if "id" not in table or any(key not in table for key in fields):
+        table = _Table.read(printed)
+        values, wrapped = table.values, table.continued
+        if "id" not in values or any(key not in values for key in fields):
             return None
-        keys = [key for key, _value in _rows(printed) if key]
-        if len(keys) != len(set(keys)):
+        if table.repeated:
             return None  # a key over 80 columns wrapped too: its rest may read as another key
-        wrapped = continued(printed)
         if wrapped & {"id", "status", "size", "checksum"} or any(
-            key in wrapped and not (_plain(str(value)) and _plain(table[key]))
+            key in wrapped and not (_plain(str(value)) and _plain(values[key]))
             for key, value in fields.items()
         ):
             return None
-        return ImageRecord.from_glance(table)
+        return ImageRecord.from_glance(values)
 
     def readback(self, text: str) -> str:
         """What of a name or property value :meth:`get` can show: compare these forms."""
