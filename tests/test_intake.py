@@ -568,3 +568,23 @@ def test_the_dead_letters_keep_the_newest_and_count_them_all(redis: Redis, site:
     assert kept == [f'{{"bad": {i}}}' for i in reversed(range(30, total))]
     assert redis.hget(keys.metrics(site.name), "jobs_refused") == str(total).encode()
     assert len(rq_jobs(redis, intake)) == 1  # the good job among them went on
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\xff" * MAX_PAYLOAD_BYTES, b"\x01" * MAX_PAYLOAD_BYTES, "ж".encode() * (32 * 1024)],
+    ids=["not-utf8", "control-characters", "two-byte-utf8"],
+)
+def test_a_dead_letter_takes_at_most_130_kb_and_keeps_the_bytes(
+    payload: bytes, redis: Redis, site: Settings
+) -> None:
+    """Whatever JSON would escape (6 bytes for one) goes in base64: 1,000 of them fit ~130 MB."""
+    keys = Keys(site.namespace)
+    intake = Intake(site, redis, rq_queue(site, redis))
+    redis.lpush(intake.source, payload)
+    intake.run_once(timeout=1)
+    stored = redis.lindex(keys.dead(site.name), 0)
+    assert stored is not None and len(stored) <= 130_000
+    entry = json.loads(stored)
+    assert base64.b64decode(entry["raw_base64"]) == payload
+    assert entry["size"] == len(payload) and len(entry["raw"]) <= 1024

@@ -56,8 +56,10 @@ log = logging.getLogger(__name__)
 #: most jobs, and about the most bytes, taken from Redis in one iteration
 BATCH = 200
 BATCH_BYTES = 1024 * 1024
-#: the dead letters kept: the newest this many (each holds at most ~150 KB, so ~150 MB at worst)
+#: the dead letters kept: the newest this many (each takes at most ~130 KB: 130 MB at worst)
 DEAD_LETTERS_KEPT = 1000
+#: bytes of a payload kept as text beside its exact base64 (see Intake.dead_letter)
+PREVIEW = 1024
 #: how long RQ keeps a finished or failed job's record
 RESULT_TTL = 7 * 24 * 3600
 FAILURE_TTL = 30 * 24 * 3600
@@ -315,17 +317,23 @@ class Intake:
 
         The newest :data:`DEAD_LETTERS_KEPT` are kept (:meth:`handle_batch` trims the list;
         ``migratio_jobs_refused_total`` counts them all). The entry is JSON: ``reason``,
-        ``at``, ``size`` and ``raw`` (the payload as text);
-        ``raw_base64`` too when the payload is not UTF-8, and ``truncated`` and ``sha256``
-        when it was over ``MAX_PAYLOAD_BYTES`` (only that much of it is kept).
+        ``at``, ``size`` and ``raw``: the payload as text, when it is UTF-8 that JSON writes in
+        at most twice its size; else its first :data:`PREVIEW` bytes (U+FFFD for what is not
+        UTF-8) and ``raw_base64``, the bytes exactly -- so that no entry takes more than
+        ~130 KB, whatever the payload (a byte JSON escapes takes 6). ``truncated`` and
+        ``sha256`` when it was over ``MAX_PAYLOAD_BYTES`` (only that much of it is kept).
         """
         reason = printable(exc.message)
         kept = raw[:MAX_PAYLOAD_BYTES]
         entry: dict[str, object] = {"reason": reason, "at": time.time(), "size": len(raw)}
         try:
-            entry["raw"] = kept.decode("utf-8")
+            text: str | None = kept.decode("utf-8")
         except UnicodeDecodeError:
-            entry["raw"] = kept.decode("utf-8", "replace")
+            text = None
+        if text is not None and len(json.dumps(text)) <= 2 * len(kept) + 2:
+            entry["raw"] = text
+        else:
+            entry["raw"] = kept[:PREVIEW].decode("utf-8", "replace")
             entry["raw_base64"] = base64.b64encode(kept).decode()
         if len(kept) < len(raw):
             entry["truncated"] = True
