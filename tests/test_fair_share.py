@@ -11,7 +11,10 @@ from typing import Any
 
 import pytest
 from redis import Redis
+from rq import Queue
+from rq.job import Job
 from rq.registry import FinishedJobRegistry
+from rq.serializers import JSONSerializer
 from tests.sandbox.images import make_raw
 from tests.sandbox.redis_server import RedisServer
 from tests.sandbox.site import Sandbox
@@ -19,7 +22,7 @@ from tests.support import max_parallel_settings, push, start_service
 
 from migratio.atmosphere.keys import Keys
 from migratio.cli import main
-from migratio.fair_share import DestinationShare
+from migratio.fair_share import DestinationShare, leave_no_record, wait_off_worker
 from migratio.service import rq_queue
 
 MiB = 1024 * 1024
@@ -42,6 +45,24 @@ def test_slots_are_capped_given_in_arrival_order_and_freed_by_expiry(redis: Redi
     assert share.take("j4", 4.0).took
     assert share.waiting() == []
     assert share.take("j4", 4.0).took  # the same job again (a re-run after a kill) keeps it
+
+
+def test_only_a_continuation_that_returns_waiting_drops_its_record(redis: Redis) -> None:
+    """The record of a ``-wN`` goes only when it returns: one that fails after looking (a
+    Redis error, say) is saved by RQ with its TTL, and its next, successful run is recorded."""
+    queue = Queue("atmosphere-migratio-site-a", connection=redis, serializer=JSONSerializer)
+    first = queue.enqueue("migratio.jobs.run_sweep", job_id="migratio-j1", result_ttl=604800)
+    again = wait_off_worker(first, "a test")
+    assert again.id == "migratio-j1-w1" and again.result_ttl == 604800
+    leave_no_record(first)
+    assert first.result_ttl == 604800  # the first job's record stays
+    fetched = Job.fetch(again.id, connection=redis, serializer=JSONSerializer)
+    third = wait_off_worker(fetched, "a test")
+    fetched.save()  # what RQ does with a job that fails (to retry it, or as failed)
+    assert Job.fetch(again.id, connection=redis, serializer=JSONSerializer).result_ttl == 604800
+    assert third.id == "migratio-j1-w2" and third.result_ttl == 604800
+    leave_no_record(fetched)
+    assert fetched.result_ttl == 0
 
 
 def attempts(log: str, images: list[str]) -> dict[str, list[tuple[float, float]]]:

@@ -177,15 +177,10 @@ def wait_off_worker(job: Job, reason: str, delay: int = WAIT_DELAY) -> Job:
     The new job keeps the function, arguments, timeouts, retries left and the first job's
     arrival; its meta says what it waits for (``migratio status`` shows it).
 
-    The record of ``job`` itself goes when it returns, if it was such a continuation: a job
-    that waits an hour looks 150-360 times, and each record would be kept for its result TTL
-    (7 days). The first job's record stays: the intake knows a pushed-again job by it.
+    Once ``job`` has nothing left to do but return, :func:`leave_no_record` drops its record.
     """
     waits = int(job.meta.get("waits", 0)) + 1
     first, arrival = first_job(job)
-    result_ttl = job.result_ttl
-    if job.id != first:
-        job.result_ttl = 0  # RQ deletes a finished job with no result TTL
     queue = Queue(job.origin, connection=job.connection, serializer=JSONSerializer)
     retry = None
     if job.retries_left:
@@ -199,11 +194,21 @@ def wait_off_worker(job: Job, reason: str, delay: int = WAIT_DELAY) -> Job:
         job_id=f"{first}-w{waits}",
         description=job.description,
         job_timeout=job.timeout,
-        result_ttl=result_ttl,
+        result_ttl=job.result_ttl,
         failure_ttl=job.failure_ttl,
         retry=retry,
         meta=meta,
     )
+
+
+def leave_no_record(job: Job) -> None:
+    """Let RQ delete ``job``'s record when it returns, if it continued an earlier job and
+    only waited: a job that waits an hour looks 150-360 times, and each record would be kept
+    for its result TTL (7 days). The first job's record stays: the intake knows a
+    pushed-again job by it. Only for a job that returns now: should it fail instead, RQ would
+    save the TTL with it, and a later successful run would leave no record either."""
+    if job.id != first_job(job)[0]:
+        job.result_ttl = 0  # RQ deletes a finished job with no result TTL
 
 
 def _text(value: bytes | str) -> str:

@@ -19,7 +19,7 @@ from migratio.atmosphere.keys import Keys
 from migratio.atmosphere.status import FanOut, LogSink, StatusSink
 from migratio.config import Settings, load_settings
 from migratio.errors import MigratioError
-from migratio.fair_share import DestinationShare, first_job, wait_off_worker
+from migratio.fair_share import DestinationShare, first_job, leave_no_record, wait_off_worker
 from migratio.lease import Lease
 from migratio.logs import job_context, job_tag, mark_logged
 from migratio.migration import migrate
@@ -177,8 +177,6 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
             sink(exc.status_line())
             raise
         result = _leased(job, settings, request, kind, sink)
-        if result is None:
-            return "waiting"
     except MigratioError as exc:
         if not exc.retryable:
             _no_more_retries()
@@ -204,6 +202,9 @@ def run_migration(kind: str, image_id: str, destination: str, jid: str = "") -> 
         raise
     finally:
         atmosphere.flush()
+    if result is None:  # it waits, as a new job: nothing can fail any more
+        leave_no_record(job)
+        return "waiting"
     metrics.count_attempt(
         job.connection,
         keys,

@@ -150,7 +150,7 @@ class _Lock:
         """Remove the lock file, then release it (held exclusively: nobody else relies on it;
         a job waiting on it finds it gone and locks a new one)."""
         if self.fd is not None:
-            with suppress(FileNotFoundError):
+            with suppress(OSError):  # left behind, it only waits for the next clean-up
                 if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
                     self.path.unlink()
         self.release()
@@ -161,8 +161,9 @@ def _unlink_if_free(path: Path) -> None:
     if not path.exists():
         return
     lock = _Lock(path)
-    if lock.acquire(fcntl.LOCK_EX, wait=False):
-        lock.remove()
+    with suppress(OSError):  # never in the way of what the caller raises
+        if lock.acquire(fcntl.LOCK_EX, wait=False):
+            lock.remove()
 
 
 class StagingCache:
