@@ -388,9 +388,8 @@ class StagingCache:
             log.info("staging: removing %s (least recently used)", name)
             (self.root / name).unlink(missing_ok=True)
             (self.root / f"{name}.json").unlink(missing_ok=True)
-            (self.root / f"{name}.use").unlink(missing_ok=True)
         finally:
-            use.release()
+            use.remove()
         return True
 
 

@@ -43,7 +43,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -53,6 +52,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from migratio.files import write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -308,13 +309,8 @@ class LinkHistory:
         """Remember a transfer's wire rate (not one compressed, held back, or too short)."""
         if compressed or capped or seconds < 1.0 or wire_bytes < (8 << 20):
             return
-        path = self._path(site_id)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        rate = {"bytes_per_s": wire_bytes / seconds, "at": time.time()}
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"bytes_per_s": wire_bytes / seconds, "at": time.time()}))
-            tmp.replace(path)
+            write_json_atomically(self._path(site_id), rate)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)  # a full disk must not leave one per attempt
             log.warning("cannot remember the link rate to %s: %s", site_id, exc)

@@ -16,14 +16,13 @@ Images of other projects are never taken, changed or deleted; they are only logg
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
+from migratio.files import write_json_atomically
 from migratio.hashing import Digests
 from migratio.images import CONVERTED_HASH, SOURCE_HASH, ImageRecord
 
@@ -96,12 +95,7 @@ class Owners:
     def remember(self, site_id: str, site_file: Path, owner: str | None) -> None:
         """Record ``owner`` for the site (written atomically; a failure is only logged)."""
         path = self._path(site_id)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"key": self._key(site_file), "owner": owner}))
-            tmp.replace(path)
+            write_json_atomically(path, {"key": self._key(site_file), "owner": owner})
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)  # a full disk must not leave one per attempt
             log.warning("cannot remember the project of %s in %s: %s", site_id, path, exc)
