@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -76,10 +78,27 @@ def fill_once_writing(disk: Path, filler: Path, stop: threading.Event) -> None:
         os.close(fd)
 
 
+FILLING_QEMU_IMG = """#!{python}
+import os, shutil, sys
+# the first conversion: the staging disk fills up as qemu-img starts (on a busy machine the
+# test's thread could see qemu-img's file only after it was complete)
+if sys.argv[1:2] == ["convert"] and not os.path.exists({marker!r}):
+    open({marker!r}, "w").close()
+    stat = os.statvfs({disk!r})
+    fd = os.open({filler!r}, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, stat.f_bavail * stat.f_frsize)
+    except OSError:
+        pass
+    os.close(fd)
+os.execv({real!r}, ["qemu-img", *sys.argv[1:]])
+"""
+
+
 @needs_root
 @pytest.mark.parametrize("making", ["download", "conversion"])
 def test_a_disk_filled_while_staging_says_so_and_the_retry_works(
-    clean_sandbox: Sandbox, tmp_path: Path, making: str
+    clean_sandbox: Sandbox, tmp_path: Path, making: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another process takes the staging disk's space while a download (a write of
     migratio's own) or a conversion (qemu-img's) is under way."""
@@ -103,14 +122,32 @@ def test_a_disk_filled_while_staging_says_so_and_the_retry_works(
         filler = tmp_path / "staging" / "filler"
         stop = threading.Event()
         filling = threading.Thread(target=fill_once_writing, args=(disk, filler, stop))
-        filling.start()
+        if making == "conversion":
+            real = shutil.which("qemu-img")
+            assert real is not None
+            wrapper = tmp_path / "bin" / "qemu-img"
+            wrapper.parent.mkdir()
+            wrapper.write_text(
+                FILLING_QEMU_IMG.format(
+                    python=sys.executable,
+                    marker=str(tmp_path / "filled"),
+                    disk=str(disk),
+                    filler=str(filler),
+                    real=real,
+                )
+            )
+            wrapper.chmod(0o755)
+            monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+        else:
+            filling.start()
         lines = Lines()
         try:
             with pytest.raises(StagingFullError) as full:
                 migrate_to_openstack(settings, MigrationRequest(image_id, site), lines)
         finally:
             stop.set()
-            filling.join()
+            if filling.is_alive():
+                filling.join()
         message = str(full.value)
         assert "No space left" in message and str(disk) in message
         assert "Glance" not in message  # not Glance's fault
