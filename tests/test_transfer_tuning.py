@@ -21,7 +21,7 @@ from migratio.config import ConfigError, OpenStackSite, load_site
 from migratio.errors import Cancelled, RemoteError
 from migratio.hashing import Digests, file_digests
 from migratio.openstack.bandwidth import ThrottledReader
-from migratio.openstack.compression import LinkHistory, PieceCompression, choose
+from migratio.openstack.compression import TRIAL_KEPT, LinkHistory, PieceCompression, choose
 from migratio.openstack.copies import Owners
 from migratio.openstack.migration import migrate_to_openstack
 from migratio.openstack.streams import layout, piece_size, stream_count
@@ -468,6 +468,61 @@ def test_auto_tries_lz4_against_zstd_on_an_unknown_link(
     assert known.plan() == "zstd"
 
 
+def test_what_the_trial_found_is_followed_for_an_hour(tmp_path: Path, os_like: Path) -> None:
+    """The next transfers to the site skip the experiment (its losing wave costs seconds)."""
+    history = LinkHistory(tmp_path)
+    guess = choose("auto", os_like, None, 0.020, idle_cores=2, trial=history.trial("site-x"))
+    assert guess.provisional
+    fast = PieceCompression(guess, streams=2, pieces=8)
+    assert fast.outcome() is None  # nothing tried yet
+    for k, algorithm, seconds in [
+        (0, "lz4", 0.5),
+        (1, "lz4", 0.5),
+        (2, "zstd", 0.9),
+        (3, "zstd", 0.9),
+    ]:
+        assert fast.for_piece(k) == algorithm
+        fast.sent(k, algorithm, 32 * MiB, seconds)
+    found = fast.outcome()
+    assert found is not None and found.algorithm == "lz4"
+    history.record_trial("site-x", found)
+    history.record("site-y", 400 * MiB, 10.0, capped=False, compressed=False)
+
+    kept = history.trial("site-x")
+    assert kept == found
+    again = choose("auto", os_like, None, 0.020, idle_cores=2, trial=kept)
+    assert not again.provisional and again.algorithm == "lz4"
+    assert again.reason.endswith(
+        ", lz4 won the trial 0 min ago (lz4 67, zstd 37 MB/s of file per piece)"
+    ), again.reason
+    next_one = PieceCompression(again, streams=2, pieces=8)
+    assert [next_one.for_piece(k) for k in range(4)] == ["lz4"] * 4
+    assert next_one.plan() == "lz4" and next_one.outcome() is None  # nothing to remember
+
+    # the link's rate and the trial are kept side by side in .link-<site>.json
+    history.record("site-x", 400 * MiB, 10.0, capped=False, compressed=False)
+    assert history.trial("site-x") == found and history.rate("site-x") is not None
+    history.record_trial("site-y", found)
+    assert history.rate("site-y") == pytest.approx(400 * MiB / 10.0)
+    # a known rate decides before any trial
+    assert (
+        choose("auto", os_like, history.rate("site-x"), idle_cores=2, trial=kept).algorithm
+        == "zstd"
+    )
+    # an hour later, or from a file that is not ours, it is tried again
+    assert history.trial("site-x", now=found.at + TRIAL_KEPT + 1) is None
+    assert history.trial("site-x", now=found.at + TRIAL_KEPT - 60) == found
+    for garbage in (
+        '{"trial": {"algorithm": "gzip", "lz4": 1, "zstd": 1, "at": 1}}',
+        '{"trial": {"algorithm": "lz4"}}',
+        '{"trial": []}',
+        "[1, 2]",
+        "{",
+    ):
+        (tmp_path / ".link-site-z.json").write_text(garbage)
+        assert history.trial("site-z") is None and history.rate("site-z") is None
+
+
 @pytest.mark.slow
 def test_a_slow_link_is_found_by_the_first_pieces_and_gets_zstd(
     clean_sandbox: Sandbox, tmp_path: Path
@@ -494,6 +549,8 @@ def test_a_slow_link_is_found_by_the_first_pieces_and_gets_zstd(
     assert sha256_file(arrived) == sha256_file(image)
     [transferred] = [line for line in lines if line.startswith("Transfered")]
     assert transferred.endswith("compression lz4, then zstd)"), transferred
+    kept = LinkHistory(settings.staging_dir).trial("site-t")
+    assert kept is not None and kept.algorithm == "zstd"  # the next transfers go with zstd
     lz4_only = lz4_size(image)
     assert result.bytes_sent < lz4_only, (result.bytes_sent, lz4_only)  # zstd carried the rest
 
@@ -514,6 +571,8 @@ def test_auto_keeps_lz4_where_zstd_would_be_slower(clean_sandbox: Sandbox, tmp_p
     assert sha256_file(arrived) == sha256_file(image)
     [transferred] = [line for line in lines if line.startswith("Transfered")]
     assert transferred.endswith("back to lz4)"), transferred  # the trial's, or after a fall
+    kept = LinkHistory(settings.staging_dir).trial("site-t")
+    assert kept is not None and kept.algorithm == "lz4"  # the next transfers skip the trial
 
 
 def lz4_size(image: Path) -> int:

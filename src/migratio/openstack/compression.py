@@ -35,6 +35,9 @@
    each says which is faster here, now. A transfer of fewer than :data:`MIN_WAVES` pieces per
    stream has too little left after the experiment to pay for a slower second wave: it goes
    with lz4 throughout.
+   What the experiment found is kept beside the link's rate: for :data:`TRIAL_KEPT` seconds
+   the next transfers to the site go with it and do not try again (the losing wave costs
+   seconds each time; a link and the load on it seldom change within the hour).
 5. **what the peer's rsync supports**: rsync negotiates the algorithm; a peer that knows
    neither zstd nor lz4 (older than 3.2) fails the start of the transfer, which is then
    re-run once without compression (zlib, the old peers' only choice, is 7 to 13 times slower than
@@ -72,6 +75,8 @@ SLOW_LINK = 50e6
 ZSTD_MARGIN = 1.15
 #: the experiment of PieceCompression only for a transfer of at least this many pieces per stream
 MIN_WAVES = 3
+#: seconds an experiment's outcome is followed without trying again
+TRIAL_KEPT = 3600.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,24 @@ class Choice:
     @property
     def compresses(self) -> bool:
         return self.algorithm != "none"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """What :class:`PieceCompression`'s experiment found: the faster algorithm, and the file
+    bytes per second of each one's pieces."""
+
+    algorithm: str
+    lz4: float
+    zstd: float
+    at: float
+
+    def why(self, now: float) -> str:
+        minutes = max(0, round((now - self.at) / 60))
+        return (
+            f"{self.algorithm} won the trial {minutes} min ago "
+            f"(lz4 {self.lz4 / 1e6:.0f}, zstd {self.zstd / 1e6:.0f} MB/s of file per piece)"
+        )
 
 
 def sample_ratio(path: Path) -> float:
@@ -119,12 +142,14 @@ def choose(
     rtt: float | None = None,
     idle_cores: float | None = None,
     ratio: float | None = None,
+    trial: Trial | None = None,
 ) -> Choice:
     """The algorithm for sending ``path``: ``setting`` unless it is ``auto``.
 
-    ``ratio``: :func:`sample_ratio` of ``path`` when it was measured already.
+    ``ratio``: :func:`sample_ratio` of ``path`` when it was measured already; ``trial``: the
+    outcome of the last experiment over this link (:meth:`LinkHistory.trial`).
     """
-    choice = _choose(setting, path, link_rate, rtt, ratio)
+    choice = _choose(setting, path, link_rate, rtt, ratio, trial)
     slow = link_rate is not None and link_rate < SLOW_LINK
     if setting == "auto" and choice.algorithm == "zstd" and not slow:
         idle = spare_cores() if idle_cores is None else idle_cores
@@ -143,7 +168,12 @@ def spare_cores() -> float:
 
 
 def _choose(
-    setting: str, path: Path, link_rate: float | None, rtt: float | None, ratio: float | None
+    setting: str,
+    path: Path,
+    link_rate: float | None,
+    rtt: float | None,
+    ratio: float | None,
+    trial: Trial | None,
 ) -> Choice:
     """:func:`choose` before asking whether there is a core to spare for zstd."""
     if setting != "auto":
@@ -158,6 +188,13 @@ def _choose(
         if link_rate >= LZ4_BELOW:
             return Choice("none", f"{why}, faster than compression")
         return Choice("zstd" if link_rate < ZSTD_BELOW else "lz4", why)
+    return _over_an_unknown_link(why, rtt, trial)
+
+
+def _over_an_unknown_link(why: str, rtt: float | None, trial: Trial | None) -> Choice:
+    """The last experiment's outcome, else a guess from the round trip (provisional)."""
+    if trial is not None:
+        return Choice(trial.algorithm, f"{why}, {trial.why(time.time())}")
     if rtt is not None and rtt >= WAN_RTT:
         return Choice("zstd", f"{why}, round trip {rtt * 1000:.0f} ms", provisional=True)
     return Choice("lz4", f"{why}, link rate not known yet", provisional=True)
@@ -191,6 +228,7 @@ class PieceCompression:
         self.used: list[str] = []
         #: file bytes per second of each trial piece, by the algorithm it went with
         self._rates: dict[str, list[float]] = {"lz4": [], "zstd": []}
+        self._trial_rates: tuple[float, float] | None = None
         self._asked: dict[int, str] = {}
         self._decided = not self.trial
         self._tried = False
@@ -245,6 +283,7 @@ class PieceCompression:
                 return
             self._decided = self._tried = True
             self.algorithm = "zstd" if self._zstd_ahead() else "lz4"
+            self._trial_rates = (_mean(self._rates["lz4"]), _mean(self._rates["zstd"]))
             log.info(
                 "compression: lz4 reached %.0f MB/s of file per piece, zstd %.0f MB/s: "
                 "%s from now on",
@@ -273,6 +312,14 @@ class PieceCompression:
         lz4, zstd = self._rates["lz4"], self._rates["zstd"]
         return bool(lz4 and zstd) and _mean(zstd) >= ZSTD_MARGIN * _mean(lz4)
 
+    def outcome(self) -> Trial | None:
+        """What the experiment found (with a fall back to lz4 after it), if it was made."""
+        with self._lock:
+            if self._trial_rates is None:
+                return None
+            lz4, zstd = self._trial_rates
+            return Trial(self.algorithm, lz4, zstd, time.time())
+
     def summary(self) -> str:
         """What the transfer used: ``lz4``, ``lz4, then zstd``, ``lz4, zstd tried, back to lz4``."""
         if self._reverted:
@@ -287,7 +334,9 @@ def _mean(values: list[float]) -> float:
 
 
 class LinkHistory:
-    """The wire rate the last transfer to each site reached, kept across jobs and restarts."""
+    """What the transfers to each site found out, kept across jobs and restarts
+    (``.link-<site>.json``): the wire rate the last uncompressed one reached, and the outcome
+    of the last experiment of :class:`PieceCompression`."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -295,13 +344,41 @@ class LinkHistory:
     def _path(self, site_id: str) -> Path:
         return self.directory / f".link-{site_id}.json"
 
+    def _read(self, site_id: str) -> dict[str, object]:
+        try:
+            kept = json.loads(self._path(site_id).read_text())
+        except (OSError, ValueError):
+            return {}
+        return kept if isinstance(kept, dict) else {}
+
+    def _write(self, site_id: str, **facts: object) -> None:
+        kept = self._read(site_id)
+        kept.update(facts)
+        try:
+            write_json_atomically(self._path(site_id), kept)
+        except OSError as exc:
+            log.warning("cannot remember the link to %s: %s", site_id, exc)
+
     def rate(self, site_id: str) -> float | None:
         """Bytes per second on the wire last time, or None when unknown."""
-        try:
-            value = json.loads(self._path(site_id).read_text())["bytes_per_s"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        value = self._read(site_id).get("bytes_per_s")
         return float(value) if isinstance(value, int | float) and value > 0 else None
+
+    def trial(self, site_id: str, now: float | None = None) -> Trial | None:
+        """The last experiment's outcome, if it is less than :data:`TRIAL_KEPT` seconds old."""
+        kept = self._read(site_id).get("trial")
+        if not isinstance(kept, dict):
+            return None
+        try:
+            trial = Trial(
+                str(kept["algorithm"]), float(kept["lz4"]), float(kept["zstd"]), float(kept["at"])
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        age = (time.time() if now is None else now) - trial.at
+        if trial.algorithm not in ("lz4", "zstd") or not 0 <= age < TRIAL_KEPT:
+            return None
+        return trial
 
     def record(
         self, site_id: str, wire_bytes: int, seconds: float, *, capped: bool, compressed: bool
@@ -309,8 +386,16 @@ class LinkHistory:
         """Remember a transfer's wire rate (not one compressed, held back, or too short)."""
         if compressed or capped or seconds < 1.0 or wire_bytes < (8 << 20):
             return
-        rate = {"bytes_per_s": wire_bytes / seconds, "at": time.time()}
-        try:
-            write_json_atomically(self._path(site_id), rate)
-        except OSError as exc:
-            log.warning("cannot remember the link rate to %s: %s", site_id, exc)
+        self._write(site_id, bytes_per_s=wire_bytes / seconds, at=time.time())
+
+    def record_trial(self, site_id: str, trial: Trial) -> None:
+        """Remember what an experiment found (:meth:`PieceCompression.outcome`)."""
+        self._write(
+            site_id,
+            trial={
+                "algorithm": trial.algorithm,
+                "lz4": trial.lz4,
+                "zstd": trial.zstd,
+                "at": trial.at,
+            },
+        )

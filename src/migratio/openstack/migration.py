@@ -451,6 +451,9 @@ class Migration(MigrationRun):
             capped=self.site.bwlimit is not None,
             compressed=result.compress != "none",  # "lz4, then zstd" too
         )
+        trial = None if per_piece is None else per_piece.outcome()
+        if trial is not None:
+            history.record_trial(self.site.site_id, trial)
         return result
 
     def choose_compression(
@@ -458,14 +461,18 @@ class Migration(MigrationRun):
     ) -> Choice:
         """How rsync compresses ``payload``: the site's ``COMPRESS``, or what ``auto`` finds
         (from ``sampled``, its samples' ratio, when they were taken already)."""
-        link_rate = LinkHistory(self.settings.staging_dir).rate(self.site.site_id)
+        history = LinkHistory(self.settings.staging_dir)
+        link_rate = history.rate(self.site.site_id)
+        trial = history.trial(self.site.site_id)
         ratio = None
         if sampled is not None:
             try:
                 ratio = sampled.result()
             except OSError as exc:
                 log.info("sampling %s failed (%s): again", payload, exc)
-        return compression.choose(self.site.compress, payload, link_rate, rtt, ratio=ratio)
+        return compression.choose(
+            self.site.compress, payload, link_rate, rtt, ratio=ratio, trial=trial
+        )
 
     @property
     def remote_dir(self) -> str:
