@@ -409,14 +409,7 @@ def test_auto_tries_lz4_against_zstd_on_an_unknown_link(
     )
 
     slowed = PieceCompression(guess, streams=2, pieces=10)  # zstd chosen, then the load grew
-    for k, algorithm, seconds in [
-        (0, "lz4", 2.0),
-        (1, "lz4", 2.0),
-        (2, "zstd", 1.4),
-        (3, "zstd", 1.4),
-    ]:
-        assert slowed.for_piece(k) == algorithm
-        slowed.sent(k, algorithm, 32 * MiB, seconds)
+    two_trial_waves(slowed, lz4_seconds=2.0, zstd_seconds=1.4)
     for k in (4, 5, 6):
         assert slowed.for_piece(k) == "zstd"
     slowed.sent(4, "zstd", 32 * MiB, 3.0)  # 11 MB/s, the wave before it 24: not yet
@@ -468,6 +461,18 @@ def test_auto_tries_lz4_against_zstd_on_an_unknown_link(
     assert known.plan() == "zstd"
 
 
+def two_trial_waves(pieces: PieceCompression, lz4_seconds: float, zstd_seconds: float) -> None:
+    """Pieces 0-3 of a 2-stream trial: two of 32 MiB with lz4, two with zstd, each this long."""
+    for k, algorithm, seconds in [
+        (0, "lz4", lz4_seconds),
+        (1, "lz4", lz4_seconds),
+        (2, "zstd", zstd_seconds),
+        (3, "zstd", zstd_seconds),
+    ]:
+        assert pieces.for_piece(k) == algorithm
+        pieces.sent(k, algorithm, 32 * MiB, seconds)
+
+
 def test_what_the_trial_found_is_followed_for_an_hour(tmp_path: Path, os_like: Path) -> None:
     """The next transfers to the site skip the experiment (its losing wave costs seconds)."""
     history = LinkHistory(tmp_path)
@@ -475,14 +480,7 @@ def test_what_the_trial_found_is_followed_for_an_hour(tmp_path: Path, os_like: P
     assert guess.provisional
     fast = PieceCompression(guess, streams=2, pieces=8)
     assert fast.outcome() is None  # nothing tried yet
-    for k, algorithm, seconds in [
-        (0, "lz4", 0.5),
-        (1, "lz4", 0.5),
-        (2, "zstd", 0.9),
-        (3, "zstd", 0.9),
-    ]:
-        assert fast.for_piece(k) == algorithm
-        fast.sent(k, algorithm, 32 * MiB, seconds)
+    two_trial_waves(fast, lz4_seconds=0.5, zstd_seconds=0.9)
     found = fast.outcome()
     assert found is not None and found.algorithm == "lz4"
     history.record_trial("site-x", found)
