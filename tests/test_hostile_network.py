@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.sandbox.images import make_qcow2
+from tests.sandbox.images import make_qcow2, sha256_file
 from tests.sandbox.site import Sandbox
-from tests.support import Lines, no_work_left, settings_for
+from tests.support import Lines, no_work_left, processes_of, settings_for
 from tests.test_network_sandbox import needs_network
 from tests.test_openstack_migration import copies_at_destination, site_b_with
 
-from migratio.errors import RemoteError
+from migratio.errors import RemoteError, TransferError
 from migratio.openstack.migration import migrate_to_openstack
 from migratio.request import MigrationRequest
 
@@ -45,13 +45,16 @@ def test_a_silent_destination_fails_in_bounded_time_naming_the_host(
 
 
 def _drop_once_sending(sb: Sandbox, until: threading.Event, dropped: threading.Event) -> None:
-    """Cut the link once the first bytes are in the remote staging dir; keep it cut until
-    ``until`` is set."""
+    """Cut the link once the first bytes are in the remote staging dir and the destination's
+    upload has started (the look-up beside the transfer is over: only the transfer and the
+    upload talk to the host); keep it cut until ``until`` is set."""
     assert sb.network is not None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not until.is_set():
         files = [p for p in sb.remote_staging.rglob("*") if p.is_file()]
-        if any(p.stat().st_size > 1 * MiB for p in files):
+        if any(p.stat().st_size > 1 * MiB for p in files) and processes_of(
+            sb.ssh.user, "follow_upload"
+        ):
             break
         time.sleep(0.05)
     with sb.network.dropped():
@@ -75,7 +78,8 @@ def test_a_destination_gone_silent_mid_transfer_fails_in_bounded_time(
     cutter.start()
     begin = time.monotonic()
     try:
-        with pytest.raises(RemoteError) as failed:
+        # the transfer finds out first (the upload is waited for after it)
+        with pytest.raises(TransferError) as failed:
             migrate_to_openstack(settings, MigrationRequest(image_id, "site-silent"), lines)
     finally:
         took = time.monotonic() - begin
@@ -87,7 +91,18 @@ def test_a_destination_gone_silent_mid_transfer_fails_in_bounded_time(
     assert failed.value.retryable
     assert lines[-1].startswith("Error: ") and sb.ssh.address in lines[-1]
     assert took < 120, took
-    # the login had worked: what ended it is said, never an empty "cannot log in to ...: "
+    # the login had worked: what ended it is said, never an empty "cannot log in to ...: " or
+    # only rsync's "Broken pipe"
     assert "cannot log in" not in message and not message.rstrip().endswith(":")
-    assert copies_at_destination(sb, image_id) == []
+    assert f"{sb.ssh.address} stopped answering (no reply for 60 s)" in message, message
+    # the upload had begun: its record there could not be deleted while the host was silent,
+    # but it never became active
+    assert [c for c in copies_at_destination(sb, image_id) if c["status"] == "active"] == []
     assert no_work_left(settings.staging_dir)
+
+    # the link is back: the retry deletes what the cut attempt left there and migrates
+    result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-silent"), Lines())
+    copies = copies_at_destination(sb, image_id)
+    assert [(c["id"], c["status"]) for c in copies] == [(result.destination_image_id, "active")]
+    arrived = sb.destination.download_to(result.destination_image_id, tmp_path / "arrived")
+    assert sha256_file(arrived) == sha256_file(image)

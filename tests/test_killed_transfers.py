@@ -109,6 +109,16 @@ def assert_one_good_copy(sb: Sandbox, image_id: str, image: Path, tmp_path: Path
     assert sha256_file(arrived) == sha256_file(image)
 
 
+def command_line(pid: int) -> str:
+    """``pid``'s state and command line, for a failure message."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return f"{pid}: gone"
+    return f"{pid} ({state}): " + " ".join(a.decode(errors="replace") for a in argv)[:300]
+
+
 def remote_glance_running(sb: Sandbox, command: str) -> bool:
     return bool(processes_of(sb.ssh.user, "\0".join(["--os-image-api-version", "2", command])))
 
@@ -148,7 +158,12 @@ def test_sigkill_at_each_step_leaves_one_copy_and_nothing_else(
     finally:
         if migrating.poll() is None:
             migrating.kill()
-    wait_for("the killed run's ssh and rsync to end", lambda: not any(map(alive, below)), 15)
+    try:
+        # SIGTERM at once (PR_SET_PDEATHSIG), then each ends as its peer lets it; 30 s for a
+        # loaded machine (a CI run timed out at 15 once)
+        wait_for("the killed run's ssh and rsync to end", lambda: not any(map(alive, below)), 30)
+    except AssertionError as late:
+        raise AssertionError(f"{late}: {[command_line(p) for p in below if alive(p)]}") from None
     wait_for("its remote processes to end", lambda: not processes_of(sb.ssh.user, image_id), 15)
 
     again = start_migration(settings, image_id, "site-s", tmpdir)

@@ -17,6 +17,7 @@ from migratio.adapters.ssh import (
     NICE,
     cancelled,
     login_refused,
+    lost_connection,
     rsync_shell,
 )
 from migratio.config import SshTarget
@@ -108,7 +109,7 @@ def push(
     if done.returncode != 0:
         host_key = "Host key verification failed" in done.stderr
         raise TransferError(
-            f"rsync to {target.destination} failed (exit {done.returncode}): {done.tail()}",
+            f"rsync to {target.destination} failed (exit {done.returncode}): {_why(done, target)}",
             retryable=not host_key,
         )
     sent = _SENT.search(done.stdout)
@@ -117,6 +118,18 @@ def push(
         seconds=time.monotonic() - begin,
         compress=compress,
     )
+
+
+def _why(done: processes.Completed, target: SshTarget) -> str:
+    """rsync's last words; when its ssh connection ended with none of ssh's own (exit 12 or
+    255, every line rsync's: "connection unexpectedly closed", "Broken pipe"), what that
+    means first."""
+    said_by_ssh = [
+        line for line in done.stderr.splitlines() if line.strip() and not line.startswith("rsync")
+    ]
+    if done.returncode in (12, 255) and not said_by_ssh:
+        return f"{lost_connection(target)}, or rsync there was stopped ({done.tail()})"
+    return done.tail()
 
 
 def _refused_compression(stderr: str) -> bool:

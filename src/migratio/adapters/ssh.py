@@ -39,6 +39,15 @@ SERVER_ALIVE_INTERVAL = 15
 SERVER_ALIVE_COUNT = 4
 
 
+def lost_connection(target: SshTarget) -> str:
+    """What an ssh connection that ended without a word of its own means."""
+    return (
+        f"lost the ssh connection to {target.destination} port {target.port}: {target.host} "
+        f"stopped answering (no reply for {SERVER_ALIVE_INTERVAL * SERVER_ALIVE_COUNT} s) or "
+        "the connection was cut"
+    )
+
+
 def login_refused(stderr: str) -> bool:
     """Whether sshd closed the connection before the login -- too many logins at once (sshd's
     ``MaxStartups``, 10 by default) -- which a moment later succeeds."""
@@ -138,14 +147,10 @@ class SshClient:
     def lost(self, what: str, done: processes.Completed) -> str:
         """Why ssh ended with 255: its own words, or (none: a command through a master whose
         connection died) that the connection was lost."""
-        where = f"{self.target.destination} port {self.target.port}"
         if done.tail():
+            where = f"{self.target.destination} port {self.target.port}"
             return f"{what}: cannot log in to {where}: {done.tail()}"
-        return (
-            f"{what}: lost the ssh connection to {where}: {self.target.host} stopped "
-            f"answering (no reply for {SERVER_ALIVE_INTERVAL * SERVER_ALIVE_COUNT} s) or the "
-            "connection was cut"
-        )
+        return f"{what}: {lost_connection(self.target)}"
 
     def start(self, remote: Sequence[str], *, what: str) -> processes.Child:
         """Start ``remote`` there with a pipe to its stdin, and return at once."""
