@@ -71,6 +71,9 @@ _MILESTONES = (
     ("login", "ssh master connection to"),
     ("source", "from the file store"),
     ("transfer", "migratio.openstack.migration: compression "),
+    # and after it: the transfer's end, and the copy registered (the upload's end)
+    ("transferred", "status: Transfered "),
+    ("registered", "status: Registered "),
 )
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
@@ -333,14 +336,14 @@ def report(cases: list[Case], sizes: dict[str, int]) -> None:
         label, _, _, kind, target = CASES[case.number]
         size = sizes[kind]
         rate, rtt = case.link
-        ssh_ratio = statistics.median(
+        ssh_median = statistics.median(
             s.seconds / o.seconds for s, o in zip(case.ssh, case.original, strict=True)
         )
         print(f"case {case.number}: {label}, {kind} image of {size / MB:.0f} MB")
         print(f"  link measured (one TCP stream): {rate / MB:.1f} MB/s, {rtt * 1000:.1f} ms RTT")
         print(
-            f"  migratio ssh / original: {ssh_ratio:.2f} (target <= {target:.2f}) "
-            f"{verdict(ssh_ratio <= target)}"
+            f"  migratio ssh / original: {ssh_median:.2f} (target <= {target:.2f}) "
+            f"{verdict(ssh_median <= target)}"
         )
         if case.uncompressed:
             ratio = statistics.median(
@@ -459,6 +462,15 @@ def main() -> int:
                         case.uncompressed.append(
                             run_migratio(sb, ids[kind], "site-b-none", sizes[kind], rate)
                         )
+                    original, ssh, api = case.original[-1], case.ssh[-1], case.api[-1]
+                    print(
+                        f"  original {original.seconds:.1f} s; ssh {ssh.seconds:.1f} s "
+                        f"({ssh.seconds / original.seconds:.2f}, compression {ssh.decision}; "
+                        f"transfer ended {ssh.milestones.get('transferred', 0):.1f} s, "
+                        f"registered {ssh.milestones.get('registered', 0):.1f} s); "
+                        f"api {api.seconds:.1f} s ({api.seconds / original.seconds:.2f})",
+                        flush=True,
+                    )
                 cases.append(case)
                 report([case], sizes)  # as it goes: a long run shows what it has
             sb.shape()
