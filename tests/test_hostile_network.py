@@ -13,6 +13,9 @@ from tests.support import Lines, no_work_left, processes_of, settings_for
 from tests.test_network_sandbox import needs_network
 from tests.test_openstack_migration import copies_at_destination, site_b_with
 
+from migratio.adapters import processes
+from migratio.adapters.rsync import why_it_failed
+from migratio.config import SshTarget
 from migratio.errors import RemoteError, TransferError
 from migratio.openstack.migration import migrate_to_openstack
 from migratio.request import MigrationRequest
@@ -106,3 +109,42 @@ def test_a_destination_gone_silent_mid_transfer_fails_in_bounded_time(
     assert [(c["id"], c["status"]) for c in copies] == [(result.destination_image_id, "active")]
     arrived = sb.destination.download_to(result.destination_image_id, tmp_path / "arrived")
     assert sha256_file(arrived) == sha256_file(image)
+
+
+LOST = "lost the ssh connection to rsync@backup.example port 22: backup.example stopped answering"
+
+
+@pytest.mark.parametrize(
+    ("code", "stderr", "lost"),
+    [
+        # the connection ended under rsync: all it says is that
+        (255, "rsync: [sender] write error: Broken pipe (32)\n"
+              "rsync error: unexplained error (code 255) at io.c(949) [sender=3.5.0]\n", True),
+        (12, "rsync: connection unexpectedly closed (1234 bytes received so far) [sender]\n"
+             "rsync error: error in rsync protocol data stream (code 12) at io.c(232) "
+             "[sender=3.2.7]\n", True),
+        # ssh's own words (an account whose name starts with "rsync"): shown as they are
+        (255, "rsync@backup.example: Permission denied (publickey).\r\n"
+              "rsync: connection unexpectedly closed (0 bytes received so far) [sender]\n"
+              "rsync error: unexplained error (code 255) at io.c(232) [sender=3.5.0]\n", False),
+        (255, "Host key verification failed.\r\n"
+              "rsync: connection unexpectedly closed (0 bytes received so far) [sender]\n", False),
+        # the rsync there refused its options (an old one: --sparse with --inplace)
+        (12, "rsync: --sparse cannot be used with --inplace\n"
+             "rsync error: syntax or usage error (code 1) at options.c(2215) [server=3.1.2]\n"
+             "rsync: connection unexpectedly closed (0 bytes received so far) [sender]\n"
+             "rsync error: error in rsync protocol data stream (code 12) at io.c(232) "
+             "[sender=3.5.0]\n", False),
+        (12, "mkdir: cannot create directory '.migratio-staging': Permission denied\n"
+             "rsync: connection unexpectedly closed (0 bytes received so far) [sender]\n", False),
+        # a full disk there: exit 11, rsync's words
+        (11, "rsync: [receiver] write failed on \"x.part\": No space left on device (28)\n", False),
+    ],
+)  # fmt: skip
+def test_what_rsync_says_when_its_connection_ends(code: int, stderr: str, lost: bool) -> None:
+    """Only rsync's "the connection ended" lines are said as a lost connection; whatever ssh
+    or the rsync there said is shown as it is."""
+    done = processes.Completed(("rsync",), code, "", stderr)
+    why = why_it_failed(done, SshTarget(user="rsync", host="backup.example"))
+    assert why.startswith(LOST) is lost, why
+    assert done.tail() in why

@@ -21,7 +21,14 @@ from migratio.config import ConfigError, OpenStackSite, load_site
 from migratio.errors import Cancelled, RemoteError
 from migratio.hashing import Digests, file_digests
 from migratio.openstack.bandwidth import ThrottledReader
-from migratio.openstack.compression import TRIAL_KEPT, LinkHistory, PieceCompression, choose
+from migratio.openstack.compression import (
+    TRIAL_KEPT,
+    LinkHistory,
+    PieceCompression,
+    Trial,
+    choose,
+    sample_ratio,
+)
 from migratio.openstack.copies import Owners
 from migratio.openstack.migration import migrate_to_openstack
 from migratio.openstack.streams import layout, piece_size, stream_count
@@ -510,15 +517,77 @@ def test_what_the_trial_found_is_followed_for_an_hour(tmp_path: Path, os_like: P
     # an hour later, or from a file that is not ours, it is tried again
     assert history.trial("site-x", now=found.at + TRIAL_KEPT + 1) is None
     assert history.trial("site-x", now=found.at + TRIAL_KEPT - 60) == found
-    for garbage in (
-        '{"trial": {"algorithm": "gzip", "lz4": 1, "zstd": 1, "at": 1}}',
+    garbage = [
+        '{"trial": {"algorithm": "gzip", "lz4": 1, "zstd": 1, "at": 1, "ratio": 0.3}}',
         '{"trial": {"algorithm": "lz4"}}',
         '{"trial": []}',
         "[1, 2]",
         "{",
-    ):
-        (tmp_path / ".link-site-z.json").write_text(garbage)
+        kept_text("1" + "0" * 400, "1" + "0" * 400),  # too large for a float
+        kept_text("NaN", "NaN"),
+        kept_text("true", '"1e9"'),
+        "[" * 100_000 + "]" * 100_000,  # deeper than the JSON parser goes
+    ]
+    for text in garbage:
+        (tmp_path / ".link-site-z.json").write_text(text)
         assert history.trial("site-z") is None and history.rate("site-z") is None
+        # ... and what the next transfer learns is still written, and read back
+        history.record("site-z", 400 * MiB, 10.0, capped=False, compressed=False)
+        assert history.rate("site-z") == pytest.approx(400 * MiB / 10.0)
+        assert history.trial("site-z") is None
+        history.record_trial("site-z", found)
+        assert history.trial("site-z") == found
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".link-site-x.json",
+        ".link-site-y.json",
+        ".link-site-z.json",
+    ]  # no temporary file left
+
+
+def kept_text(rate: str, lz4: str) -> str:
+    """A ``.link-<site>.json`` with these JSON texts as the link's rate and the trial's lz4."""
+    trial = f'{{"algorithm": "lz4", "lz4": {lz4}, "zstd": 1, "at": 1, "ratio": 0.3}}'
+    return f'{{"bytes_per_s": {rate}, "trial": {trial}}}'
+
+
+def test_a_kept_outcome_is_followed_only_where_it_still_holds(os_like: Path) -> None:
+    """A kept zstd is watched like a trial's, and gives way to lz4 for good if it falls under
+    the trial's lz4 rate; with no core to spare it is tried again, not dropped for the hour;
+    an image whose samples compress differently is tried afresh."""
+    ratio = sample_ratio(os_like)
+    zstd_won = Trial("zstd", lz4=16e6, zstd=24e6, at=time.time() - 120, ratio=ratio)
+    kept = choose("auto", os_like, None, 0.040, idle_cores=2, ratio=ratio, trial=zstd_won)
+    assert kept.algorithm == "zstd" and not kept.provisional
+    assert kept.reason.endswith(
+        ", zstd won the trial 2 min ago (lz4 16, zstd 24 MB/s of file per piece)"
+    )
+    pieces = PieceCompression(kept, streams=2, pieces=8)
+    assert pieces.plan() == "zstd"
+    for k in range(3):
+        assert pieces.for_piece(k) == "zstd"
+    pieces.sent(0, "zstd", 32 * MiB, 1.4)  # 24 MB/s: as the trial found
+    pieces.sent(1, "zstd", 32 * MiB, 4.0)
+    pieces.sent(2, "zstd", 32 * MiB, 4.0)  # a wave at 8 MB/s, under the trial's lz4 16
+    assert [pieces.for_piece(k) for k in (3, 4)] == ["lz4", "lz4"]
+    assert pieces.summary() == "zstd, back to lz4"
+    fell = pieces.outcome()
+    assert (
+        fell is not None and fell.algorithm == "lz4" and fell.zstd == pytest.approx(8.4e6, rel=0.01)
+    )
+    assert fell.lz4 == 16e6 and fell.ratio == ratio  # the next transfers: lz4
+
+    busy = choose("auto", os_like, None, 0.040, idle_cores=0.3, ratio=ratio, trial=zstd_won)
+    assert busy.algorithm == "lz4" and busy.provisional and "no core to spare" in busy.reason
+    assert PieceCompression(busy, streams=2, pieces=8).trial  # tried again
+
+    other_image = choose(
+        "auto", os_like, None, 0.040, idle_cores=2, ratio=ratio + 0.2, trial=zstd_won
+    )
+    assert (
+        other_image.provisional
+        and other_image.kept is None
+        and "won the trial" not in other_image.reason
+    )
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,12 @@ from typing import Any
 def write_json_atomically(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` in one step: readers see the old file or the new one.
 
-    It is written beside ``path`` first (``.NAME.PID``) and renamed into place; if that fails
-    (a full disk, say) the OSError is raised and no temporary file is left behind.
+    It is written beside ``path`` first (``.NAME.PID.THREAD``: two writers never share one) and
+    renamed into place; if that fails (a full disk, say) the OSError is raised and no temporary
+    file is left behind.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
     try:
         tmp.write_text(json.dumps(data))
         tmp.replace(path)

@@ -108,8 +108,9 @@ def push(
         )
     if done.returncode != 0:
         host_key = "Host key verification failed" in done.stderr
+        why = why_it_failed(done, target)
         raise TransferError(
-            f"rsync to {target.destination} failed (exit {done.returncode}): {_why(done, target)}",
+            f"rsync to {target.destination} failed (exit {done.returncode}): {why}",
             retryable=not host_key,
         )
     sent = _SENT.search(done.stdout)
@@ -120,16 +121,23 @@ def push(
     )
 
 
-def _why(done: processes.Completed, target: SshTarget) -> str:
-    """rsync's last words; when its ssh connection ended with none of ssh's own (exit 12 or
-    255, every line rsync's: "connection unexpectedly closed", "Broken pipe"), what that
-    means first."""
-    said_by_ssh = [
-        line for line in done.stderr.splitlines() if line.strip() and not line.startswith("rsync")
-    ]
-    if done.returncode in (12, 255) and not said_by_ssh:
+def why_it_failed(done: processes.Completed, target: SshTarget) -> str:
+    """rsync's last words; when they only say that its connection ended (exit 12 or 255, and
+    every line one of :data:`_CONNECTION_ENDED`'s: "connection unexpectedly closed", "Broken
+    pipe"), what that means first. A line of ssh's (a refused login, a host key) or of the
+    rsync there (an option it does not know) is shown as it is."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    if done.returncode in (12, 255) and lines and all(map(_CONNECTION_ENDED.match, lines)):
         return f"{lost_connection(target)}, or rsync there was stopped ({done.tail()})"
     return done.tail()
+
+
+#: what rsync says, and only says, when its ssh connection ends under it
+_CONNECTION_ENDED = re.compile(
+    r"rsync(?: error)?: (?:\[\w+\] )?(?:connection unexpectedly closed"
+    r"|(?:write|read) error: (?:Broken pipe|Connection reset by peer)"
+    r"|error in rsync protocol data stream \(code 12\)|unexplained error \(code 255\))"
+)
 
 
 def _refused_compression(stderr: str) -> bool:

@@ -36,8 +36,11 @@
    stream has too little left after the experiment to pay for a slower second wave: it goes
    with lz4 throughout.
    What the experiment found is kept beside the link's rate: for :data:`TRIAL_KEPT` seconds
-   the next transfers to the site go with it and do not try again (the losing wave costs
-   seconds each time; a link and the load on it seldom change within the hour).
+   the next transfers to the site of an image whose samples compress within
+   :data:`TRIAL_RATIO_SPAN` of the trial's go with it and do not try again (the losing wave
+   costs seconds each time; a link and the load on it seldom change within the hour). A kept
+   zstd is watched against the trial's lz4 rate as the trial's own choice is, and where no
+   core is spare (3) the transfer tries again instead of giving zstd up for the hour.
 5. **what the peer's rsync supports**: rsync negotiates the algorithm; a peer that knows
    neither zstd nor lz4 (older than 3.2) fails the start of the transfer, which is then
    re-run once without compression (zlib, the old peers' only choice, is 7 to 13 times slower than
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -77,6 +81,8 @@ ZSTD_MARGIN = 1.15
 MIN_WAVES = 3
 #: seconds an experiment's outcome is followed without trying again
 TRIAL_KEPT = 3600.0
+#: ... and only for an image whose samples compress within this of the trial's image's
+TRIAL_RATIO_SPAN = 0.1
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,9 @@ class Choice:
     reason: str
     #: chosen without knowing the link: a transfer in pieces may change it (PieceCompression)
     provisional: bool = False
+    #: the samples' ratio (``auto`` only), and the kept outcome of a trial it follows
+    ratio: float | None = None
+    kept: Trial | None = None
 
     @property
     def compresses(self) -> bool:
@@ -95,13 +104,15 @@ class Choice:
 
 @dataclass(frozen=True)
 class Trial:
-    """What :class:`PieceCompression`'s experiment found: the faster algorithm, and the file
-    bytes per second of each one's pieces."""
+    """What :class:`PieceCompression`'s experiment found: the faster algorithm, the file
+    bytes per second of each one's pieces (zstd's: its last wave, if it fell back to lz4),
+    when it decided, and how well the image's samples compressed."""
 
     algorithm: str
     lz4: float
     zstd: float
     at: float
+    ratio: float
 
     def why(self, now: float) -> str:
         minutes = max(0, round((now - self.at) / 60))
@@ -154,10 +165,13 @@ def choose(
     if setting == "auto" and choice.algorithm == "zstd" and not slow:
         idle = spare_cores() if idle_cores is None else idle_cores
         if idle < 1:
+            # a kept zstd is tried again rather than given up for the hour: the load average
+            # is a minute old, and may be the last job's
             return Choice(
                 "lz4",
                 f"{choice.reason}, but no core to spare ({idle:.1f} idle)",
-                choice.provisional,
+                provisional=choice.provisional or choice.kept is not None,
+                ratio=choice.ratio,
             )
     return choice
 
@@ -186,18 +200,21 @@ def _choose(
     if link_rate is not None:
         why += f", link reached {link_rate / 1e6:.0f} MB/s"
         if link_rate >= LZ4_BELOW:
-            return Choice("none", f"{why}, faster than compression")
-        return Choice("zstd" if link_rate < ZSTD_BELOW else "lz4", why)
-    return _over_an_unknown_link(why, rtt, trial)
+            return Choice("none", f"{why}, faster than compression", ratio=ratio)
+        return Choice("zstd" if link_rate < ZSTD_BELOW else "lz4", why, ratio=ratio)
+    return _over_an_unknown_link(why, ratio, rtt, trial)
 
 
-def _over_an_unknown_link(why: str, rtt: float | None, trial: Trial | None) -> Choice:
-    """The last experiment's outcome, else a guess from the round trip (provisional)."""
-    if trial is not None:
-        return Choice(trial.algorithm, f"{why}, {trial.why(time.time())}")
+def _over_an_unknown_link(why: str, ratio: float, rtt: float | None, trial: Trial | None) -> Choice:
+    """The last experiment's outcome (for an image that compresses about as well), else a
+    guess from the round trip (provisional)."""
+    if trial is not None and abs(trial.ratio - ratio) <= TRIAL_RATIO_SPAN:
+        return Choice(trial.algorithm, f"{why}, {trial.why(time.time())}", ratio=ratio, kept=trial)
     if rtt is not None and rtt >= WAN_RTT:
-        return Choice("zstd", f"{why}, round trip {rtt * 1000:.0f} ms", provisional=True)
-    return Choice("lz4", f"{why}, link rate not known yet", provisional=True)
+        return Choice(
+            "zstd", f"{why}, round trip {rtt * 1000:.0f} ms", provisional=True, ratio=ratio
+        )
+    return Choice("lz4", f"{why}, link rate not known yet", provisional=True, ratio=ratio)
 
 
 class PieceCompression:
@@ -228,7 +245,9 @@ class PieceCompression:
         self.used: list[str] = []
         #: file bytes per second of each trial piece, by the algorithm it went with
         self._rates: dict[str, list[float]] = {"lz4": [], "zstd": []}
+        #: what to keep of the trial (lz4's and zstd's rates), and when it decided
         self._trial_rates: tuple[float, float] | None = None
+        self._trial_at = 0.0
         self._asked: dict[int, str] = {}
         self._decided = not self.trial
         self._tried = False
@@ -237,6 +256,11 @@ class PieceCompression:
         self._reverted = False
         self._full = 0
         self._lock = threading.Lock()
+        #: a zstd that an earlier transfer's trial chose: watched against that trial's lz4
+        self._kept = choice.kept if self.algorithm == "zstd" and choice.kept else None
+        if self._kept is not None:
+            self._tried = True
+            self._rates["lz4"] = [self._kept.lz4]
 
     def plan(self) -> str:
         """What this transfer will do, for the log before it starts."""
@@ -284,6 +308,7 @@ class PieceCompression:
             self._decided = self._tried = True
             self.algorithm = "zstd" if self._zstd_ahead() else "lz4"
             self._trial_rates = (_mean(self._rates["lz4"]), _mean(self._rates["zstd"]))
+            self._trial_at = time.time()
             log.info(
                 "compression: lz4 reached %.0f MB/s of file per piece, zstd %.0f MB/s: "
                 "%s from now on",
@@ -301,6 +326,8 @@ class PieceCompression:
         if len(recent) < self.streams or _mean(recent) >= _mean(self._rates["lz4"]):
             return
         self.algorithm, self._reverted = "lz4", True
+        self._trial_rates = (_mean(self._rates["lz4"]), _mean(recent))  # what is kept: lz4
+        self._trial_at = time.time()
         log.info(
             "compression: zstd's last %d pieces reached %.0f MB/s of file per piece, under "
             "lz4's %.0f MB/s: lz4 from now on",
@@ -315,15 +342,15 @@ class PieceCompression:
     def outcome(self) -> Trial | None:
         """What the experiment found (with a fall back to lz4 after it), if it was made."""
         with self._lock:
-            if self._trial_rates is None:
+            if self._trial_rates is None or self.choice.ratio is None:
                 return None
             lz4, zstd = self._trial_rates
-            return Trial(self.algorithm, lz4, zstd, time.time())
+            return Trial(self.algorithm, lz4, zstd, self._trial_at, self.choice.ratio)
 
     def summary(self) -> str:
         """What the transfer used: ``lz4``, ``lz4, then zstd``, ``lz4, zstd tried, back to lz4``."""
         if self._reverted:
-            return "lz4, then zstd, back to lz4"
+            return "zstd, back to lz4" if self._kept else "lz4, then zstd, back to lz4"
         if self._tried and self.algorithm == "lz4":
             return "lz4, zstd tried, back to lz4"
         return ", then ".join(self.used) or self.algorithm
@@ -331,6 +358,18 @@ class PieceCompression:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
+
+
+def _number(value: object) -> float | None:
+    """A finite JSON number as a float; None for anything else (a bool, a string, NaN, a
+    number too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 class LinkHistory:
@@ -345,9 +384,10 @@ class LinkHistory:
         return self.directory / f".link-{site_id}.json"
 
     def _read(self, site_id: str) -> dict[str, object]:
+        """What is kept for the site; ``{}`` for a file that is missing or not ours."""
         try:
             kept = json.loads(self._path(site_id).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}
         return kept if isinstance(kept, dict) else {}
 
@@ -361,24 +401,22 @@ class LinkHistory:
 
     def rate(self, site_id: str) -> float | None:
         """Bytes per second on the wire last time, or None when unknown."""
-        value = self._read(site_id).get("bytes_per_s")
-        return float(value) if isinstance(value, int | float) and value > 0 else None
+        value = _number(self._read(site_id).get("bytes_per_s"))
+        return value if value is not None and value > 0 else None
 
     def trial(self, site_id: str, now: float | None = None) -> Trial | None:
         """The last experiment's outcome, if it is less than :data:`TRIAL_KEPT` seconds old."""
         kept = self._read(site_id).get("trial")
-        if not isinstance(kept, dict):
+        if not isinstance(kept, dict) or kept.get("algorithm") not in ("lz4", "zstd"):
             return None
-        try:
-            trial = Trial(
-                str(kept["algorithm"]), float(kept["lz4"]), float(kept["zstd"]), float(kept["at"])
-            )
-        except (KeyError, TypeError, ValueError):
+        numbers = [_number(kept.get(key)) for key in ("lz4", "zstd", "at", "ratio")]
+        if any(n is None or n < 0 for n in numbers):
             return None
-        age = (time.time() if now is None else now) - trial.at
-        if trial.algorithm not in ("lz4", "zstd") or not 0 <= age < TRIAL_KEPT:
+        lz4, zstd, at, ratio = (float(n or 0) for n in numbers)
+        age = (time.time() if now is None else now) - at
+        if not 0 <= age < TRIAL_KEPT:
             return None
-        return trial
+        return Trial(str(kept["algorithm"]), lz4, zstd, at, ratio)
 
     def record(
         self, site_id: str, wire_bytes: int, seconds: float, *, capped: bool, compressed: bool
@@ -397,5 +435,6 @@ class LinkHistory:
                 "lz4": trial.lz4,
                 "zstd": trial.zstd,
                 "at": trial.at,
+                "ratio": trial.ratio,
             },
         )
