@@ -1,9 +1,10 @@
-"""Small file operations several modules share."""
+"""Small file and JSON helpers several modules share."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 from pathlib import Path
@@ -26,3 +27,15 @@ def write_json_atomically(path: Path, data: Any) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
+
+
+def finite_number(value: object) -> float | None:
+    """A finite JSON number as a float; None for anything else (a bool, a string, NaN,
+    infinity, an integer too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None

@@ -8,7 +8,6 @@ Outgoing payloads are byte-for-byte what Sidekiq's own client writes.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -21,6 +20,7 @@ from redis.client import Pipeline
 from migratio.atmosphere.keys import FEEDBACK_CLASS, FEEDBACK_QUEUE, MIGRATION_CLASSES, Keys
 from migratio.config import check_site_id
 from migratio.errors import MigratioError, PayloadError
+from migratio.files import finite_number
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _JID = re.compile(r"[0-9a-f]{24}")
@@ -101,7 +101,7 @@ def parse_job(raw: bytes | str) -> MigrationJob:
         destination=destination,
         jid=jid if isinstance(jid, str) and _JID.fullmatch(jid) else "",
         job_class=job_class,
-        enqueued_at=_timestamp(data.get("enqueued_at")),
+        enqueued_at=finite_number(data.get("enqueued_at")),  # seconds since the epoch
     )
 
 
@@ -162,17 +162,6 @@ def too_deep(raw: bytes) -> bool:
         elif char in b"]}":
             depth -= 1
     return False
-
-
-def _timestamp(value: Any) -> float | None:
-    """A Sidekiq timestamp (seconds since the epoch), or None when it is not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        stamp = float(value)
-    except OverflowError:
-        return None
-    return stamp if math.isfinite(stamp) else None
 
 
 def shown(value: object) -> str:

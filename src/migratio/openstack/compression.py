@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -60,7 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from migratio.files import write_json_atomically
+from migratio.files import finite_number, write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -360,18 +359,6 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def _number(value: object) -> float | None:
-    """A finite JSON number as a float; None for anything else (a bool, a string, NaN, a
-    number too large for a float)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 class LinkHistory:
     """What the transfers to each site found out, kept across jobs and restarts
     (``.link-<site>.json``): the wire rate the last uncompressed one reached, and the outcome
@@ -401,7 +388,7 @@ class LinkHistory:
 
     def rate(self, site_id: str) -> float | None:
         """Bytes per second on the wire last time, or None when unknown."""
-        value = _number(self._read(site_id).get("bytes_per_s"))
+        value = finite_number(self._read(site_id).get("bytes_per_s"))
         return value if value is not None and value > 0 else None
 
     def trial(self, site_id: str, now: float | None = None) -> Trial | None:
@@ -409,7 +396,7 @@ class LinkHistory:
         kept = self._read(site_id).get("trial")
         if not isinstance(kept, dict) or kept.get("algorithm") not in ("lz4", "zstd"):
             return None
-        numbers = [_number(kept.get(key)) for key in ("lz4", "zstd", "at", "ratio")]
+        numbers = [finite_number(kept.get(key)) for key in ("lz4", "zstd", "at", "ratio")]
         if any(n is None or n < 0 for n in numbers):
             return None
         lz4, zstd, at, ratio = (float(n or 0) for n in numbers)
