@@ -123,6 +123,10 @@ LOST = "lost the ssh connection to rsync@backup.example port 22: backup.example 
         (12, "rsync: connection unexpectedly closed (1234 bytes received so far) [sender]\n"
              "rsync error: error in rsync protocol data stream (code 12) at io.c(232) "
              "[sender=3.2.7]\n", True),
+        (12, "rsync: [sender] safe_write failed to write 4 bytes to socket: Broken pipe (32)\r\n"
+             "rsync error: error in rsync protocol data stream (code 12) at io.c(320) "
+             "[sender=3.2.7]\r\n", True),
+        (255, "", True),  # nothing at all: ssh went without a word
         # ssh's own words (an account whose name starts with "rsync"): shown as they are
         (255, "rsync@backup.example: Permission denied (publickey).\r\n"
               "rsync: connection unexpectedly closed (0 bytes received so far) [sender]\n"

@@ -555,13 +555,21 @@ def test_a_kept_outcome_is_followed_only_where_it_still_holds(os_like: Path) -> 
     the trial's lz4 rate; with no core to spare it is tried again, not dropped for the hour;
     an image whose samples compress differently is tried afresh."""
     ratio = sample_ratio(os_like)
-    zstd_won = Trial("zstd", lz4=16e6, zstd=24e6, at=time.time() - 120, ratio=ratio)
+    zstd_won = Trial("zstd", lz4=16e6, zstd=24e6, at=time.time() - 120, ratio=ratio, streams=2)
     kept = choose("auto", os_like, None, 0.040, idle_cores=2, ratio=ratio, trial=zstd_won)
     assert kept.algorithm == "zstd" and not kept.provisional
     assert kept.reason.endswith(
         ", zstd won the trial 2 min ago (lz4 16, zstd 24 MB/s of file per piece)"
     )
-    pieces = PieceCompression(kept, streams=2, pieces=8)
+    ending = PieceCompression(kept, streams=2, pieces=3, piece_size=32 * MiB)
+    for k in range(3):
+        assert ending.for_piece(k) == "zstd"
+    ending.sent(0, "zstd", 32 * MiB, 1.4)
+    ending.sent(1, "zstd", 32 * MiB, 1.4)
+    ending.sent(2, "zstd", 1 * MiB, 0.5)  # the file's last, short piece: its start weighs more
+    assert ending.summary() == "zstd" and ending.outcome() is None  # kept as it is
+
+    pieces = PieceCompression(kept, streams=2, pieces=8, piece_size=32 * MiB)
     assert pieces.plan() == "zstd"
     for k in range(3):
         assert pieces.for_piece(k) == "zstd"
@@ -575,6 +583,17 @@ def test_a_kept_outcome_is_followed_only_where_it_still_holds(os_like: Path) -> 
         fell is not None and fell.algorithm == "lz4" and fell.zstd == pytest.approx(8.4e6, rel=0.01)
     )
     assert fell.lz4 == 16e6 and fell.ratio == ratio  # the next transfers: lz4
+
+    # a trial over 2 streams, followed over 4: each piece has half the link it had then
+    wider = PieceCompression(kept, streams=4, pieces=16, piece_size=32 * MiB)
+    for k in range(4):
+        wider.sent(k, "zstd", 32 * MiB, 3.5)  # 9.6 MB/s a piece: 38 for the four, not a fall
+    assert wider.for_piece(4) == "zstd"
+
+    refused = PieceCompression(kept, streams=2, pieces=8, piece_size=32 * MiB)
+    assert refused.for_piece(0) == "zstd"
+    refused.sent(0, "none", 32 * MiB, 1.0)  # the rsync there no longer does zstd
+    assert refused.for_piece(1) == "lz4"  # which the kept trial's lz4 wave went through with
 
     busy = choose("auto", os_like, None, 0.040, idle_cores=0.3, ratio=ratio, trial=zstd_won)
     assert busy.algorithm == "lz4" and busy.provisional and "no core to spare" in busy.reason

@@ -126,9 +126,10 @@ def why_it_failed(done: processes.Completed, target: SshTarget) -> str:
     every line one of :data:`_CONNECTION_ENDED`'s: "connection unexpectedly closed", "Broken
     pipe"), what that means first. A line of ssh's (a refused login, a host key) or of the
     rsync there (an option it does not know) is shown as it is."""
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    if done.returncode in (12, 255) and lines and all(map(_CONNECTION_ENDED.match, lines)):
-        return f"{lost_connection(target)}, or rsync there was stopped ({done.tail()})"
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    if done.returncode in (12, 255) and all(map(_CONNECTION_ENDED.match, lines)):
+        said = f" ({' | '.join(lines[-5:])})" if lines else ""
+        return f"{lost_connection(target)}, or rsync there was stopped{said}"
     return done.tail()
 
 
@@ -136,6 +137,8 @@ def why_it_failed(done: processes.Completed, target: SshTarget) -> str:
 _CONNECTION_ENDED = re.compile(
     r"rsync(?: error)?: (?:\[\w+\] )?(?:connection unexpectedly closed"
     r"|(?:write|read) error: (?:Broken pipe|Connection reset by peer)"
+    r"|safe_(?:read|write) failed to (?:read|write) \d+ bytes[^:]*: "
+    r"(?:Broken pipe|Connection reset by peer)"
     r"|error in rsync protocol data stream \(code 12\)|unexplained error \(code 255\))"
 )
 

@@ -112,6 +112,8 @@ class Trial:
     zstd: float
     at: float
     ratio: float
+    #: the streams its pieces shared the link with (a piece's rate falls as they grow)
+    streams: int = 1
 
     def why(self, now: float) -> str:
         minutes = max(0, round((now - self.at) / 60))
@@ -234,7 +236,7 @@ class PieceCompression:
     not zstd keeps lz4.
     """
 
-    def __init__(self, choice: Choice, streams: int, pieces: int) -> None:
+    def __init__(self, choice: Choice, streams: int, pieces: int, piece_size: int = 0) -> None:
         self.choice = choice
         self.streams = max(1, min(streams, pieces))
         unknown = choice.provisional and choice.compresses
@@ -253,13 +255,15 @@ class PieceCompression:
         #: file bytes per second of zstd's pieces after the trial chose it (all full pieces)
         self._after: list[float] = []
         self._reverted = False
-        self._full = 0
+        #: the size of a whole piece: the file's last, shorter one is not watched
+        self._full = piece_size
         self._lock = threading.Lock()
         #: a zstd that an earlier transfer's trial chose: watched against that trial's lz4
         self._kept = choice.kept if self.algorithm == "zstd" and choice.kept else None
         if self._kept is not None:
+            # per piece, as if that trial's link had been shared by as many streams as now
             self._tried = True
-            self._rates["lz4"] = [self._kept.lz4]
+            self._rates["lz4"] = [self._kept.lz4 * self._kept.streams / self.streams]
 
     def plan(self) -> str:
         """What this transfer will do, for the log before it starts."""
@@ -289,7 +293,9 @@ class PieceCompression:
                 self.used.append(algorithm)
             if algorithm == "none" and asked != "none":
                 # the peer refused: a zstd piece after lz4 ones went through, lz4 is known to work
-                keep = "lz4" if asked == "zstd" and "lz4" in self.used else "none"
+                # lz4 went through: in this transfer, or in the kept trial's with this peer
+                lz4_works = "lz4" in self.used or self._kept is not None
+                keep = "lz4" if asked == "zstd" and lz4_works else "none"
                 if not self._decided or self.algorithm != keep:
                     log.info("compression %s from now on (the peer cannot do %s)", keep, asked)
                 self.algorithm, self._decided = keep, True
@@ -344,10 +350,11 @@ class PieceCompression:
             if self._trial_rates is None or self.choice.ratio is None:
                 return None
             lz4, zstd = self._trial_rates
-            return Trial(self.algorithm, lz4, zstd, self._trial_at, self.choice.ratio)
+            return Trial(self.algorithm, lz4, zstd, self._trial_at, self.choice.ratio, self.streams)
 
     def summary(self) -> str:
-        """What the transfer used: ``lz4``, ``lz4, then zstd``, ``lz4, zstd tried, back to lz4``."""
+        """What the transfer used: ``lz4``, ``lz4, then zstd``, ``lz4, zstd tried, back to lz4``,
+        ``lz4, then zstd, back to lz4``; after a kept zstd, ``zstd`` or ``zstd, back to lz4``."""
         if self._reverted:
             return "zstd, back to lz4" if self._kept else "lz4, then zstd, back to lz4"
         if self._tried and self.algorithm == "lz4":
@@ -396,14 +403,16 @@ class LinkHistory:
         kept = self._read(site_id).get("trial")
         if not isinstance(kept, dict) or kept.get("algorithm") not in ("lz4", "zstd"):
             return None
-        numbers = [finite_number(kept.get(key)) for key in ("lz4", "zstd", "at", "ratio")]
+        numbers = [finite_number(kept.get(k)) for k in ("lz4", "zstd", "at", "ratio", "streams")]
         if any(n is None or n < 0 for n in numbers):
             return None
-        lz4, zstd, at, ratio = (float(n or 0) for n in numbers)
+        lz4, zstd, at, ratio, streams = (float(n or 0) for n in numbers)
+        if not 1 <= streams <= 64:
+            return None
         age = (time.time() if now is None else now) - at
         if not 0 <= age < TRIAL_KEPT:
             return None
-        return Trial(str(kept["algorithm"]), lz4, zstd, at, ratio)
+        return Trial(str(kept["algorithm"]), lz4, zstd, at, ratio, int(streams))
 
     def record(
         self, site_id: str, wire_bytes: int, seconds: float, *, capped: bool, compressed: bool
@@ -423,5 +432,6 @@ class LinkHistory:
                 "zstd": trial.zstd,
                 "at": trial.at,
                 "ratio": trial.ratio,
+                "streams": trial.streams,
             },
         )

@@ -410,7 +410,9 @@ class Migration(MigrationRun):
         assert self.master is not None
         history = LinkHistory(self.settings.staging_dir)
         size = payload.stat().st_size
-        per_piece = None if piece is None else PieceCompression(choice, streams, -(-size // piece))
+        per_piece = (
+            None if piece is None else PieceCompression(choice, streams, -(-size // piece), piece)
+        )
         plan = choice.algorithm if per_piece is None else per_piece.plan()
         log.info("compression %s (%s)", plan, choice.reason)
         on_progress = self.progress("Transferring", size)
