@@ -23,6 +23,7 @@ from migratio.hashing import Digests, file_digests
 from migratio.openstack.bandwidth import ThrottledReader
 from migratio.openstack.compression import (
     TRIAL_KEPT,
+    ZSTD_MARGIN,
     LinkHistory,
     PieceCompression,
     Trial,
@@ -642,11 +643,18 @@ def test_a_slow_link_is_found_by_the_first_pieces_and_gets_zstd(
 
 
 @pytest.mark.slow
-def test_auto_keeps_lz4_where_zstd_would_be_slower(clean_sandbox: Sandbox, tmp_path: Path) -> None:
-    """On a fast link zstd makes the transfer CPU-bound: its wave is slower, lz4 carries on."""
+def test_auto_follows_what_its_trial_measured_on_a_fast_link(
+    clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """On the unshaped link both algorithms are tried on real pieces, and the rest goes with
+    the one the trial measured faster (zstd only by the margin; back to lz4 should zstd fall),
+    which is kept for the next transfers. Which one wins here depends on the machine: on the
+    slower machines of November lz4 did (zstd made the transfer CPU-bound), on a faster one
+    zstd's smaller output won by up to 25 %; the rule itself is pinned down with fixed rates in
+    test_auto_tries_lz4_against_zstd_on_an_unknown_link, and zstd's win on a slow link in
+    test_a_slow_link_is_found_by_the_first_pieces_and_gets_zstd."""
     sb = clean_sandbox
-    # 9 pieces over 2 streams: should a load beside the test slow lz4's trial wave, the zstd
-    # pieces after it (two waves) bring lz4 back
+    # 9 pieces over 2 streams: two trial waves, and a wave after them for the watch
     image = make_os_like_qcow2(tmp_path / "os.qcow2", virtual_size=512 * MiB, data_bytes=272 * MiB)
     image_id = sb.source.upload_image(image, name="fast-link", disk_format="qcow2")
     settings = settings_for(sb, tmp_path, **{"site-t": site_b_with(sb, "STREAMS=2")})
@@ -655,10 +663,23 @@ def test_auto_keeps_lz4_where_zstd_would_be_slower(clean_sandbox: Sandbox, tmp_p
     arrived = tmp_path / "arrived"
     sb.destination.download_to(result.destination_image_id, arrived)
     assert sha256_file(arrived) == sha256_file(image)
+    assert result.bytes_sent < image.stat().st_size  # compressed, whichever won
     [transferred] = [line for line in lines if line.startswith("Transfered")]
-    assert transferred.endswith("back to lz4)"), transferred  # the trial's, or after a fall
+    summary = transferred.rsplit("compression ", 1)[1].rstrip(")")
+    assert summary in (
+        "lz4, zstd tried, back to lz4",
+        "lz4, then zstd",
+        "lz4, then zstd, back to lz4",
+    )
     kept = LinkHistory(settings.staging_dir).trial("site-t")
-    assert kept is not None and kept.algorithm == "lz4"  # the next transfers skip the trial
+    assert kept is not None and kept.lz4 > 0 and kept.zstd > 0 and kept.streams == 2
+    assert kept.algorithm == summary.rsplit(", ", 1)[1].split()[-1]  # what the transfer ended with
+    if summary == "lz4, then zstd":
+        assert kept.zstd >= ZSTD_MARGIN * kept.lz4  # the trial's rates, as measured
+    elif summary == "lz4, zstd tried, back to lz4":
+        assert kept.zstd < ZSTD_MARGIN * kept.lz4
+    else:
+        assert kept.zstd < kept.lz4  # zstd's last wave, under lz4's trial rate
 
 
 def lz4_size(image: Path) -> int:
