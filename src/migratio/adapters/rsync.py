@@ -121,6 +121,16 @@ def push(
     )
 
 
+#: what rsync says, and only says, when its ssh connection ends under it
+_CONNECTION_ENDED = re.compile(
+    r"rsync(?: error)?: (?:\[\w+\] )?(?:connection unexpectedly closed"
+    r"|(?:write|read) error: (?:Broken pipe|Connection reset by peer)"
+    r"|safe_(?:read|write) failed to (?:read|write) \d+ bytes[^:]*: "
+    r"(?:Broken pipe|Connection reset by peer)"
+    r"|error in rsync protocol data stream \(code 12\)|unexplained error \(code 255\))"
+)
+
+
 def why_it_failed(done: processes.Completed, target: SshTarget) -> str:
     """rsync's last words; when they only say that its connection ended (exit 12 or 255, and
     every line one of :data:`_CONNECTION_ENDED`'s: "connection unexpectedly closed", "Broken
@@ -131,16 +141,6 @@ def why_it_failed(done: processes.Completed, target: SshTarget) -> str:
         said = f" ({' | '.join(lines[-5:])})" if lines else ""
         return f"{lost_connection(target)}, or rsync there was stopped{said}"
     return done.tail()
-
-
-#: what rsync says, and only says, when its ssh connection ends under it
-_CONNECTION_ENDED = re.compile(
-    r"rsync(?: error)?: (?:\[\w+\] )?(?:connection unexpectedly closed"
-    r"|(?:write|read) error: (?:Broken pipe|Connection reset by peer)"
-    r"|safe_(?:read|write) failed to (?:read|write) \d+ bytes[^:]*: "
-    r"(?:Broken pipe|Connection reset by peer)"
-    r"|error in rsync protocol data stream \(code 12\)|unexplained error \(code 255\))"
-)
 
 
 def _refused_compression(stderr: str) -> bool:

@@ -49,6 +49,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -292,8 +293,8 @@ class PieceCompression:
             if algorithm not in self.used:
                 self.used.append(algorithm)
             if algorithm == "none" and asked != "none":
-                # the peer refused: a zstd piece after lz4 ones went through, lz4 is known to work
-                # lz4 went through: in this transfer, or in the kept trial's with this peer
+                # the peer refused: if lz4 went through (in this transfer, or in the kept
+                # trial's with this peer), lz4 is known to work
                 lz4_works = "lz4" in self.used or self._kept is not None
                 keep = "lz4" if asked == "zstd" and lz4_works else "none"
                 if not self._decided or self.algorithm != keep:
@@ -393,26 +394,18 @@ class LinkHistory:
         except OSError as exc:
             log.warning("cannot remember the link to %s: %s", site_id, exc)
 
+    def known(self, site_id: str) -> tuple[float | None, Trial | None]:
+        """:meth:`rate` and :meth:`trial`, from one read of the file."""
+        kept = self._read(site_id)
+        return _rate_in(kept), _trial_in(kept, time.time())
+
     def rate(self, site_id: str) -> float | None:
         """Bytes per second on the wire last time, or None when unknown."""
-        value = finite_number(self._read(site_id).get("bytes_per_s"))
-        return value if value is not None and value > 0 else None
+        return _rate_in(self._read(site_id))
 
     def trial(self, site_id: str, now: float | None = None) -> Trial | None:
         """The last experiment's outcome, if it is less than :data:`TRIAL_KEPT` seconds old."""
-        kept = self._read(site_id).get("trial")
-        if not isinstance(kept, dict) or kept.get("algorithm") not in ("lz4", "zstd"):
-            return None
-        numbers = [finite_number(kept.get(k)) for k in ("lz4", "zstd", "at", "ratio", "streams")]
-        if any(n is None or n < 0 for n in numbers):
-            return None
-        lz4, zstd, at, ratio, streams = (float(n or 0) for n in numbers)
-        if not 1 <= streams <= 64:
-            return None
-        age = (time.time() if now is None else now) - at
-        if not 0 <= age < TRIAL_KEPT:
-            return None
-        return Trial(str(kept["algorithm"]), lz4, zstd, at, ratio, int(streams))
+        return _trial_in(self._read(site_id), time.time() if now is None else now)
 
     def record(
         self, site_id: str, wire_bytes: int, seconds: float, *, capped: bool, compressed: bool
@@ -424,14 +417,23 @@ class LinkHistory:
 
     def record_trial(self, site_id: str, trial: Trial) -> None:
         """Remember what an experiment found (:meth:`PieceCompression.outcome`)."""
-        self._write(
-            site_id,
-            trial={
-                "algorithm": trial.algorithm,
-                "lz4": trial.lz4,
-                "zstd": trial.zstd,
-                "at": trial.at,
-                "ratio": trial.ratio,
-                "streams": trial.streams,
-            },
-        )
+        self._write(site_id, trial=dataclasses.asdict(trial))
+
+
+def _rate_in(kept: dict[str, object]) -> float | None:
+    value = finite_number(kept.get("bytes_per_s"))
+    return value if value is not None and value > 0 else None
+
+
+def _trial_in(kept: dict[str, object], now: float) -> Trial | None:
+    trial = kept.get("trial")
+    if not isinstance(trial, dict) or trial.get("algorithm") not in ("lz4", "zstd"):
+        return None
+    numbers = [finite_number(trial.get(k)) for k in ("lz4", "zstd", "at", "ratio", "streams")]
+    values = [n for n in numbers if n is not None and n >= 0]
+    if len(values) < len(numbers):
+        return None
+    lz4, zstd, at, ratio, streams = values
+    if not 1 <= streams <= 64 or not 0 <= now - at < TRIAL_KEPT:
+        return None
+    return Trial(str(trial["algorithm"]), lz4, zstd, at, ratio, int(streams))

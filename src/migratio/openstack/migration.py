@@ -463,9 +463,7 @@ class Migration(MigrationRun):
     ) -> Choice:
         """How rsync compresses ``payload``: the site's ``COMPRESS``, or what ``auto`` finds
         (from ``sampled``, its samples' ratio, when they were taken already)."""
-        history = LinkHistory(self.settings.staging_dir)
-        link_rate = history.rate(self.site.site_id)
-        trial = history.trial(self.site.site_id)
+        link_rate, trial = LinkHistory(self.settings.staging_dir).known(self.site.site_id)
         ratio = None
         if sampled is not None:
             try:
