@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -38,7 +39,7 @@ class PeakRss:
 
     def _watch(self) -> None:
         status = Path(f"/proc/{self._proc.pid}/status")
-        while self._proc.poll() is None:
+        while self._running():
             try:
                 for line in status.read_text().splitlines():
                     if line.startswith("VmHWM:"):
@@ -46,6 +47,14 @@ class PeakRss:
             except OSError:
                 break
             time.sleep(self._interval)
+
+    def _running(self) -> bool:
+        """Asked without reaping it (WNOWAIT): the caller's ``wait4`` takes its usage."""
+        try:
+            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+            return os.waitid(os.P_PID, self._proc.pid, flags) is None
+        except ChildProcessError:  # reaped already
+            return False
 
     def join(self) -> None:
         """Wait for the watcher (call after the process has exited)."""

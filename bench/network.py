@@ -388,7 +388,7 @@ def report(cases: list[Case], sizes: dict[str, int]) -> None:
             )
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--data-gib", type=float, default=1.0)
@@ -402,18 +402,30 @@ def main() -> int:
         help="also time REGISTER=ssh with COMPRESS fixed to each of these",
     )
     parser.add_argument(
+        "--remote-upload",
+        choices=["auto", "cli"],
+        default="auto",
+        help="REMOTE_UPLOAD of the ssh site: auto (the helper PUTs to Glance's API) or cli "
+        "(the helper feeds glance image-create, as before 2 December)",
+    )
+    parser.add_argument(
         "--compile-each-run",
         action="store_true",
         help="under PYTHONDONTWRITEBYTECODE, let migratio compile its modules at every start "
         "(default: once, beforehand, as an installed package has them)",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     missing = network_missing()
     if missing:
         raise SystemExit(f"bench/network.py needs the two-host sandbox: {missing}")
 
     each = args.compile_each_run and bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
     print(f"migratio's bytecode: {'compiled at every start' if each else 'as installed'}")
+    print(f"REMOTE_UPLOAD={args.remote_upload}")
     with (
         installed_bytecode(not args.compile_each_run),
         tempfile.TemporaryDirectory(prefix="migratio-bench-net-") as tmp,
@@ -438,6 +450,9 @@ def main() -> int:
                 kind: sb.source.upload_image(path, name=f"bench-{kind}", disk_format="qcow2")
                 for kind, path in images.items()
             }
+            if args.remote_upload != "auto":
+                conf = sb.site_conf.read_text()
+                sb.site_conf.write_text(conf + f"export REMOTE_UPLOAD={args.remote_upload}\n")
             none_conf = sb.sites_dir / "site-b-none.conf"
             none_conf.write_text(sb.site_conf.read_text() + "export COMPRESS=none\n")
             for algorithm in args.compress:

@@ -2,23 +2,32 @@
 
 The sandbox's Glance accepts any token, so what is under test here is migratio's side:
 getting a token from Keystone with the operator's ``OS_*`` variables and finding the
-``image`` endpoint in the catalog Keystone returns with it.
+``image`` endpoint in the catalog Keystone returns with it -- by keystoneauth1 here, and by
+the upload helper's own standard-library client at a destination (``REMOTE_UPLOAD=auto``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 from glanceclient.exc import CommunicationError, HTTPNotFound
 from tests.sandbox.images import make_qcow2
 from tests.sandbox.keystone_server import KeystoneServer
+from tests.sandbox.old_python import oldest_python
 from tests.sandbox.ports import free_port
 from tests.sandbox.site import Sandbox
 
 from migratio.adapters.glance_api import GlanceApi
+from migratio.adapters.glance_cli import follow_upload_source
 from migratio.cli import main
 from migratio.config import OpenStackCredentials
 from migratio.errors import GlanceError
@@ -223,3 +232,102 @@ def test_check_reports_source_glance_ok_with_keystone(
     assert keystone.auth_url in line
     assert keystone.admin_password not in out
     assert code == 0, out
+
+
+# --- the upload helper at a destination, with a Keystone password in its ~/.creds ---------------
+
+
+def run_helper(
+    python: str, env: Mapping[str, str], data: bytes, work: Path, **fields: str
+) -> tuple[subprocess.CompletedProcess[str], bytes]:
+    """The upload helper, run here as ssh runs it there (``python -c``, the creds' variables in
+    its environment), on a file that has arrived whole; what it printed, and what the glance
+    command it falls back to (``cat`` into a file, here) was given."""
+    arrived, given = work / "arrived.part", work / "given"
+    arrived.write_bytes(data)
+    given.write_bytes(b"")
+    fields = {"disk_format": "raw", "container_format": "bare", **fields}
+    helper = subprocess.Popen(
+        [python, "-c", follow_upload_source(), f"--http-fields={json.dumps(fields)}",
+         str(arrived), str(len(data)), "sha256", hashlib.sha256(data).hexdigest(), "30",
+         "--", "sh", "-c", 'exec cat > "$1"', "sh", str(given)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PATH": os.environ["PATH"], "LANG": "C", **env},
+    )  # fmt: skip
+    assert helper.stdin is not None
+    helper.stdin.write("done\n")  # as migratio says it once rsync has finished
+    helper.stdin.flush()
+    out, err = helper.communicate(timeout=120)
+    return subprocess.CompletedProcess(helper.args, helper.returncode, out, err), given.read_bytes()
+
+
+@pytest.fixture(scope="module", params=["python3", "oldest"])
+def helper_python(request: pytest.FixtureRequest) -> str:
+    return sys.executable if request.param == "python3" else str(oldest_python())
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {},  # names, with their domains
+        {"OS_USER_DOMAIN_NAME": "", "OS_PROJECT_DOMAIN_NAME": "", "OS_REGION_NAME": ""},
+        {
+            "OS_PROJECT_NAME": "",
+            "OS_TENANT_NAME": "admin",
+            "OS_INTERFACE": "",
+            "OS_ENDPOINT_TYPE": "publicURL",
+        },  # the original's v2-style names
+    ],
+    ids=["v3-names", "no-domains", "tenant"],
+)
+def test_the_upload_helper_gets_its_token_from_keystone(
+    keystone: KeystoneServer,
+    sandbox: Sandbox,
+    tmp_path: Path,
+    helper_python: str,
+    variables: dict[str, str],
+) -> None:
+    """With a Keystone password in the creds, the helper finds Glance in the catalog and
+    uploads through its API itself: the image is active with the bytes; the CLI got nothing."""
+    data = os.urandom(3 * MiB + 5)
+    name = f"helper-{uuid.uuid4()}"
+    done, given = run_helper(
+        helper_python, admin_vars(keystone, **variables), data, tmp_path, name=name
+    )
+    assert done.returncode == 0, done.stderr
+    assert "upload via http" in done.stdout.splitlines()
+    assert given == b""
+    [record] = [json.loads(line[6:]) for line in done.stdout.splitlines() if line[:6] == "image "]
+    assert record["name"] == name and record["status"] == "active"
+    assert record["size"] == len(data)
+    got = sandbox.source.download_to(record["id"], tmp_path / "got")
+    assert got.read_bytes() == data
+    assert not (tmp_path / "arrived.part").exists()  # it is in Glance now
+    sandbox.source.client().images.delete(record["id"])
+    assert keystone.admin_password not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("variables", "why"),
+    [
+        ({"OS_PASSWORD": "not-the-Password-42"}, "answered HTTP 401"),
+        ({"https_proxy": "http://127.0.0.1:9"}, "a proxy is set in https_proxy"),
+        ({"OS_AUTH_TYPE": "v3applicationcredential"}, "OS_AUTH_TYPE is v3applicationcredential"),
+        ({"OS_REGION_NAME": "Nowhere"}, "no public image endpoint in region Nowhere"),
+    ],
+    ids=["refused", "proxy", "other-plugin", "no-endpoint"],
+)
+def test_credentials_the_helper_cannot_use_go_to_the_glance_cli(
+    keystone: KeystoneServer, tmp_path: Path, variables: dict[str, str], why: str
+) -> None:
+    """Before anything is made, the helper hands the upload to the CLI, and says why."""
+    data = os.urandom(MiB)
+    done, given = run_helper(
+        sys.executable, admin_vars(keystone, **variables), data, tmp_path, name="to-the-cli"
+    )
+    assert done.returncode == 0, done.stderr
+    [way] = [line for line in done.stdout.splitlines() if line.startswith("upload via")]
+    assert way.startswith("upload via cli (") and why in way
+    assert given == data
+    for secret in (keystone.admin_password, "not-the-Password-42"):
+        assert secret not in done.stdout + done.stderr

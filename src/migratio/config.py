@@ -175,6 +175,9 @@ class OpenStackSite:
     remote_creds: str = "~/.creds"
     remote_glance: str = "glance"
     remote_python: str = "python3"
+    #: how the helper there puts the file into Glance: ``auto`` (its API, with the credentials
+    #: of ``remote_creds``, when it understands them; else the CLI) or ``cli`` (``glance``)
+    remote_upload: Literal["auto", "cli"] = "auto"
     #: rsync compression: auto (decided per image, see openstack.compression), zstd, lz4, none
     compress: Literal["auto", "zstd", "lz4", "none"] = "auto"
     #: the cap, in bytes per second, of what goes over the link to this site (None: no cap)
@@ -434,8 +437,8 @@ SITE_KEYS = frozenset(
         # OpenStack over SSH
         "EXTERNAL_USER", "EXTERNAL_HOST", "SSH_PORT", "SSH_KEY", "SSH_KNOWN_HOSTS",
         "SSH_CIPHERS", "SSH_CONNECT_TIMEOUT", "REMOTE_STAGING_DIR", "REMOTE_CREDS",
-        "REMOTE_GLANCE", "REMOTE_PYTHON", "DISK_FORMAT", "REGISTER", "COMPRESS", "BWLIMIT",
-        "STREAMS",
+        "REMOTE_GLANCE", "REMOTE_PYTHON", "REMOTE_UPLOAD", "DISK_FORMAT", "REGISTER", "COMPRESS",
+        "BWLIMIT", "STREAMS",
         # OpenStack through its API (an openrc's keys)
         "OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD", "OS_PROJECT_NAME", "OS_TENANT_NAME",
         "OS_PROJECT_ID", "OS_TENANT_ID", "OS_USER_DOMAIN_NAME", "OS_PROJECT_DOMAIN_NAME",
@@ -511,11 +514,21 @@ def _site_from_values(site_id: str, path: Path, values: Mapping[str, str]) -> Si
         remote_creds=values.get("REMOTE_CREDS") or "~/.creds",
         remote_glance=values.get("REMOTE_GLANCE") or "glance",
         remote_python=values.get("REMOTE_PYTHON") or "python3",
+        remote_upload=_remote_upload(values, path),
         compress=compress,  # type: ignore[arg-type]  # checked above
         bwlimit=bwlimit,
         streams=streams,
         max_parallel=_max_parallel(values, path),
     )
+
+
+def _remote_upload(values: Mapping[str, str], path: Path) -> Literal["auto", "cli"]:
+    text = (values.get("REMOTE_UPLOAD") or "auto").lower()
+    if text == "auto":
+        return "auto"
+    if text == "cli":
+        return "cli"
+    raise ConfigError(f"{path}: REMOTE_UPLOAD must be auto or cli, not {values['REMOTE_UPLOAD']!r}")
 
 
 def _max_parallel(values: Mapping[str, str], path: Path) -> int:

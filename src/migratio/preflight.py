@@ -127,10 +127,12 @@ def _check_openstack(site: OpenStackSite) -> Iterator[Check]:
         return
     remote = [
         ("remote rsync", ["rsync", "--version"], False),
-        (  # the upload helper itself, in a mode that touches nothing
+        (  # the upload helper itself, in a mode that makes nothing (a token, at most)
             f"remote {site.remote_python}",
-            [site.remote_python, "-c", follow_upload_source(), "--check"],
-            False,
+            [site.remote_python, "-c", follow_upload_source(), "--check", "--http"]
+            if site.remote_upload == "auto"
+            else [site.remote_python, "-c", follow_upload_source(), "--check"],
+            site.remote_upload == "auto",
         ),
         (
             "remote staging dir",

@@ -5,7 +5,9 @@ Every argument is quoted by :mod:`migratio.adapters.ssh`; the CLI's tables are p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -156,6 +158,15 @@ def _names(image_id: str, disk_format: str, tags: Sequence[str | None] | None) -
     return ["(", *tests, ")"]
 
 
+def upload_way(printed: str) -> str:
+    """How the upload helper put the file into Glance, as it said (``via http``, ``via cli
+    (why)``); an older helper, or REMOTE_UPLOAD=cli, says nothing: the glance CLI."""
+    for line in printed.splitlines():
+        if line.startswith("upload via "):
+            return line[len("upload ") :]
+    return "via cli"
+
+
 def follow_upload_source() -> str:
     """The Python source of the remote helper that feeds the growing file to glance."""
     return resources.files("migratio.remote").joinpath("follow_upload.py").read_text("utf-8")
@@ -300,17 +311,44 @@ class RemoteGlance:
     ) -> processes.Child:
         """Start creating the image there from ``remote_path`` while rsync still writes it.
 
-        The helper feeds the growing file to ``glance image-create`` (which reads its data
-        from stdin) and only lets it finish on exactly ``size`` bytes with the right digest;
-        the CLI then prints the final image record, which :func:`parse_table` reads.
+        The helper feeds the growing file to Glance and only lets the upload finish on exactly
+        ``size`` bytes with the right digest: with ``REMOTE_UPLOAD=auto`` through Glance's API
+        itself, when it understands the credentials there, else into ``glance image-create``
+        (which reads its data from stdin). What it printed is read by :meth:`uploaded`.
         With ``segment_size`` the file arrives as ``remote_path.0``, ``.1``... (one per stream).
         """
         helper = [self.site.remote_python, "-c", follow_upload_source()]
         if segment_size:
             helper.append(f"--segment-size={segment_size}")
+        if self.site.remote_upload == "auto":
+            helper.append(f"--http-fields={json.dumps(dict(fields), sort_keys=True)}")
         args = [remote_path, str(size), algo, digest, str(int(idle)), "--"]
         command = self._glance(*self.create_args(fields))
         return self.ssh.start([*helper, *args, *command], what="remote glance upload")
+
+    def uploaded(
+        self, printed: str, fields: Mapping[str, Any]
+    ) -> tuple[ImageRecord | None, ImageRecord | None]:
+        """From what the upload helper printed: the image it made (None: none, or not known),
+        and that image as Glance showed it at the end (None: ask :meth:`get`)."""
+        made: dict[str, Any] = {}
+        for line in printed.splitlines():
+            word, _, rest = line.partition(" ")
+            if word in ("created", "image") and rest.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    record = json.loads(rest)
+                    if isinstance(record, dict) and isinstance(record.get("id"), str):
+                        made[word] = record
+        if made:  # the helper talked to Glance's API itself: its JSON, exactly
+            final = made.get("image")
+            return (
+                ImageRecord.from_glance(made.get("created") or final or {}),
+                ImageRecord.from_glance(final) if final is not None else None,
+            )
+        table = parse_table(printed)
+        if "id" not in table:
+            return None, None
+        return ImageRecord.from_glance(table), self.as_created(printed, fields)
 
     def delete(self, image_id: str) -> None:
         """Delete an image there; one that is already gone is fine."""

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Protocol
 
 from migratio.adapters import processes, qemu_img, rsync
 from migratio.adapters.glance_api import GlanceApi
-from migratio.adapters.glance_cli import RemoteGlance, parse_table, site_tag, staging_name
+from migratio.adapters.glance_cli import RemoteGlance, site_tag, staging_name, upload_way
 from migratio.adapters.ssh import LOGIN_RETRIES, SshMaster, login_refused
 from migratio.atmosphere import status
 from migratio.atmosphere.status import StatusSink, human_bytes
@@ -579,13 +579,14 @@ class Migration(MigrationRun):
                     time.sleep(pause)
                     follower = start()
                 log.info(
-                    "glance image-create at %s exited %d", self.site.site_id, upload.returncode
+                    "the upload into Glance at %s (%s) exited %d",
+                    self.site.site_id,
+                    upload_way(upload.stdout),
+                    upload.returncode,
                 )
             finally:
                 _end(follower)
-            table = parse_table(upload.stdout)
-            if "id" in table:
-                copy = ImageRecord.from_glance(table)
+            copy, shown = cli.uploaded(upload.stdout, fields)
             if upload.returncode != 0:
                 if "follow_upload: aborted" in upload.stderr and algo in upload.stderr:
                     for path in remote_files(remote_path, digests.size, piece):
@@ -596,8 +597,11 @@ class Migration(MigrationRun):
                     retryable=True,
                 )
             if copy is None:
-                raise RemoteError(f"glance image-create at {self.site.site_id} printed no image")
-            self.verify(copy.id, digests, fields, shown=cli.as_created(upload.stdout, fields))
+                raise RemoteError(
+                    f"the upload into Glance at {self.site.site_id} printed no image "
+                    f"({upload_way(upload.stdout)})"
+                )
+            self.verify(copy.id, digests, fields, shown=shown)
         except BaseException as exc:
             if copy is not None:
                 quietly(cli.delete, copy.id)

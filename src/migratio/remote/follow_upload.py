@@ -7,11 +7,24 @@ Feeds a file that rsync is still writing into a command's standard input -- the 
 ``glance image-create`` -- so that the upload overlaps the transfer instead of following it.
 Once the command has succeeded the file is removed: it is in Glance now.
 
-usage: follow_upload.py [--segment-size=BYTES] PATH SIZE ALGO HEXDIGEST IDLE_SECONDS -- COMMAND...
-       follow_upload.py --check        (prints the Python version; touches nothing)
+usage: follow_upload.py [--segment-size=BYTES] [--http-fields=JSON]
+                        PATH SIZE ALGO HEXDIGEST IDLE_SECONDS -- COMMAND...
+       follow_upload.py --check [--http]   (prints the Python version and, with --http, the
+                                           way it would upload; makes nothing)
 
 With ``--segment-size`` the file arrives in pieces, each written by its own rsync at once:
 ``PATH.0`` holds the first BYTES, ``PATH.1`` the next, and so on; they are fed in order.
+
+With ``--http-fields`` (the image's fields, as Glance's API takes them) the helper talks to
+Glance's API itself when the environment's credentials allow it (see :func:`glance_access`):
+it creates the record, PUTs the file with ``Content-Length`` as it arrives, holding back the
+last byte until the size and digest are right, and prints ``created JSON`` and, at the end,
+``image JSON``. The ``glance`` CLI pipes the data with chunked encoding through a Python of
+its own, which costs the destination about twice the CPU. Any other credentials (a clouds.yaml,
+an application credential, a proxy...), and Keystone refusing them, fall back to
+COMMAND, which is then run as described below; the line ``upload via ...`` says which way.
+Glance never completes an image from a body shorter than its ``Content-Length``: however this
+helper ends before the last byte, the connection closes short and the image stays ``queued``.
 
 The command gets EOF only after exactly SIZE bytes whose ALGO digest is HEXDIGEST, and only
 once the local side has said ``done`` and is still connected; in every other case it is killed
@@ -35,15 +48,20 @@ import contextlib
 import ctypes
 import fcntl
 import hashlib
+import http.client
+import json
 import os
 import queue
+import re
 import select
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
-from typing import List, Optional
+import urllib.parse
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 READ = 1 << 20
 #: the pipe into the command holds this much (fcntl F_SETPIPE_SZ; the default is 64 KiB),
@@ -161,18 +179,65 @@ def running(pid: int) -> bool:
 
 
 def main(argv: List[str]) -> int:
-    if argv[1:] == ["--check"]:
-        print("follow_upload ready on Python %d.%d.%d" % sys.version_info[:3])
+    if argv[1:2] == ["--check"]:
+        check(http="--http" in argv[2:])
         return 0
     segment = 0
-    if argv[1].startswith("--segment-size="):
-        segment = int(argv[1].split("=", 1)[1])
+    fields = None  # type: Optional[Dict[str, Any]]
+    while argv[1].startswith("--") and argv[1] != "--":
+        option, _, value = argv[1].partition("=")
+        if option == "--segment-size":
+            segment = int(value)
+        elif option == "--http-fields":
+            fields = json.loads(value)
+        else:
+            sys.exit("follow_upload: unknown option %s" % option)
         argv = argv[:1] + argv[2:]
     path, size, algo, digest, idle = argv[1], int(argv[2]), argv[3], argv[4], float(argv[5])
     if argv[6] != "--":
         sys.exit("follow_upload: expected -- before the command")
     paths = ["%s.%d" % (path, k) for k in range(-(-size // segment))] if segment else [path]
     segment = segment or max(size, 1)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupted)
+    if fields is not None:
+        try:
+            access = glance_access(os.environ)
+        except Unsupported as exc:
+            say("upload via cli (%s)" % exc)
+        else:
+            say("upload via http")
+            return upload_over_http(access, fields, paths, segment, size, algo, digest, idle)
+    return upload_with_command(argv[7:], paths, segment, size, algo, digest, idle)
+
+
+def check(http: bool) -> None:
+    """Print the Python version and, with ``http``, which way the upload would go (this asks
+    Keystone for a token; nothing is made)."""
+    way = ""
+    if http:
+        try:
+            way = "; uploads through Glance's API at %s" % glance_access(os.environ).endpoint
+        except Unsupported as exc:
+            way = "; uploads with the glance CLI (%s)" % exc
+    print("follow_upload ready on Python %d.%d.%d%s" % (*sys.version_info[:3], way))
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def upload_with_command(
+    command: List[str],
+    paths: List[str],
+    segment: int,
+    size: int,
+    algo: str,
+    digest: str,
+    idle: float,
+) -> int:
+    """Feed the file into ``command`` (the ``glance image-create`` that reads stdin)."""
     data_r, data_w = os.pipe()
     with contextlib.suppress(OSError):  # not Linux, or a lower pipe-max-size: as it is
         fcntl.fcntl(data_w, F_SETPIPE_SZ, PIPE_SIZE)
@@ -180,18 +245,19 @@ def main(argv: List[str]) -> int:
     guard_pid = os.fork()
     if guard_pid == 0:
         try:
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
             os.close(life_w)
-            guard(argv[7:], data_r, data_w, life_r)
+            guard(command, data_r, data_w, life_r)
         finally:
             os._exit(ABORTED)
     os.close(data_r)
     os.close(life_r)
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, interrupted)
+    sink = Pipe(data_w, guard_pid)
     try:
         hasher = Hasher(algo)  # after the fork: the guard has no threads
-        if not feed(paths, segment, size, idle, hasher, data_w, guard_pid):
-            wait_for_done(idle, guard_pid)
+        if not feed(paths, segment, size, idle, hasher, sink):
+            wait_for_done(idle, sink)
         got = hasher.hexdigest()
         if got != digest:
             raise Abort("%s of the transferred file is %s, expected %s" % (algo, got, digest))
@@ -203,18 +269,44 @@ def main(argv: List[str]) -> int:
     except BaseException as exc:
         os.close(life_w)  # the guard kills the command before its stdin can close
         os.waitpid(guard_pid, 0)
-        reason = str(exc) if isinstance(exc, Abort) else "%s: %s" % (type(exc).__name__, exc)
-        with contextlib.suppress(OSError):  # the connection may be gone
-            sys.stderr.write("follow_upload: aborted: %s\n" % reason)
-            sys.stderr.flush()
-        return ABORTED
+        return aborted(exc)
     os.close(data_w)
     code = exit_code(os.waitpid(guard_pid, 0)[1])
     if code == 0:
-        for done in paths:
-            with contextlib.suppress(FileNotFoundError):  # removed already: it is in Glance
-                os.remove(done)
+        remove(paths)
     return code
+
+
+def aborted(exc: BaseException) -> int:
+    reason = str(exc) if isinstance(exc, Abort) else "%s: %s" % (type(exc).__name__, exc)
+    with contextlib.suppress(OSError):  # the connection may be gone
+        sys.stderr.write("follow_upload: aborted: %s\n" % reason)
+        sys.stderr.flush()
+    return ABORTED
+
+
+def remove(paths: List[str]) -> None:
+    for done in paths:
+        with contextlib.suppress(FileNotFoundError):  # removed already: it is in Glance
+            os.remove(done)
+
+
+class Pipe:
+    """The command's stdin: where :func:`feed` writes when the ``glance`` CLI uploads."""
+
+    def __init__(self, fd: int, guard: int) -> None:
+        self.fd = fd
+        self.guard = guard
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            write_all(self.fd, chunk)
+        except BrokenPipeError:
+            raise Abort("the upload command stopped reading") from None
+
+    def check(self) -> None:
+        if not running(self.guard):
+            raise Abort("the upload command exited early")
 
 
 def feed(
@@ -223,11 +315,10 @@ def feed(
     size: int,
     idle: float,
     hasher: Hasher,
-    out: int,
-    guard: int,
+    sink: "Pipe | Put",
 ) -> bool:
     """Write the file's SIZE bytes (``paths[k]`` holding piece ``k`` of ``segment`` bytes) to
-    ``out`` as rsync writes them; :class:`Abort` otherwise. Whether the migrating side has
+    ``sink`` as rsync writes them; :class:`Abort` otherwise. Whether the migrating side has
     said ``done`` on the way."""
     fed = 0
     source: Optional[int] = None
@@ -249,15 +340,11 @@ def feed(
         chunk = os.read(source, min(READ, end - fed)) if source is not None else b""
         if chunk:
             hasher.update(chunk)
-            try:
-                write_all(out, chunk)
-            except BrokenPipeError:
-                raise Abort("the upload command stopped reading") from None
+            sink.write(chunk)
             fed += len(chunk)
             last_growth = time.monotonic()
             continue
-        if not running(guard):
-            raise Abort("the upload command exited early")
+        sink.check()
         if rsync_done:
             raise Abort("the transferred file is %d bytes, expected %d" % (fed, size))
         if time.monotonic() - last_growth > idle:
@@ -279,7 +366,7 @@ def heard_done(seconds: float) -> bool:
     return b"done" in message
 
 
-def wait_for_done(idle: float, guard: int) -> None:
+def wait_for_done(idle: float, sink: "Pipe | Put") -> None:
     """Wait for the migrating side's ``done``; :class:`Abort` if it went away.
 
     The whole file may be there before the migrating side says so (a re-run finds it, or
@@ -289,8 +376,7 @@ def wait_for_done(idle: float, guard: int) -> None:
     """
     deadline = time.monotonic() + idle
     while time.monotonic() < deadline:
-        if not running(guard):
-            raise Abort("the upload command exited early")
+        sink.check()
         if heard_done(0.1):
             return
     raise Abort("the migrating side did not confirm the transfer for %.0f s" % idle)
@@ -309,6 +395,342 @@ def gone() -> bool:
             return False
         if not os.read(0, 64):
             return True
+
+
+# --- the upload over Glance's API ------------------------------------------------------------
+
+#: seconds one HTTP request (not the upload's body) may take
+HTTP_TIMEOUT = 60
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
+_VERSION = re.compile(r"/v\d+(\.\d+)?/?$")
+
+
+class Unsupported(Exception):
+    """These credentials are for the ``glance`` CLI: the helper cannot use them itself."""
+
+
+class Access:
+    """Where Glance's API is, the headers that authenticate to it, and how TLS is checked."""
+
+    def __init__(self, endpoint: str, token: str, tls: Optional[ssl.SSLContext]) -> None:
+        self.endpoint = _VERSION.sub("", endpoint.rstrip("/"))
+        self.headers = {"X-Auth-Token": token, "User-Agent": "migratio"}
+        self.tls = tls
+
+    def connect(self, url: str, timeout: float = HTTP_TIMEOUT) -> http.client.HTTPConnection:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "https":
+            return http.client.HTTPSConnection(
+                parts.hostname or "", parts.port, timeout=timeout, context=self.tls
+            )
+        return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+
+    def image_url(self, image_id: str = "") -> str:
+        return (
+            self.endpoint
+            + "/v2/images"
+            + ("/" + urllib.parse.quote(image_id, safe="") if image_id else "")
+        )
+
+    def call(self, method: str, url: str, body: Any = None) -> Tuple[int, Mapping[str, str], bytes]:
+        return call(self.connect(url), method, url, dict(self.headers), body)
+
+    def json(self, method: str, url: str, body: Any, want: int, doing: str) -> Dict[str, Any]:
+        """The JSON object Glance answered with (status ``want``); :class:`Abort` otherwise."""
+        try:
+            status, _, answer = self.call(method, url, body)
+        except (OSError, http.client.HTTPException) as exc:
+            raise Abort("%s: %s: %s" % (doing, type(exc).__name__, exc)) from None
+        if status != want:
+            raise Abort("%s: Glance answered HTTP %d: %s" % (doing, status, excerpt(answer)))
+        try:
+            record = json.loads(answer.decode())
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            raise Abort("%s: Glance answered no image: %s" % (doing, excerpt(answer)))
+        return record
+
+
+def excerpt(answer: bytes) -> str:
+    """Glance's answer, on one line, not too long (an error page can be HTML)."""
+    text = " ".join(answer.decode("utf-8", "replace").split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def call(
+    conn: http.client.HTTPConnection,
+    method: str,
+    url: str,
+    headers: Dict[str, str],
+    body: Any = None,
+) -> Tuple[int, Mapping[str, str], bytes]:
+    """One request, JSON ``body`` (or none); the status, headers and body of the answer."""
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    try:
+        path = urllib.parse.urlsplit(url)
+        conn.request(method, path.path + ("?" + path.query if path.query else ""), data, headers)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def truthy(text: Optional[str]) -> bool:
+    return (text or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def tls_context(env: Mapping[str, str]) -> ssl.SSLContext:
+    """TLS as the CLI checks it: OS_CACERT, or the system's; OS_INSECURE: not checked."""
+    if truthy(env.get("OS_INSECURE")):
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=env.get("OS_CACERT") or None)
+
+
+def glance_access(env: Mapping[str, str]) -> Access:
+    """The destination's Glance, as its ``glance`` CLI would reach it with ``env``.
+
+    Two kinds of credentials are understood: a token with the image endpoint (``OS_AUTH_TOKEN``
+    or ``OS_TOKEN`` with ``OS_IMAGE_URL``), and a Keystone v3 password (``OS_AUTH_URL``,
+    ``OS_USERNAME`` or ``OS_USER_ID``, ``OS_PASSWORD``, a project and the domains), whose
+    token's catalog gives the ``image`` endpoint of ``OS_INTERFACE`` (``OS_ENDPOINT_TYPE``;
+    public) in ``OS_REGION_NAME``, unless ``OS_IMAGE_URL`` says where it is. Anything else
+    raises :class:`Unsupported`: the CLI knows more ways (other plugins, client certificates,
+    Keystone v2.0, proxies), and a password Keystone refuses is for the CLI to report.
+    """
+    for name in PROXY_VARIABLES:
+        if env.get(name) or env.get(name.upper()):
+            raise Unsupported("a proxy is set in %s" % name)
+    for name in ("OS_CERT", "OS_KEY"):
+        if env.get(name):
+            raise Unsupported("%s is set" % name)
+    tls = tls_context(env)
+    token = env.get("OS_AUTH_TOKEN") or env.get("OS_TOKEN")
+    image_url = env.get("OS_IMAGE_URL")
+    if token and image_url:
+        return Access(image_url, token, tls)
+    auth_type = env.get("OS_AUTH_TYPE") or "password"
+    if auth_type not in ("password", "v3password"):
+        raise Unsupported("OS_AUTH_TYPE is %s" % auth_type)
+    auth_url = (env.get("OS_AUTH_URL") or "").rstrip("/")
+    if not auth_url or not env.get("OS_PASSWORD"):
+        raise Unsupported("no OS_AUTH_URL with OS_PASSWORD")
+    if env.get("OS_IDENTITY_API_VERSION", "3").startswith("2") or auth_url.endswith("/v2.0"):
+        raise Unsupported("Keystone v2.0")
+    if not auth_url.endswith("/v3"):
+        auth_url += "/v3"
+    token, catalog = keystone_token(auth_url, env, tls)
+    return Access(image_url or image_endpoint(catalog, env), token, tls)
+
+
+def named(env: Mapping[str, str], prefixes: str) -> Optional[Dict[str, str]]:
+    """``{"id": ...}`` or ``{"name": ...}`` from the first ``OS_<PREFIX>_ID`` or
+    ``OS_<PREFIX>_NAME`` set, ids first, prefixes in order (None: none is set)."""
+    for prefix in prefixes.split():
+        for key in ("ID", "NAME"):
+            if env.get("OS_%s_%s" % (prefix, key)):
+                return {key.lower(): env["OS_%s_%s" % (prefix, key)]}
+    return None
+
+
+def domain(env: Mapping[str, str], prefix: str) -> Dict[str, str]:
+    """The domain of the user or project: its own, the default one named in ``env``, or the
+    one named ``Default`` (as migratio's own Keystone client takes it, for the original's
+    ``~/.creds``, which named none)."""
+    return named(env, prefix + " DEFAULT_DOMAIN") or {"name": "Default"}
+
+
+def keystone_token(
+    auth_url: str, env: Mapping[str, str], tls: ssl.SSLContext
+) -> Tuple[str, List[Any]]:
+    """A project-scoped token from Keystone v3 for the password in ``env``, and its catalog."""
+    if env.get("OS_USER_ID"):
+        user = {"id": env["OS_USER_ID"]}  # type: Dict[str, Any]
+    elif env.get("OS_USERNAME"):
+        user = {"name": env["OS_USERNAME"]}
+    else:
+        raise Unsupported("no OS_USERNAME")
+    if "name" in user:
+        user["domain"] = domain(env, "USER_DOMAIN")
+    user["password"] = env["OS_PASSWORD"]
+    project = named(env, "PROJECT TENANT")  # type: Optional[Dict[str, Any]]
+    if project is None:
+        raise Unsupported("no OS_PROJECT_NAME or OS_PROJECT_ID")
+    if "name" in project:
+        project["domain"] = domain(env, "PROJECT_DOMAIN")
+    body = {
+        "auth": {
+            "identity": {"methods": ["password"], "password": {"user": user}},
+            "scope": {"project": project},
+        }
+    }
+    url = auth_url + "/auth/tokens"
+    try:
+        conn = Access(auth_url, "", tls).connect(url)
+        status, headers, answer = call(conn, "POST", url, {"User-Agent": "migratio"}, body)
+    except (OSError, http.client.HTTPException) as exc:
+        raise Unsupported("Keystone at %s: %s" % (auth_url, exc)) from None
+    token = {k.lower(): v for k, v in headers.items()}.get("x-subject-token")
+    if status != 201 or not token:
+        raise Unsupported("Keystone at %s answered HTTP %d" % (auth_url, status))
+    try:
+        catalog = json.loads(answer.decode())["token"].get("catalog") or []
+    except (ValueError, KeyError, AttributeError):
+        raise Unsupported("Keystone at %s answered no token" % auth_url) from None
+    return token, catalog
+
+
+def image_endpoint(catalog: List[Any], env: Mapping[str, str]) -> str:
+    """The ``image`` endpoint of the interface and region the CLI would take."""
+    interface = env.get("OS_INTERFACE") or env.get("OS_ENDPOINT_TYPE") or "public"
+    if interface.endswith("URL"):
+        interface = interface[: -len("URL")]
+    region = env.get("OS_REGION_NAME")
+    for service in catalog:
+        if not isinstance(service, dict) or service.get("type") != "image":
+            continue
+        for endpoint in service.get("endpoints") or []:
+            if (
+                isinstance(endpoint, dict)
+                and endpoint.get("interface") == interface
+                and (not region or region in (endpoint.get("region"), endpoint.get("region_id")))
+                and isinstance(endpoint.get("url"), str)
+            ):
+                return str(endpoint["url"])
+    raise Unsupported(
+        "no %s image endpoint%s in the catalog"
+        % (interface, " in region " + region if region else "")
+    )
+
+
+def upload_over_http(
+    access: Access,
+    fields: Dict[str, Any],
+    paths: List[str],
+    segment: int,
+    size: int,
+    algo: str,
+    digest: str,
+    idle: float,
+) -> int:
+    """Create the image with ``fields`` and PUT the file into it as it arrives."""
+    record = None  # type: Optional[Dict[str, Any]]
+    put = None  # type: Optional[Put]
+    try:
+        record = access.json("POST", access.image_url(), fields, 201, "creating the image")
+        say("created " + json.dumps(record))
+        put = Put(access, str(record["id"]), size)
+        hasher = Hasher(algo)
+        if not feed(paths, segment, size, idle, hasher, put):
+            wait_for_done(idle, put)
+        got = hasher.hexdigest()
+        if got != digest:
+            raise Abort("%s of the transferred file is %s, expected %s" % (algo, got, digest))
+        if gone():
+            raise Abort("the migrating side went away")
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)  # the bytes are right: let it complete
+        put.finish()
+    except BaseException as exc:
+        if put is not None:
+            put.close()  # before the last byte: Glance keeps nothing of it
+        if record is not None:
+            forget(access, str(record["id"]))
+        return aborted(exc)
+    remove(paths)
+    url = access.image_url(str(record["id"]))
+    with contextlib.suppress(Abort):  # the migrating side then reads it back itself
+        say("image " + json.dumps(access.json("GET", url, None, 200, "reading it back")))
+    return 0
+
+
+def forget(access: Access, image_id: str) -> None:
+    """Delete the record this helper made (it never got its last byte): best effort, the
+    migrating side and the sweep delete what is left."""
+    with contextlib.suppress(Exception):
+        conn = access.connect(access.image_url(image_id), timeout=10)
+        call(conn, "DELETE", access.image_url(image_id), dict(access.headers))
+
+
+class Put:
+    """Glance's ``PUT /v2/images/ID/file`` with ``Content-Length``, where :func:`feed` writes
+    when the helper uploads itself. The last byte is held back until :meth:`finish`: until
+    then, however the helper ends, Glance sees a short body and completes no image."""
+
+    def __init__(self, access: Access, image_id: str, size: int) -> None:
+        url = access.image_url(image_id) + "/file"
+        self.conn = access.connect(url)
+        self.conn.putrequest("PUT", urllib.parse.urlsplit(url).path, skip_accept_encoding=True)
+        for name, value in access.headers.items():
+            self.conn.putheader(name, value)
+        self.conn.putheader("Content-Type", "application/octet-stream")
+        self.conn.putheader("Content-Length", str(size))
+        self.conn.endheaders()
+        self.size = size
+        self.sent = 0
+        self.last = b""
+
+    @property
+    def sock(self) -> Any:
+        assert self.conn.sock is not None
+        return self.conn.sock
+
+    def write(self, chunk: bytes) -> None:
+        if chunk and self.sent + len(chunk) == self.size:
+            chunk, self.last = chunk[:-1], chunk[-1:]
+        try:
+            self.sock.sendall(chunk)
+        except OSError as exc:
+            raise Abort(self.early_answer(exc)) from None
+        self.sent += len(chunk)
+
+    def check(self) -> None:
+        """:class:`Abort` if Glance answered (or closed) before it had all the data."""
+        if select.select([self.sock], [], [], 0)[0]:
+            raise Abort(self.early_answer(None))
+
+    def early_answer(self, exc: Optional[BaseException]) -> str:
+        try:
+            response = self.conn.getresponse()
+            answer = response.read()
+        except (OSError, http.client.HTTPException) as error:
+            return "Glance closed the upload's connection after %d of %d bytes (%s)" % (
+                self.sent,
+                self.size,
+                exc or error,
+            )
+        return "Glance answered HTTP %d after %d of %d bytes: %s" % (
+            response.status,
+            self.sent,
+            self.size,
+            excerpt(answer),
+        )
+
+    def finish(self) -> None:
+        """Send the last byte; :class:`Abort` unless Glance took the data."""
+        try:
+            self.sock.sendall(self.last)
+            self.sock.settimeout(max(HTTP_TIMEOUT, 600))  # Glance may still be storing it
+            response = self.conn.getresponse()
+            answer = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise Abort("uploading the data: %s: %s" % (type(exc).__name__, exc)) from None
+        finally:
+            self.conn.close()
+        if response.status >= 300:
+            raise Abort(
+                "uploading the data: Glance answered HTTP %d: %s"
+                % (response.status, excerpt(answer))
+            )
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def write_all(fd: int, data: bytes) -> None:
