@@ -560,18 +560,22 @@ def test_sigkill_during_the_unhashed_api_upload_leaves_no_active_partial_copy(
     assert same.returncode == 0
 
 
-@pytest.mark.parametrize("victim", ["glance", "helper"])
+@pytest.mark.parametrize("victim", ["glance", "helper", "helper uploading itself"])
 def test_the_remote_upload_killed_fails_the_attempt_and_the_retry_makes_one_copy(
     clean_sandbox: Sandbox, tmp_path: Path, short_tmp: Path, victim: str
 ) -> None:
-    """SIGKILL, at the destination, of ``glance image-create`` or of the helper feeding it,
+    """SIGKILL, at the destination, of ``glance image-create`` or of the helper feeding it
+    (``REMOTE_UPLOAD=cli``), or of the helper uploading through Glance's API itself (``auto``),
     mid-upload: the attempt fails saying what ended, with no copy left; the next one makes
     exactly one."""
     sb = clean_sandbox
     image = make_qcow2(tmp_path / "big.qcow2", virtual_size=256 * MiB, data_bytes=80 * MiB)
     image_id = sb.source.upload_image(image, name="remote-kill", disk_format="qcow2")
+    way = "REMOTE_UPLOAD=auto" if victim == "helper uploading itself" else "REMOTE_UPLOAD=cli"
     settings = settings_for(
-        sb, tmp_path, **{"site-s": site_b_with(sb, "STREAMS=1", "BWLIMIT=20M", "COMPRESS=none")}
+        sb,
+        tmp_path,
+        **{"site-s": site_b_with(sb, "STREAMS=1", "BWLIMIT=20M", "COMPRESS=none", way)},
     )
     migrating = start_migration(settings, image_id, "site-s", short_tmp, capture=True)
     try:
@@ -581,11 +585,14 @@ def test_the_remote_upload_killed_fails_the_attempt_and_the_retry_makes_one_copy
             return any(c["status"] == "saving" for c in found)
 
         wait_for("Glance to receive bytes", saving, process=migrating)
-        # the helper (the feeder), its guard, and the guard's child: glance image-create
-        tree = processes_of(sb.ssh.user, "--name=remote-kill", "python")
-        [feeder] = [pid for pid, parent in tree.items() if parent not in tree]
-        [guard] = [pid for pid, parent in tree.items() if parent == feeder]
-        [glance] = [pid for pid, parent in tree.items() if parent == guard]
+        if victim == "helper uploading itself":  # one process: no guard, no CLI
+            [feeder] = processes_of(sb.ssh.user, "follow_upload", "python")
+            glance = feeder
+        else:  # the helper (the feeder), its guard, and the guard's child: glance image-create
+            tree = processes_of(sb.ssh.user, "--name=remote-kill", "python")
+            [feeder] = [pid for pid, parent in tree.items() if parent not in tree]
+            [guard] = [pid for pid, parent in tree.items() if parent == feeder]
+            [glance] = [pid for pid, parent in tree.items() if parent == guard]
         os.kill(glance if victim == "glance" else feeder, signal.SIGKILL)
         lines, _ = migrating.communicate(timeout=300)
     finally:

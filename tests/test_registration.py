@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import http.server
 import io
+import logging
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -157,7 +158,9 @@ def test_the_copy_is_checked_from_the_table_image_create_printed(
     )
     sb.ssh.remove_home_path(calls)
     image_id = small_raw(sb, tmp_path, properties=properties)
-    settings = settings_for(sb, tmp_path, **{"site-s": site_b_with(sb, f"REMOTE_GLANCE={logged}")})
+    settings = settings_for(
+        sb, tmp_path, **{"site-s": site_b_with(sb, f"REMOTE_GLANCE={logged}", "REMOTE_UPLOAD=cli")}
+    )
 
     result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines())
 
@@ -170,6 +173,34 @@ def test_the_copy_is_checked_from_the_table_image_create_printed(
     assert [c for c in after if "image-show" in c] == [f"--os-image-api-version 2 image-show "
                                                        f"--max-column-width 1000000000 {copy['id']}"
                                                        ] * shows, commands  # fmt: skip
+
+
+def test_the_helper_uploads_through_glances_api_and_reads_the_copy_back_itself(
+    clean_sandbox: Sandbox, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ``REMOTE_UPLOAD=auto`` (the default) and the sandbox's token in ``~/.creds``, the
+    helper creates the image and uploads its data through Glance's API: the CLI is started
+    for neither, nor to read the copy back (the helper's JSON shows every value exactly)."""
+    sb = clean_sandbox
+    calls = "glance-calls.log"
+    logged = sb.ssh.write_home_file(
+        "logged-glance", f'#!/bin/sh\necho "$*" >> ~/{calls}\nexec glance "$@"\n', 0o755
+    )
+    sb.ssh.remove_home_path(calls)
+    properties = {"long": " ".join(["word"] * 30), "k" * 80 + "checksum": "0" * 32}
+    image_id = small_raw(sb, tmp_path, properties=properties)
+    settings = settings_for(sb, tmp_path, **{"site-s": site_b_with(sb, f"REMOTE_GLANCE={logged}")})
+
+    with caplog.at_level(logging.INFO, logger="migratio"):
+        result = migrate_to_openstack(settings, MigrationRequest(image_id, "site-s"), Lines())
+
+    copy = sb.destination.image(str(result.destination_image_id))
+    assert copy["status"] == "active"
+    assert all(copy[key] == value for key, value in properties.items())
+    assert "the upload into Glance at site-s (via http) exited 0" in caplog.text
+    commands = (sb.ssh.home / calls).read_text().splitlines()
+    assert [c for c in commands if "image-create" in c and f"source_uuid={image_id}" in c] == []
+    assert [c for c in commands if "image-show" in c] == [], commands
 
 
 def created_table(**properties: str) -> tuple[str, dict[str, str]]:
