@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import pwd
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from tests.sandbox import sidekiq
 from tests.sandbox.site import Sandbox, api_site_conf
 
+from migratio.adapters.glance_cli import follow_upload_source
 from migratio.atmosphere.keys import OPENSTACK_MIGRATOR, migration_queue
 from migratio.config import Settings, load_settings
 
@@ -192,3 +196,36 @@ def processes_of(user: str, needle: str, program: str = "") -> dict[int, int]:
         if named and needle.encode() in cmdline and stat[0] != "Z":
             found[int(entry)] = int(stat[1])
     return found
+
+
+def run_upload_helper(
+    python: str, env: Mapping[str, str], data: bytes, work: Path, **fields: str
+) -> tuple[subprocess.CompletedProcess[str], bytes]:
+    """The upload helper, run here as ssh runs it there (``python -c``, the creds' variables in
+    its environment), on a file that has arrived whole; what it printed, and what the glance
+    command it falls back to (``cat`` into a file, here) was given."""
+    arrived, given = work / "arrived.part", work / "given"
+    arrived.write_bytes(data)
+    given.write_bytes(b"")
+    fields = {"disk_format": "raw", "container_format": "bare", **fields}
+    out, err = work / "out", work / "err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        helper = subprocess.Popen(
+            [python, "-c", follow_upload_source(), f"--http-fields={json.dumps(fields)}",
+             str(arrived), str(len(data)), "sha256", hashlib.sha256(data).hexdigest(), "30",
+             "--", "sh", "-c", 'exec cat > "$1"', "sh", str(given)],
+            stdin=subprocess.PIPE, stdout=stdout, stderr=stderr, text=True,
+            env={"PATH": os.environ["PATH"], "LANG": "C", **env},
+        )  # fmt: skip
+    assert helper.stdin is not None
+    try:  # migratio says "done" once rsync has finished, and stays connected until the end
+        helper.stdin.write("done\n")
+        helper.stdin.flush()
+        helper.wait(timeout=120)
+    finally:
+        helper.stdin.close()
+        helper.kill()
+        helper.wait()
+    return subprocess.CompletedProcess(
+        helper.args, helper.returncode, out.read_text(), err.read_text()
+    ), given.read_bytes()

@@ -1,11 +1,15 @@
-"""REGISTER=api over HTTPS: the unhashed upload of a staged file trusts what glanceclient trusts."""
+"""Over HTTPS: REGISTER=api's unhashed upload of a staged file trusts what glanceclient trusts,
+and so does the upload helper at a destination that PUTs the file itself."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
+import os
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -17,9 +21,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from tests.sandbox.glance_server import TOKEN
 from tests.sandbox.images import make_qcow2
+from tests.sandbox.old_python import oldest_python
 from tests.sandbox.site import Sandbox, api_site_conf
-from tests.support import Lines, settings_for
+from tests.support import Lines, run_upload_helper, settings_for
 
 from migratio.adapters.glance_api import GlanceApi
 from migratio.openstack.migration import migrate_to_openstack
@@ -142,3 +148,34 @@ def test_a_staged_file_goes_over_https_as_glanceclient_would(
     [copy] = sb.destination.find_by_property("source_uuid", image_id)
     assert (copy["status"], copy["size"]) == ("active", 32 * MiB)
     assert str(copy["converted_hash"]) == f"size:{32 * MiB} md5:{copy['checksum']}"
+
+
+@pytest.mark.parametrize("python", ["python3", "oldest"])
+def test_the_upload_helper_puts_over_https(
+    clean_sandbox: Sandbox, tmp_path: Path, python: str
+) -> None:
+    """The helper at a destination, with ``OS_CACERT`` and ``OS_IMAGE_URL`` at an HTTPS
+    Glance (TLS 1.3, whose session tickets make the socket readable before Glance has said
+    anything): the image is active with the bytes. A token from a ~/.creds with CRLF line ends
+    is used without its ``\\r``; an ``OS_CACERT`` that cannot be read sends the upload to the
+    CLI, saying why."""
+    sb = clean_sandbox
+    cert, key = self_signed(tmp_path)
+    data = os.urandom(3 * MiB + 1)
+    interpreter = sys.executable if python == "python3" else str(oldest_python())
+    with tls_front(sb.source.endpoint, cert, key) as url:
+        creds = {"OS_AUTH_TOKEN": TOKEN + "\r", "OS_IMAGE_URL": url, "OS_CACERT": str(cert)}
+        done, given = run_upload_helper(interpreter, creds, data, tmp_path, name="over-tls")
+        assert done.returncode == 0, done.stderr
+        assert "upload via http" in done.stdout.splitlines()
+        [record] = [json.loads(x[6:]) for x in done.stdout.splitlines() if x[:6] == "image "]
+        assert (record["status"], record["size"]) == ("active", len(data))
+        assert sb.source.download_to(record["id"], tmp_path / "got").read_bytes() == data
+        assert given == b""
+
+        missing = {**creds, "OS_CACERT": str(tmp_path / "no-such.pem")}
+        done, given = run_upload_helper(interpreter, missing, data, tmp_path, name="cli")
+    assert done.returncode == 0, done.stderr
+    [way] = [x for x in done.stdout.splitlines() if x.startswith("upload via")]
+    assert way.startswith("upload via cli (OS_CACERT ") and "no-such.pem" in way
+    assert given == data

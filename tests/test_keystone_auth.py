@@ -9,13 +9,11 @@ the upload helper's own standard-library client at a destination (``REMOTE_UPLOA
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import subprocess
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,9 +23,9 @@ from tests.sandbox.keystone_server import KeystoneServer
 from tests.sandbox.old_python import oldest_python
 from tests.sandbox.ports import free_port
 from tests.sandbox.site import Sandbox
+from tests.support import run_upload_helper
 
 from migratio.adapters.glance_api import GlanceApi
-from migratio.adapters.glance_cli import follow_upload_source
 from migratio.cli import main
 from migratio.config import OpenStackCredentials
 from migratio.errors import GlanceError
@@ -237,30 +235,6 @@ def test_check_reports_source_glance_ok_with_keystone(
 # --- the upload helper at a destination, with a Keystone password in its ~/.creds ---------------
 
 
-def run_helper(
-    python: str, env: Mapping[str, str], data: bytes, work: Path, **fields: str
-) -> tuple[subprocess.CompletedProcess[str], bytes]:
-    """The upload helper, run here as ssh runs it there (``python -c``, the creds' variables in
-    its environment), on a file that has arrived whole; what it printed, and what the glance
-    command it falls back to (``cat`` into a file, here) was given."""
-    arrived, given = work / "arrived.part", work / "given"
-    arrived.write_bytes(data)
-    given.write_bytes(b"")
-    fields = {"disk_format": "raw", "container_format": "bare", **fields}
-    helper = subprocess.Popen(
-        [python, "-c", follow_upload_source(), f"--http-fields={json.dumps(fields)}",
-         str(arrived), str(len(data)), "sha256", hashlib.sha256(data).hexdigest(), "30",
-         "--", "sh", "-c", 'exec cat > "$1"', "sh", str(given)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={"PATH": os.environ["PATH"], "LANG": "C", **env},
-    )  # fmt: skip
-    assert helper.stdin is not None
-    helper.stdin.write("done\n")  # as migratio says it once rsync has finished
-    helper.stdin.flush()
-    out, err = helper.communicate(timeout=120)
-    return subprocess.CompletedProcess(helper.args, helper.returncode, out, err), given.read_bytes()
-
-
 @pytest.fixture(scope="module", params=["python3", "oldest"])
 def helper_python(request: pytest.FixtureRequest) -> str:
     return sys.executable if request.param == "python3" else str(oldest_python())
@@ -291,7 +265,7 @@ def test_the_upload_helper_gets_its_token_from_keystone(
     uploads through its API itself: the image is active with the bytes; the CLI got nothing."""
     data = os.urandom(3 * MiB + 5)
     name = f"helper-{uuid.uuid4()}"
-    done, given = run_helper(
+    done, given = run_upload_helper(
         helper_python, admin_vars(keystone, **variables), data, tmp_path, name=name
     )
     assert done.returncode == 0, done.stderr
@@ -322,7 +296,7 @@ def test_credentials_the_helper_cannot_use_go_to_the_glance_cli(
 ) -> None:
     """Before anything is made, the helper hands the upload to the CLI, and says why."""
     data = os.urandom(MiB)
-    done, given = run_helper(
+    done, given = run_upload_helper(
         sys.executable, admin_vars(keystone, **variables), data, tmp_path, name="to-the-cli"
     )
     assert done.returncode == 0, done.stderr

@@ -55,6 +55,7 @@ import queue
 import re
 import select
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -202,6 +203,8 @@ def main(argv: List[str]) -> int:
         signal.signal(signum, interrupted)
     if fields is not None:
         try:
+            if size == 0:  # Content-Length: 0 is a whole body: nothing could be held back
+                raise Unsupported("an empty file")
             access = glance_access(os.environ)
         except Unsupported as exc:
             say("upload via cli (%s)" % exc)
@@ -401,6 +404,8 @@ def gone() -> bool:
 
 #: seconds one HTTP request (not the upload's body) may take
 HTTP_TIMEOUT = 60
+#: seconds Glance may take none of the upload's body, or take to answer it (the CLI's 600)
+SEND_TIMEOUT = 600
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
 _VERSION = re.compile(r"/v\d+(\.\d+)?/?$")
 
@@ -452,6 +457,14 @@ class Access:
         return record
 
 
+def raw_answer(answer: bytes) -> str:
+    """``HTTP 413: <body>`` from the start of an HTTP response as it came off the socket."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    words = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+    status = words[1] if len(words) > 1 and words[0].startswith("HTTP/") else "?"
+    return "HTTP %s: %s" % (status, excerpt(body if status != "?" else answer))
+
+
 def excerpt(answer: bytes) -> str:
     """Glance's answer, on one line, not too long (an error page can be HTML)."""
     text = " ".join(answer.decode("utf-8", "replace").split())
@@ -479,6 +492,11 @@ def call(
         conn.close()
 
 
+def plain(text: str) -> bool:
+    """Whether ``text`` can go into an HTTP header or request line as it is."""
+    return not any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
 def truthy(text: Optional[str]) -> bool:
     return (text or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -490,7 +508,10 @@ def tls_context(env: Mapping[str, str]) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
-    return ssl.create_default_context(cafile=env.get("OS_CACERT") or None)
+    try:
+        return ssl.create_default_context(cafile=env.get("OS_CACERT") or None)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise Unsupported("OS_CACERT %s cannot be used: %s" % (env.get("OS_CACERT"), exc)) from None
 
 
 def glance_access(env: Mapping[str, str]) -> Access:
@@ -511,8 +532,10 @@ def glance_access(env: Mapping[str, str]) -> Access:
         if env.get(name):
             raise Unsupported("%s is set" % name)
     tls = tls_context(env)
-    token = env.get("OS_AUTH_TOKEN") or env.get("OS_TOKEN")
-    image_url = env.get("OS_IMAGE_URL")
+    token = (env.get("OS_AUTH_TOKEN") or env.get("OS_TOKEN") or "").strip()
+    image_url = (env.get("OS_IMAGE_URL") or "").strip()
+    if not plain(token) or not plain(image_url):  # e.g. a ~/.creds with CRLF line ends
+        raise Unsupported("OS_AUTH_TOKEN, OS_TOKEN or OS_IMAGE_URL has a control character")
     if token and image_url:
         return Access(image_url, token, tls)
     auth_type = env.get("OS_AUTH_TYPE") or "password"
@@ -577,7 +600,7 @@ def keystone_token(
     except (OSError, http.client.HTTPException) as exc:
         raise Unsupported("Keystone at %s: %s" % (auth_url, exc)) from None
     token = {k.lower(): v for k, v in headers.items()}.get("x-subject-token")
-    if status != 201 or not token:
+    if status != 201 or not token or not plain(token):
         raise Unsupported("Keystone at %s answered HTTP %d" % (auth_url, status))
     try:
         catalog = json.loads(answer.decode())["token"].get("catalog") or []
@@ -645,7 +668,7 @@ def upload_over_http(
         return aborted(exc)
     remove(paths)
     url = access.image_url(str(record["id"]))
-    with contextlib.suppress(Abort):  # the migrating side then reads it back itself
+    with contextlib.suppress(Abort, OSError):  # the migrating side then reads it back itself
         say("image " + json.dumps(access.json("GET", url, None, 200, "reading it back")))
     return 0
 
@@ -665,7 +688,7 @@ class Put:
 
     def __init__(self, access: Access, image_id: str, size: int) -> None:
         url = access.image_url(image_id) + "/file"
-        self.conn = access.connect(url)
+        self.conn = access.connect(url, timeout=SEND_TIMEOUT)
         self.conn.putrequest("PUT", urllib.parse.urlsplit(url).path, skip_accept_encoding=True)
         for name, value in access.headers.items():
             self.conn.putheader(name, value)
@@ -686,37 +709,46 @@ class Put:
             chunk, self.last = chunk[:-1], chunk[-1:]
         try:
             self.sock.sendall(chunk)
+        except socket.timeout:  # noqa: UP041 (not yet TimeoutError on Python 3.6 to 3.9)
+            raise Abort(
+                "Glance took none of the data for %d s, after %d of %d bytes"
+                % (SEND_TIMEOUT, self.sent, self.size)
+            ) from None
         except OSError as exc:
-            raise Abort(self.early_answer(exc)) from None
+            self.check()  # what Glance said before it stopped reading, if it said anything
+            raise Abort(
+                "the upload's connection to Glance broke after %d of %d bytes (%s)"
+                % (self.sent, self.size, exc)
+            ) from None
         self.sent += len(chunk)
 
     def check(self) -> None:
         """:class:`Abort` if Glance answered (or closed) before it had all the data."""
-        if select.select([self.sock], [], [], 0)[0]:
-            raise Abort(self.early_answer(None))
-
-    def early_answer(self, exc: Optional[BaseException]) -> str:
+        if not select.select([self.sock], [], [], 0)[0]:
+            return
+        self.sock.setblocking(False)
         try:
-            response = self.conn.getresponse()
-            answer = response.read()
-        except (OSError, http.client.HTTPException) as error:
-            return "Glance closed the upload's connection after %d of %d bytes (%s)" % (
-                self.sent,
-                self.size,
-                exc or error,
+            answer = self.sock.recv(1 << 16)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return  # TLS 1.3 session tickets, read now: no answer from Glance
+        except OSError as exc:
+            answer = ("(%s)" % exc).encode()
+        finally:
+            self.sock.settimeout(SEND_TIMEOUT)
+        if not answer:
+            raise Abort(
+                "Glance closed the upload's connection after %d of %d bytes"
+                % (self.sent, self.size)
             )
-        return "Glance answered HTTP %d after %d of %d bytes: %s" % (
-            response.status,
-            self.sent,
-            self.size,
-            excerpt(answer),
+        raise Abort(
+            "Glance answered %s after %d of %d bytes" % (raw_answer(answer), self.sent, self.size)
         )
 
     def finish(self) -> None:
         """Send the last byte; :class:`Abort` unless Glance took the data."""
         try:
             self.sock.sendall(self.last)
-            self.sock.settimeout(max(HTTP_TIMEOUT, 600))  # Glance may still be storing it
+            self.sock.settimeout(SEND_TIMEOUT)  # Glance may still be storing it
             response = self.conn.getresponse()
             answer = response.read()
         except (OSError, http.client.HTTPException) as exc:
