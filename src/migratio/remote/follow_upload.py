@@ -197,8 +197,7 @@ def main(argv: List[str]) -> int:
     path, size, algo, digest, idle = argv[1], int(argv[2]), argv[3], argv[4], float(argv[5])
     if argv[6] != "--":
         sys.exit("follow_upload: expected -- before the command")
-    paths = ["%s.%d" % (path, k) for k in range(-(-size // segment))] if segment else [path]
-    segment = segment or max(size, 1)
+    arrival = Arrival(path, segment, size, algo, digest, idle)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupted)
     if fields is not None:
@@ -210,8 +209,8 @@ def main(argv: List[str]) -> int:
             say("upload via cli (%s)" % exc)
         else:
             say("upload via http")
-            return upload_over_http(access, fields, paths, segment, size, algo, digest, idle)
-    return upload_with_command(argv[7:], paths, segment, size, algo, digest, idle)
+            return upload_over_http(access, fields, arrival)
+    return upload_with_command(argv[7:], arrival)
 
 
 def check(http: bool) -> None:
@@ -231,15 +230,7 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def upload_with_command(
-    command: List[str],
-    paths: List[str],
-    segment: int,
-    size: int,
-    algo: str,
-    digest: str,
-    idle: float,
-) -> int:
+def upload_with_command(command: List[str], arrival: "Arrival") -> int:
     """Feed the file into ``command`` (the ``glance image-create`` that reads stdin)."""
     data_r, data_w = os.pipe()
     with contextlib.suppress(OSError):  # not Linux, or a lower pipe-max-size: as it is
@@ -258,16 +249,8 @@ def upload_with_command(
     os.close(life_r)
     sink = Pipe(data_w, guard_pid)
     try:
-        hasher = Hasher(algo)  # after the fork: the guard has no threads
-        if not feed(paths, segment, size, idle, hasher, sink):
-            wait_for_done(idle, sink)
-        got = hasher.hexdigest()
-        if got != digest:
-            raise Abort("%s of the transferred file is %s, expected %s" % (algo, got, digest))
-        if gone():
-            raise Abort("the migrating side went away")
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            signal.signal(signum, signal.SIG_IGN)  # released below: the image may complete
+        # the hasher's thread starts after the fork: the guard has no threads
+        feed_all(arrival, sink)
         os.write(life_w, b"release")
     except BaseException as exc:
         os.close(life_w)  # the guard kills the command before its stdin can close
@@ -276,7 +259,7 @@ def upload_with_command(
     os.close(data_w)
     code = exit_code(os.waitpid(guard_pid, 0)[1])
     if code == 0:
-        remove(paths)
+        arrival.remove()
     return code
 
 
@@ -288,10 +271,28 @@ def aborted(exc: BaseException) -> int:
     return ABORTED
 
 
-def remove(paths: List[str]) -> None:
-    for done in paths:
-        with contextlib.suppress(FileNotFoundError):  # removed already: it is in Glance
-            os.remove(done)
+class Arrival:
+    """The file rsync is writing here: where (``path``, or its pieces ``path.0``, ``.1``... of
+    ``segment`` bytes each), how big it will be, what it must hash to, and how long it may
+    stop growing."""
+
+    def __init__(
+        self, path: str, segment: int, size: int, algo: str, digest: str, idle: float
+    ) -> None:
+        self.paths = (
+            ["%s.%d" % (path, k) for k in range(-(-size // segment))] if segment else [path]
+        )
+        self.segment = segment or max(size, 1)
+        self.size = size
+        self.algo = algo
+        self.digest = digest
+        self.idle = idle
+
+    def remove(self) -> None:
+        """Once the upload is complete: the file is in Glance now."""
+        for done in self.paths:
+            with contextlib.suppress(FileNotFoundError):  # removed already
+                os.remove(done)
 
 
 class Pipe:
@@ -312,17 +313,26 @@ class Pipe:
             raise Abort("the upload command exited early")
 
 
-def feed(
-    paths: List[str],
-    segment: int,
-    size: int,
-    idle: float,
-    hasher: Hasher,
-    sink: "Pipe | Put",
-) -> bool:
-    """Write the file's SIZE bytes (``paths[k]`` holding piece ``k`` of ``segment`` bytes) to
-    ``sink`` as rsync writes them; :class:`Abort` otherwise. Whether the migrating side has
-    said ``done`` on the way."""
+def feed_all(arrival: Arrival, sink: "Pipe | Put") -> None:
+    """Feed the whole file to ``sink``; return only when its size and digest are right, the
+    migrating side has said ``done`` and is still there -- then, with SIGTERM, SIGHUP and
+    SIGINT ignored, the caller lets the upload complete. :class:`Abort` otherwise."""
+    hasher = Hasher(arrival.algo)
+    if not feed(arrival, hasher, sink):
+        wait_for_done(arrival.idle, sink)
+    got, algo = hasher.hexdigest(), arrival.algo
+    if got != arrival.digest:
+        raise Abort("%s of the transferred file is %s, expected %s" % (algo, got, arrival.digest))
+    if gone():
+        raise Abort("the migrating side went away")
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)  # the bytes are right: the image may complete
+
+
+def feed(arrival: Arrival, hasher: Hasher, sink: "Pipe | Put") -> bool:
+    """Write the file's bytes to ``sink`` as rsync writes them; :class:`Abort` otherwise.
+    Whether the migrating side has said ``done`` on the way."""
+    paths, segment, size, idle = arrival.paths, arrival.segment, arrival.size, arrival.idle
     fed = 0
     source: Optional[int] = None
     opened = -1
@@ -632,33 +642,15 @@ def image_endpoint(catalog: List[Any], env: Mapping[str, str]) -> str:
     )
 
 
-def upload_over_http(
-    access: Access,
-    fields: Dict[str, Any],
-    paths: List[str],
-    segment: int,
-    size: int,
-    algo: str,
-    digest: str,
-    idle: float,
-) -> int:
+def upload_over_http(access: Access, fields: Dict[str, Any], arrival: Arrival) -> int:
     """Create the image with ``fields`` and PUT the file into it as it arrives."""
     record = None  # type: Optional[Dict[str, Any]]
     put = None  # type: Optional[Put]
     try:
         record = access.json("POST", access.image_url(), fields, 201, "creating the image")
         say("created " + json.dumps(record))
-        put = Put(access, str(record["id"]), size)
-        hasher = Hasher(algo)
-        if not feed(paths, segment, size, idle, hasher, put):
-            wait_for_done(idle, put)
-        got = hasher.hexdigest()
-        if got != digest:
-            raise Abort("%s of the transferred file is %s, expected %s" % (algo, got, digest))
-        if gone():
-            raise Abort("the migrating side went away")
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            signal.signal(signum, signal.SIG_IGN)  # the bytes are right: let it complete
+        put = Put(access, str(record["id"]), arrival.size)
+        feed_all(arrival, put)
         put.finish()
     except BaseException as exc:
         if put is not None:
@@ -666,7 +658,7 @@ def upload_over_http(
         if record is not None:
             forget(access, str(record["id"]))
         return aborted(exc)
-    remove(paths)
+    arrival.remove()
     url = access.image_url(str(record["id"]))
     with contextlib.suppress(Abort, OSError):  # the migrating side then reads it back itself
         say("image " + json.dumps(access.json("GET", url, None, 200, "reading it back")))
