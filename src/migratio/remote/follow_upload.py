@@ -222,11 +222,12 @@ def check(http: bool) -> None:
             way = "; uploads through Glance's API at %s" % glance_access(os.environ).endpoint
         except Unsupported as exc:
             way = "; uploads with the glance CLI (%s)" % exc
-    print("follow_upload ready on Python %d.%d.%d%s" % (*sys.version_info[:3], way))
+    say("follow_upload ready on Python %d.%d.%d%s" % (*sys.version_info[:3], way))
 
 
 def say(line: str) -> None:
-    sys.stdout.write(line + "\n")
+    """A line to the migrating side, in ASCII (Python 3.6 in the C locale has no other)."""
+    sys.stdout.write(line.encode("ascii", "backslashreplace").decode("ascii") + "\n")
     sys.stdout.flush()
 
 
