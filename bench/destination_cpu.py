@@ -14,6 +14,7 @@ It prints CPU seconds per GiB of each kind of process (sshd, rsync, the upload h
 the ``glance`` CLI, uWSGI (Glance), shells), and the wall time.
 
     MIGRATIO_SANDBOX_USER=migratio-sbNAME .venv/bin/python bench/destination_cpu.py [--api]
+        [--both-uploads]
 
 Run it under the heavy lock (``flock -x /tmp/migratio-heavy.lock``): figures taken while
 anything else runs are meaningless on two shared cores.
@@ -292,6 +293,12 @@ def main() -> int:
     parser.add_argument("--no-cli", action="store_true", help="skip the glance CLI alone")
     parser.add_argument("--no-ssh", action="store_true", help="no REGISTER=ssh migration")
     parser.add_argument("--rsync", action="store_true", help="also rsync alone, several ways")
+    parser.add_argument(
+        "--both-uploads",
+        action="store_true",
+        help="each REGISTER=ssh migration once with REMOTE_UPLOAD=auto (the helper's own PUT) "
+        "and once with REMOTE_UPLOAD=cli (the helper feeds glance image-create)",
+    )
     args = parser.parse_args()
     missing = network_missing()
     if missing:
@@ -306,8 +313,14 @@ def main() -> int:
             image_id = sb.source.upload_image(image, name="bench-cpu", disk_format="qcow2")
             if args.rsync:
                 rsync_alone(sb, image, size)
+            cli_conf = sb.sites_dir / "site-b-cli.conf"
+            cli_conf.write_text(sb.site_conf.read_text() + "export REMOTE_UPLOAD=cli\n")
             for _ in range(0 if args.no_ssh else args.migrations):
+                print("REGISTER=ssh, REMOTE_UPLOAD=auto")
                 migrate(sb, image_id, "site-b", size)
+                if args.both_uploads:
+                    print("REGISTER=ssh, REMOTE_UPLOAD=cli")
+                    migrate(sb, image_id, "site-b-cli", size)
             if args.api:
                 migrate(sb, image_id, "site-b-api", size)
             if not args.no_cli:
