@@ -119,7 +119,7 @@ def _plain(text: str) -> bool:
 
 def find_path(path: str) -> str:
     """``path`` as ``find`` takes it: it has no ``--``, and reads a first word that starts
-    with ``-`` as an expression (``REMOTE_STAGING_DIR=-x``)."""
+    with ``-`` as an expression (``REMOTE_STAGING_DIR=-x``); the upload helper takes it so too."""
     return f"./{path}" if path.startswith("-") else path
 
 
@@ -322,7 +322,8 @@ class RemoteGlance:
             helper.append(f"--segment-size={segment_size}")
         if self.site.remote_upload == "auto":
             helper.append(f"--http-fields={json.dumps(dict(fields), sort_keys=True)}")
-        args = [remote_path, str(size), algo, digest, str(int(idle)), "--"]
+        # a path that starts with "-" (REMOTE_STAGING_DIR=--x) is never taken for an option
+        args = [find_path(remote_path), str(size), algo, digest, str(int(idle)), "--"]
         command = self._glance(*self.create_args(fields))
         return self.ssh.start([*helper, *args, *command], what="remote glance upload")
 

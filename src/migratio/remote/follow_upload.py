@@ -185,14 +185,12 @@ def main(argv: List[str]) -> int:
         return 0
     segment = 0
     fields = None  # type: Optional[Dict[str, Any]]
-    while argv[1].startswith("--") and argv[1] != "--":
+    while argv[1].startswith(("--segment-size=", "--http-fields=")):  # PATH may start with --
         option, _, value = argv[1].partition("=")
         if option == "--segment-size":
             segment = int(value)
-        elif option == "--http-fields":
-            fields = json.loads(value)
         else:
-            sys.exit("follow_upload: unknown option %s" % option)
+            fields = json.loads(value)
         argv = argv[:1] + argv[2:]
     path, size, algo, digest, idle = argv[1], int(argv[2]), argv[3], argv[4], float(argv[5])
     if argv[6] != "--":
