@@ -170,7 +170,10 @@ class SourceSampler(threading.Thread):
                 if up == str(self.root):
                     what = comm
                     if comm == "ssh":
-                        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                        try:
+                            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                        except OSError:  # it ended meanwhile
+                            cmdline = b""
                         what = "ssh master" if b"ControlPersist" in cmdline else "ssh"
                     ticks = int(fields[11]) + int(fields[12])
                     self.last[(pid, fields[19])] = (what, ticks)
