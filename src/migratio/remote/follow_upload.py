@@ -432,12 +432,7 @@ class Access:
         self.tls = tls
 
     def connect(self, url: str, timeout: float = HTTP_TIMEOUT) -> http.client.HTTPConnection:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme == "https":
-            return http.client.HTTPSConnection(
-                parts.hostname or "", parts.port, timeout=timeout, context=self.tls
-            )
-        return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+        return connect(url, self.tls, timeout)
 
     def image_url(self, image_id: str = "") -> str:
         return (
@@ -446,8 +441,10 @@ class Access:
             + ("/" + urllib.parse.quote(image_id, safe="") if image_id else "")
         )
 
-    def call(self, method: str, url: str, body: Any = None) -> Tuple[int, Mapping[str, str], bytes]:
-        return call(self.connect(url), method, url, dict(self.headers), body)
+    def call(
+        self, method: str, url: str, body: Any = None, timeout: float = HTTP_TIMEOUT
+    ) -> Tuple[int, Mapping[str, str], bytes]:
+        return call(self.connect(url, timeout), method, url, dict(self.headers), body)
 
     def json(self, method: str, url: str, body: Any, want: int, doing: str) -> Dict[str, Any]:
         """The JSON object Glance answered with (status ``want``); :class:`Abort` otherwise."""
@@ -478,6 +475,18 @@ def excerpt(answer: bytes) -> str:
     """Glance's answer, on one line, not too long (an error page can be HTML)."""
     text = " ".join(answer.decode("utf-8", "replace").split())
     return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def connect(
+    url: str, tls: Optional[ssl.SSLContext], timeout: float = HTTP_TIMEOUT
+) -> http.client.HTTPConnection:
+    """A connection to ``url``'s host, with ``tls`` for https."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(
+            parts.hostname or "", parts.port, timeout=timeout, context=tls
+        )
+    return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
 
 
 def call(
@@ -604,8 +613,9 @@ def keystone_token(
     }
     url = auth_url + "/auth/tokens"
     try:
-        conn = Access(auth_url, "", tls).connect(url)
-        status, headers, answer = call(conn, "POST", url, {"User-Agent": "migratio"}, body)
+        status, headers, answer = call(
+            connect(url, tls), "POST", url, {"User-Agent": "migratio"}, body
+        )
     except (OSError, http.client.HTTPException) as exc:
         raise Unsupported("Keystone at %s: %s" % (auth_url, exc)) from None
     token = {k.lower(): v for k, v in headers.items()}.get("x-subject-token")
@@ -668,8 +678,7 @@ def forget(access: Access, image_id: str) -> None:
     """Delete the record this helper made (it never got its last byte): best effort, the
     migrating side and the sweep delete what is left."""
     with contextlib.suppress(Exception):
-        conn = access.connect(access.image_url(image_id), timeout=10)
-        call(conn, "DELETE", access.image_url(image_id), dict(access.headers))
+        access.call("DELETE", access.image_url(image_id), timeout=10)
 
 
 class Put:
