@@ -320,6 +320,29 @@ def test_sigterm_stops_the_service(redis_settings: Settings, redis: Redis) -> No
             proc.kill()
 
 
+def test_sigterms_until_it_is_gone_still_exit_0(redis_settings: Settings, redis: Redis) -> None:
+    """An operator (or a script) repeating SIGTERM until the service is gone: every one of them
+    lands somewhere, also in the interpreter's finalization, which puts back the default
+    action of the signals Python handled; the exit is still 0, not killed by SIGTERM."""
+    settings = redis_settings
+    proc = start_service(settings)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not redis.keys("rq:worker:*"):
+            time.sleep(0.1)
+        assert redis.keys("rq:worker:*"), "the service started no RQ worker"
+        sent = 0
+        while proc.poll() is None and sent < 20000:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            sent += 1
+            time.sleep(0.0005)
+        assert proc.wait(timeout=30) == 0, f"after {sent} SIGTERMs"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def wait_for_copy(sb: Sandbox, image_id: str, timeout: float) -> list[dict[str, object]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -226,6 +226,10 @@ class Service:
         while not self.stopping:
             self.run_once()
         self.shutdown()
+        # the exit is decided: a later SIGTERM/SIGINT changes nothing, and must not land in
+        # the interpreter's finalization, which puts back the default action (killed, -15)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
         with contextlib.suppress(RedisError):  # the lock expires by itself
             self.scheduler.release_locks()  # type: ignore[no-untyped-call]
         log.info("stopped")
