@@ -102,6 +102,11 @@ def test_single_quoted_dollar_is_literal() -> None:
         ("export EXTERNAL_USER=u\nexport EXTERNAL_HOST=h\nexport SSH_PORT=abc\n", "SSH_PORT"),
         ("export EXTERNAL_USER=u\nexport EXTERNAL_HOST=h\nexport DISK_FORMAT=exe\n", "DISK_FORMAT"),
         ("export REGISTER=api\n", "OS_AUTH_URL"),
+        ("export REGISTER=scp\n", "REGISTER must be ssh or api, not 'scp'"),
+        (
+            "export EXTERNAL_USER=u\nexport EXTERNAL_HOST=h\nexport REMOTE_UPLOAD=http\n",
+            "REMOTE_UPLOAD must be auto or cli, not 'http'",
+        ),
         ("export AWS_REGION=\nexport EC2_URL=x\n", "AWS_REGION"),
         (
             "export EXTERNAL_USER=u\nexport EXTERNAL_HOST=h\nexport SSH_KEY=/nonexistent\n",

@@ -481,19 +481,14 @@ def _site_from_values(site_id: str, path: Path, values: Mapping[str, str]) -> Si
     if "AWS_REGION" in values or "EC2_URL" in values:
         return _amazon_site(site_id, path, values)
 
-    register = values.get("REGISTER", "ssh").lower()
-    if register not in {"ssh", "api"}:
-        raise ConfigError(f"{path}: REGISTER must be 'ssh' or 'api', not {register!r}")
+    register = _one_of(values, path, "REGISTER", ("ssh", "api"))
     disk_format = values.get("DISK_FORMAT") or None
     if disk_format is not None and disk_format not in DISK_FORMATS:
         raise ConfigError(
             f"{path}: DISK_FORMAT {disk_format!r} is not one of {', '.join(sorted(DISK_FORMATS))}"
         )
-    compress = values.get("COMPRESS", "auto").lower() or "auto"
-    if compress not in {"auto", "zstd", "lz4", "none"}:
-        raise ConfigError(
-            f"{path}: COMPRESS must be auto, zstd, lz4 or none, not {values['COMPRESS']!r}"
-        )
+    compress = _one_of(values, path, "COMPRESS", ("auto", "zstd", "lz4", "none"))
+    remote_upload = _one_of(values, path, "REMOTE_UPLOAD", ("auto", "cli"))
     bwlimit = parse_rate(values["BWLIMIT"], f"{path}: BWLIMIT") if values.get("BWLIMIT") else None
     streams_text = values.get("STREAMS", "auto").lower() or "auto"
     streams = None
@@ -506,7 +501,7 @@ def _site_from_values(site_id: str, path: Path, values: Mapping[str, str]) -> Si
     return OpenStackSite(
         site_id=site_id,
         path=path,
-        register="api" if register == "api" else "ssh",
+        register=register,  # type: ignore[arg-type]  # checked by _one_of
         ssh=ssh,
         api=api,
         disk_format=disk_format,
@@ -514,21 +509,21 @@ def _site_from_values(site_id: str, path: Path, values: Mapping[str, str]) -> Si
         remote_creds=values.get("REMOTE_CREDS") or "~/.creds",
         remote_glance=values.get("REMOTE_GLANCE") or "glance",
         remote_python=values.get("REMOTE_PYTHON") or "python3",
-        remote_upload=_remote_upload(values, path),
-        compress=compress,  # type: ignore[arg-type]  # checked above
+        remote_upload=remote_upload,  # type: ignore[arg-type]  # checked by _one_of
+        compress=compress,  # type: ignore[arg-type]  # checked by _one_of
         bwlimit=bwlimit,
         streams=streams,
         max_parallel=_max_parallel(values, path),
     )
 
 
-def _remote_upload(values: Mapping[str, str], path: Path) -> Literal["auto", "cli"]:
-    text = (values.get("REMOTE_UPLOAD") or "auto").lower()
-    if text == "auto":
-        return "auto"
-    if text == "cli":
-        return "cli"
-    raise ConfigError(f"{path}: REMOTE_UPLOAD must be auto or cli, not {values['REMOTE_UPLOAD']!r}")
+def _one_of(values: Mapping[str, str], path: Path, key: str, allowed: tuple[str, ...]) -> str:
+    """The value of ``key`` (any case), one of ``allowed``; unset or empty is the first."""
+    value = (values.get(key) or allowed[0]).lower()
+    if value not in allowed:
+        names = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+        raise ConfigError(f"{path}: {key} must be {names}, not {values[key]!r}")
+    return value
 
 
 def _max_parallel(values: Mapping[str, str], path: Path) -> int:
