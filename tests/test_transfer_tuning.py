@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import subprocess
 import threading
@@ -686,6 +687,25 @@ def lz4_size(image: Path) -> int:
     """What lz4 alone makes of ``image`` (the ``lz4`` tool: rsync's algorithm)."""
     done = subprocess.run(["lz4", "-1", "-c", str(image)], capture_output=True, check=True)
     return len(done.stdout)
+
+
+def test_two_jobs_remembering_the_same_link_keep_both_facts(tmp_path: Path) -> None:
+    """``.link-<site>.json`` is read, added to and written again: two jobs doing that at
+    once (threads here; processes alike, the lock is the directory's ``flock``) lose nothing."""
+    history = LinkHistory(tmp_path / "staging")
+
+    def write(prefix: str) -> None:
+        for n in range(150):
+            history._write("site-b", **{f"{prefix}{n}": n})
+
+    threads = [threading.Thread(target=write, args=(prefix,)) for prefix in "abc"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    kept = json.loads((tmp_path / "staging" / ".link-site-b.json").read_text())
+    assert sorted(kept) == sorted(f"{p}{n}" for p in "abc" for n in range(150))
+    assert [p.name for p in (tmp_path / "staging").iterdir()] == [".link-site-b.json"]
 
 
 def test_what_is_remembered_per_site_leaves_no_temporary_file_when_it_cannot_be_written(

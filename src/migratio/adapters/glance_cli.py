@@ -343,7 +343,7 @@ class RemoteGlance:
         if made:  # the helper talked to Glance's API itself: its JSON, exactly
             final = made.get("image")
             return (
-                ImageRecord.from_glance(made.get("created") or final or {}),
+                ImageRecord.from_glance(made.get("created") or made["image"]),
                 ImageRecord.from_glance(final) if final is not None else None,
             )
         table = parse_table(printed)

@@ -60,7 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from migratio.files import finite_number, write_json_atomically
+from migratio.files import directory_locked, finite_number, write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -387,10 +387,12 @@ class LinkHistory:
         return kept if isinstance(kept, dict) else {}
 
     def _write(self, site_id: str, **facts: object) -> None:
-        kept = self._read(site_id)
-        kept.update(facts)
+        """Add ``facts`` to what is kept (two jobs to one site each keep theirs)."""
         try:
-            write_json_atomically(self._path(site_id), kept)
+            with directory_locked(self.directory):
+                kept = self._read(site_id)
+                kept.update(facts)
+                write_json_atomically(self._path(site_id), kept)
         except OSError as exc:
             log.warning("cannot remember the link to %s: %s", site_id, exc)
 
