@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from tests.sandbox.site import Sandbox
 from tests.support import run_upload_helper
 
 from migratio.adapters.glance_api import GlanceApi
+from migratio.adapters.glance_cli import follow_upload_source
 from migratio.cli import main
 from migratio.config import OpenStackCredentials
 from migratio.errors import GlanceError
@@ -279,6 +281,39 @@ def test_the_upload_helper_gets_its_token_from_keystone(
     assert not (tmp_path / "arrived.part").exists()  # it is in Glance now
     sandbox.source.client().images.delete(record["id"])
     assert keystone.admin_password not in done.stdout + done.stderr
+
+
+def test_the_helper_looks_images_up_through_glances_api(
+    keystone: KeystoneServer, sandbox: Sandbox, helper_python: str
+) -> None:
+    """``--find``: what ``glance image-list --property-filter`` lists, as whole records, with a
+    token from Keystone; credentials it cannot use give ``unsupported`` (the CLI then asks)."""
+    marker = str(uuid.uuid4())
+    client = sandbox.source.client()
+    fields = {"disk_format": "raw", "container_format": "bare"}
+    made = [client.images.create(name=f"find-{n}", source_uuid=marker, **fields) for n in (1, 2)]
+    other = client.images.create(name="find-other", source_uuid=str(uuid.uuid4()), **fields)
+
+    def find(env: dict[str, str]) -> list[str]:
+        done = subprocess.run(
+            [helper_python, "-c", follow_upload_source(), "--find", f"source_uuid={marker}"],
+            env={"PATH": os.environ["PATH"], "LANG": "C", **env},
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert keystone.admin_password not in done.stdout + done.stderr
+        return done.stdout.splitlines()
+
+    try:
+        [line] = find(admin_vars(keystone))
+        assert line.startswith("images [")
+        records = json.loads(line[len("images ") :])
+        assert sorted(r["id"] for r in records) == sorted(image["id"] for image in made)
+        assert {(r["source_uuid"], r["status"]) for r in records} == {(marker, "queued")}
+        [line] = find(admin_vars(keystone, OS_PASSWORD="not-the-Password-42"))
+        assert line.startswith("unsupported Keystone at ") and "HTTP 401" in line
+    finally:
+        for image in [*made, other]:
+            client.images.delete(image["id"])
 
 
 @pytest.mark.parametrize(

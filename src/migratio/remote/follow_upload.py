@@ -11,6 +11,9 @@ usage: follow_upload.py [--segment-size=BYTES] [--http-fields=JSON]
                         PATH SIZE ALGO HEXDIGEST IDLE_SECONDS -- COMMAND...
        follow_upload.py --check [--http]   (prints the Python version and, with --http, the
                                            way it would upload; makes nothing)
+       follow_upload.py --find KEY=VALUE...  (prints ``images JSON``: the images whose
+                                           properties equal these, from Glance's API; or
+                                           ``unsupported WHY``: ask the CLI)
 
 With ``--segment-size`` the file arrives in pieces, each written by its own rsync at once:
 ``PATH.0`` holds the first BYTES, ``PATH.1`` the next, and so on; they are fed in order.
@@ -183,6 +186,9 @@ def main(argv: List[str]) -> int:
     if argv[1:2] == ["--check"]:
         check(http="--http" in argv[2:])
         return 0
+    if argv[1:2] == ["--find"]:
+        find(argv[2:])
+        return 0
     segment = 0
     fields = None  # type: Optional[Dict[str, Any]]
     while argv[1].startswith(("--segment-size=", "--http-fields=")):  # PATH may start with --
@@ -221,6 +227,37 @@ def check(http: bool) -> None:
         except Unsupported as exc:
             way = "; uploads with the glance CLI (%s)" % exc
     say("follow_upload ready on Python %d.%d.%d%s" % (*sys.version_info[:3], way))
+
+
+def find(filters: List[str]) -> None:
+    """Print ``images JSON``, every image there whose properties equal ``filters``
+    (``KEY=VALUE``), as Glance's API lists them (what ``glance image-list --property-filter``
+    asks, without the CLI's start-up and an ``image-show`` for each); or ``unsupported WHY``
+    when the credentials are for the CLI, or Glance did not answer as expected."""
+    images = []  # type: List[Any]
+    try:
+        access = glance_access(os.environ)
+        query = [f.partition("=")[::2] for f in filters] + [("limit", "100")]
+        url = access.image_url() + "?" + urllib.parse.urlencode(query)
+        seen = set()
+        while url and url not in seen:
+            seen.add(url)
+            status, _, answer = access.call("GET", url)
+            if status != 200:
+                raise Unsupported("Glance answered HTTP %d: %s" % (status, excerpt(answer)))
+            page = json.loads(answer.decode())
+            if not isinstance(page, dict) or not isinstance(page.get("images"), list):
+                raise Unsupported("Glance answered no list: %s" % excerpt(answer))
+            images.extend(page["images"])
+            following = page.get("next")
+            url = access.endpoint + following if isinstance(following, str) else ""
+    except Unsupported as exc:
+        say("unsupported %s" % exc)
+        return
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        say("unsupported %s: %s" % (type(exc).__name__, exc))
+        return
+    say("images " + json.dumps(images))
 
 
 def say(line: str) -> None:
