@@ -272,6 +272,41 @@ def test_the_bulk_copy_runs_at_a_lower_priority_at_both_ends(
     assert seen == {"rsync": 10, "sshd": 10, "ssh master": 10}
 
 
+@pytest.mark.parametrize("streams", ["1", "2"])
+def test_the_upload_helper_is_not_niced_with_the_copy(
+    clean_sandbox: Sandbox, tmp_path: Path, streams: str
+) -> None:
+    """The helper feeds the upload into Glance, which the niced copy makes way for: it runs at
+    nice 0 (it inherited nice 10 from the master connection's sshd, reniced by the rsync of
+    the first stream, and fed Glance at half the rate the bytes arrived), while the copy's
+    rsync there runs at nice 10."""
+    sb = clean_sandbox
+    image = make_qcow2(tmp_path / "random.qcow2", virtual_size=96 * MiB, data_bytes=40 * MiB)
+    seen: dict[str, set[int]] = {"helper": set(), "rsync": set()}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for kind, needle, program in (
+                ("helper", "--http-fields=", "python"),
+                ("rsync", "--server", "rsync"),
+            ):
+                for pid in processes_of(sb.ssh.user, needle, program):
+                    with contextlib.suppress(OSError, IndexError):
+                        seen[kind].add(int(_stat(pid)[16]))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        sent, _, _ = migrate(sb, tmp_path, image, "BWLIMIT=10M", f"STREAMS={streams}")
+    finally:
+        done.set()
+        watcher.join()
+    assert sent > 30 * MiB
+    assert seen == {"helper": {0}, "rsync": {10}}
+
+
 @pytest.mark.parametrize("way", ["hashed", "staged"])
 def test_bwlimit_caps_the_api_upload(clean_sandbox: Sandbox, tmp_path: Path, way: str) -> None:
     """Either API upload: a stream hashed on the way, or a staged file sent as it is."""

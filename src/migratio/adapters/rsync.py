@@ -53,6 +53,7 @@ def push(
     compress: str = "none",
     bwlimit: int | None = None,
     make_dir: str | None = None,
+    renice_sshd: bool = True,
 ) -> RsyncResult:
     """Copy ``source`` to ``remote_path`` on ``target`` (first creating ``make_dir`` there).
 
@@ -66,9 +67,16 @@ def push(
     bytes per second on the wire (rsync's ``--bwlimit``, in KiB/s). ``make_dir`` is
     created by the same remote command that starts rsync there (``--rsync-path``), which
     saves a login of its own.
+
+    rsync runs at nice 10 at both ends, and so does the sshd that decrypts its bytes there,
+    unless ``renice_sshd`` is false: an sshd whose connection also carries the upload helper
+    must keep its priority, since every process it starts later inherits it -- the helper
+    feeds the upload into Glance, which the bulk copy is niced to make way for.
     """
     begin = time.monotonic()
-    argv = _argv(source, target, remote_path, sparse, io_timeout, compress, bwlimit, make_dir)
+    argv = _argv(
+        source, target, remote_path, sparse, io_timeout, compress, bwlimit, make_dir, renice_sshd
+    )
 
     def on_line(line: str) -> None:
         match = _PROGRESS.match(line)
@@ -158,6 +166,7 @@ def _argv(
     compress: str,
     bwlimit: int | None,
     make_dir: str | None = None,
+    renice_sshd: bool = True,
 ) -> list[str]:
     argv = [
         RSYNC,
@@ -173,9 +182,11 @@ def _argv(
     remote = f"nice -n {NICE} rsync"
     if make_dir is not None:
         remote = f"mkdir -p -- {shlex.quote(make_dir)} && {remote}"
-    # the sshd that decrypts the bytes for this rsync (the shell's parent: this connection's
-    # own, or its stream's master's) is the user's process too: at the same priority
-    remote = f'renice -n {NICE} -p "$PPID" >/dev/null 2>&1; {remote}'
+    if renice_sshd:
+        # the sshd that decrypts the bytes for this rsync (the shell's parent: this
+        # connection's own, or its stream's master's) is the user's process too: at the
+        # same priority
+        remote = f'renice -n {NICE} -p "$PPID" >/dev/null 2>&1; {remote}'
     # the remote shell runs "<rsync-path> --server ...": every word of ours is quoted
     argv.append(f"--rsync-path={remote}")
     if sparse:

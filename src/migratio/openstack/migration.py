@@ -445,6 +445,7 @@ class Migration(MigrationRun):
                 compress=choice.algorithm,
                 bwlimit=self.site.bwlimit,
                 make_dir=self.remote_dir,
+                renice_sshd=False,  # the master's sshd starts the upload helper too
             )
         history.record(
             self.site.site_id,

@@ -280,6 +280,7 @@ def push_ranges(
                             compress=algorithm,
                             bwlimit=None if bwlimit is None else max(1024, bwlimit // streams),
                             make_dir=make_dir,
+                            renice_sshd=master is not shared,  # shared: the helper's too
                         )
                     finally:
                         pieces.sent(k)
