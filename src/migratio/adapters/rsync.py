@@ -182,10 +182,17 @@ def _argv(
     remote = f"nice -n {NICE} rsync"
     if make_dir is not None:
         remote = f"mkdir -p -- {shlex.quote(make_dir)} && {remote}"
+    # with the kernel's autogroups the CPU is shared between sessions first, and sshd runs
+    # this command in a session of its own: that session's nice value too. The kernel takes
+    # one such change per 100 ms from the whole machine (EAGAIN otherwise), so it is tried
+    # a few times, beside rsync, which need not wait for it
+    autogroup = f"echo {NICE} >/proc/self/autogroup && exit; sleep 0.05"
+    remote = (
+        f"( for _ in 1 2 3 4 5 6 7 8; do {autogroup}; done ) </dev/null >/dev/null 2>&1 & {remote}"
+    )
     if renice_sshd:
-        # the sshd that decrypts the bytes for this rsync (the shell's parent: this
-        # connection's own, or its stream's master's) is the user's process too: at the
-        # same priority
+        # that sshd is the user's process too: at the same priority (its later children would
+        # inherit it, hence not when the connection also carries the helper)
         remote = f'renice -n {NICE} -p "$PPID" >/dev/null 2>&1; {remote}'
     # the remote shell runs "<rsync-path> --server ...": every word of ours is quoted
     argv.append(f"--rsync-path={remote}")
