@@ -198,6 +198,13 @@ def processes_of(user: str, needle: str, program: str = "") -> dict[int, int]:
     return found
 
 
+def upload_helpers(user: str) -> dict[int, int]:
+    """pid → parent pid of ``user``'s upload helpers (and their guards) uploading: their
+    command line holds the ``--`` before the glance command, which the helper's lookups
+    (``--find``) and checks, running the same source, do not."""
+    return processes_of(user, "\0--\0", "python")
+
+
 def run_upload_helper(
     python: str, env: Mapping[str, str], data: bytes, work: Path, **fields: str
 ) -> tuple[subprocess.CompletedProcess[str], bytes]:

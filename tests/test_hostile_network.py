@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tests.sandbox.images import make_qcow2, sha256_file
 from tests.sandbox.site import Sandbox
-from tests.support import Lines, no_work_left, processes_of, settings_for
+from tests.support import Lines, no_work_left, settings_for, upload_helpers
 from tests.test_network_sandbox import needs_network
 from tests.test_openstack_migration import copies_at_destination, site_b_with
 
@@ -55,9 +55,7 @@ def _drop_once_sending(sb: Sandbox, until: threading.Event, dropped: threading.E
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not until.is_set():
         files = [p for p in sb.remote_staging.rglob("*") if p.is_file()]
-        if any(p.stat().st_size > 1 * MiB for p in files) and processes_of(
-            sb.ssh.user, "follow_upload"
-        ):
+        if any(p.stat().st_size > 1 * MiB for p in files) and upload_helpers(sb.ssh.user):
             break
         time.sleep(0.05)
     with sb.network.dropped():

@@ -28,7 +28,15 @@ from pathlib import Path
 import pytest
 from tests.sandbox.images import make_qcow2, sha256_file
 from tests.sandbox.site import Sandbox
-from tests.support import Lines, alive, descendants, processes_of, settings_for, wait_for_part
+from tests.support import (
+    Lines,
+    alive,
+    descendants,
+    processes_of,
+    settings_for,
+    upload_helpers,
+    wait_for_part,
+)
 
 from migratio.adapters import rsync
 from migratio.config import OpenStackSite, Settings
@@ -153,9 +161,7 @@ def test_sigkill_at_each_step_leaves_one_copy_and_nothing_else(
         elif step == "pieces":
             wait_for_part(sb, image_id, 20 * MiB)
         else:
-            wait_for(
-                "the upload", lambda: processes_of(sb.ssh.user, "follow_upload"), process=migrating
-            )
+            wait_for("the upload", lambda: upload_helpers(sb.ssh.user), process=migrating)
         below = descendants(migrating.pid)
         os.kill(migrating.pid, signal.SIGKILL)
         migrating.wait()
@@ -210,7 +216,7 @@ def test_sigkill_as_the_upload_starts_never_makes_a_second_copy(
             list(sb.remote_staging.glob(f"{image_id}-*.part")) if sb.remote_staging.exists() else []
         )
         full = bool(parts) and parts[0].stat().st_size == size
-        return full and bool(processes_of(sb.ssh.user, "follow_upload"))
+        return full and bool(upload_helpers(sb.ssh.user))
 
     migrating = start_migration(settings, image_id, "site-s", tmp_path / "tmp")
     try:
@@ -454,9 +460,7 @@ def test_the_master_connection_killed_during_the_upload(
     tmpdir = short_tmp
     migrating = start_migration(settings, image_id, "site-s", tmpdir, capture=True)
     try:
-        wait_for(
-            "the upload", lambda: processes_of(sb.ssh.user, "follow_upload"), process=migrating
-        )
+        wait_for("the upload", lambda: upload_helpers(sb.ssh.user), process=migrating)
         [master] = [
             pid
             for pid in descendants(migrating.pid)
