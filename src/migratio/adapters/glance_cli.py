@@ -252,7 +252,7 @@ class RemoteGlance:
                         isinstance(r, dict) and isinstance(r.get("id"), str) for r in records
                     ):
                         return [ImageRecord.from_glance(record) for record in records]
-                why = "the helper there listed no images"
+                why = "the helper's list of images there was not JSON"
             elif word == "unsupported":
                 why = rest
         log.info("looking up images at %s with the glance CLI (%s)", self.site.site_id, why)

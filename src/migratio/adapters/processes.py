@@ -38,8 +38,10 @@ def _die_with_parent() -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-#: where a process sets the nice value of its session's autogroup
-AUTOGROUP = "/proc/self/autogroup"
+#: how often, and how far apart, a session's nice value is tried (the kernel takes one
+#: change per 100 ms from the whole machine, and says EAGAIN to the rest)
+AUTOGROUP_TRIES = 8
+AUTOGROUP_PAUSE = 0.05
 
 
 def _preexec(nice: int) -> Callable[[], None]:
@@ -47,14 +49,13 @@ def _preexec(nice: int) -> Callable[[], None]:
         _die_with_parent()
         if nice:
             os.nice(nice)
-            lower_autogroup(nice)
 
     return setup
 
 
-def lower_autogroup(nice: int) -> None:
-    """Give this process's session (it is a child of ours in a session of its own) the nice
-    value ``nice`` too.
+def lower_autogroup(pid: int, nice: int) -> None:
+    """Give the session of ``pid`` (a child of ours, in a session of its own) the nice value
+    ``nice`` too, from a thread of ours, the child going on meanwhile.
 
     With the kernel's autogroups (``sched_autogroup_enabled``, on by default in Debian's and
     Ubuntu's kernels) the CPU is shared between sessions first, and a process's own nice
@@ -62,15 +63,25 @@ def lower_autogroup(nice: int) -> None:
     as much of the CPU as the Glance upload it was niced to make way for. A kernel without
     autogroups has no such file: its nice value is all there is.
     """
-    for _ in range(5):  # the kernel takes one change per 100 ms from the whole machine
-        try:
-            with open(AUTOGROUP, "w") as autogroup:
-                autogroup.write(str(nice))
-            return
-        except BlockingIOError:  # EAGAIN
-            time.sleep(0.025)
-        except OSError:
-            return
+
+    def lower() -> None:
+        for attempt in range(AUTOGROUP_TRIES):
+            try:
+                fd = os.open(f"/proc/{pid}/autogroup", os.O_WRONLY)
+            except OSError:
+                return  # no autogroups here, or the child is gone
+            try:
+                os.write(fd, str(nice).encode())
+                return
+            except BlockingIOError:  # EAGAIN: another change within the last 100 ms
+                if attempt + 1 < AUTOGROUP_TRIES:
+                    time.sleep(AUTOGROUP_PAUSE)
+            except OSError:
+                return
+            finally:
+                os.close(fd)
+
+    threading.Thread(target=lower, name=f"autogroup-{pid}", daemon=True).start()
 
 
 #: how long a child gets between SIGTERM and SIGKILL
@@ -125,6 +136,8 @@ class Child:
         except OSError as exc:
             raise ToolError(f"{what}: cannot start {self.argv[0]!r}: {exc}") from exc
         log.debug("started %s (pid %d): %s", what, self.popen.pid, " ".join(self.argv))
+        if nice:
+            lower_autogroup(self.popen.pid, nice)
 
     def poll(self) -> int | None:
         """The exit code, or None while it runs."""

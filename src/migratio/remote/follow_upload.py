@@ -240,7 +240,9 @@ def find(filters: List[str]) -> None:
         query = [f.partition("=")[::2] for f in filters] + [("limit", "100")]
         url = access.image_url() + "?" + urllib.parse.urlencode(query)
         seen = set()
-        while url and url not in seen:
+        while url:
+            if url in seen:  # a copy on a page never read would look absent
+                raise Unsupported("Glance gave the same next page twice: %s" % url)
             seen.add(url)
             status, _, answer = access.call("GET", url)
             if status != 200:
