@@ -5,7 +5,6 @@ Every argument is quoted by :mod:`migratio.adapters.ssh`; the CLI's tables are p
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -175,6 +174,23 @@ def follow_upload_source() -> str:
     return resources.files("migratio.remote").joinpath("follow_upload.py").read_text("utf-8")
 
 
+def _json_lines(printed: str, words: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    """``(word, value)`` of the helper's lines ``WORD JSON`` for these words (a line whose
+    JSON does not parse gives ``None``)."""
+    for line in printed.splitlines():
+        word, _, rest = line.partition(" ")
+        if word in words:
+            try:
+                yield word, json.loads(rest)
+            except ValueError:
+                yield word, None
+
+
+def _is_record(value: Any) -> bool:
+    """Whether ``value`` is an image as Glance's API gives it (an object with an id)."""
+    return isinstance(value, dict) and isinstance(value.get("id"), str)
+
+
 class RemoteGlance:
     """The ``glance`` CLI on a destination host, with that host's ``~/.creds``."""
 
@@ -243,18 +259,13 @@ class RemoteGlance:
             check=False,
         )  # fmt: skip
         why = f"the helper there exited {done.returncode}: {done.tail()}"
+        for _, records in _json_lines(done.stdout, ("images",)):
+            if isinstance(records, list) and all(_is_record(r) for r in records):
+                return [ImageRecord.from_glance(record) for record in records]
+            why = "the helper's list of images there was not JSON"
         for line in done.stdout.splitlines():
-            word, _, rest = line.partition(" ")
-            if word == "images":
-                with contextlib.suppress(ValueError):
-                    records = json.loads(rest)
-                    if isinstance(records, list) and all(
-                        isinstance(r, dict) and isinstance(r.get("id"), str) for r in records
-                    ):
-                        return [ImageRecord.from_glance(record) for record in records]
-                why = "the helper's list of images there was not JSON"
-            elif word == "unsupported":
-                why = rest
+            if line.startswith("unsupported "):
+                why = line[len("unsupported ") :]
         log.info("looking up images at %s with the glance CLI (%s)", self.site.site_id, why)
         self.helper_lookups = False
         return None
@@ -373,14 +384,11 @@ class RemoteGlance:
     ) -> tuple[ImageRecord | None, ImageRecord | None]:
         """From what the upload helper printed: the image it made (None: none, or not known),
         and that image as Glance showed it at the end (None: ask :meth:`get`)."""
-        made: dict[str, Any] = {}
-        for line in printed.splitlines():
-            word, _, rest = line.partition(" ")
-            if word in ("created", "image") and rest.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    record = json.loads(rest)
-                    if isinstance(record, dict) and isinstance(record.get("id"), str):
-                        made[word] = record
+        made = {
+            word: record
+            for word, record in _json_lines(printed, ("created", "image"))
+            if _is_record(record)
+        }
         if made:  # the helper talked to Glance's API itself: its JSON, exactly
             final = made.get("image")
             return (
