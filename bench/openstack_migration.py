@@ -65,6 +65,7 @@ def main() -> int:
             image_id = sb.source.upload_image(image, name="bench", disk_format="qcow2")
             ssh = sb.ssh.ssh_argv()  # OpenSSH defaults: chacha20-poly1305
             remote_file = ".bench-bare.qcow2"
+            sb.ssh.remove_home_path(remote_file)  # a killed run's copy: a delta transfer
 
             # the original's way, leg 1: rsync with default options
             bare_rsync = timed(

@@ -36,7 +36,7 @@ from pathlib import Path
 from ._process import Service, spawn, stop_process
 
 PREFIX = "migratio-sb-"
-RANGE = ipaddress.ip_network("198.18.0.0/15")
+RANGE = ipaddress.IPv4Network("198.18.0.0/15")
 MTU = 65000
 _NS = re.compile(rf"^{re.escape(PREFIX)}(\d+)n(\d+)-(mid|dst)$")
 _HOST_IF = re.compile(r"^msb(\d+)n(\d+)$")

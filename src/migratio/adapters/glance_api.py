@@ -16,12 +16,9 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import requests
-from glanceclient import Client
-from glanceclient import exc as gexc
-from glanceclient.common.utils import strip_version
 from keystoneauth1 import adapter, session, token_endpoint
 from keystoneauth1 import exceptions as kexc
 
@@ -31,6 +28,19 @@ from migratio.hashing import BLOCK, Digests, Readable, VerifyingReader
 from migratio.images import ImageRecord
 from migratio.openstack.bandwidth import Throttle, ThrottledReader
 from migratio.openstack.copies import PROBE_FIELDS
+
+if TYPE_CHECKING:
+    from glanceclient import exc as glance_exc
+
+
+def _gexc() -> Any:
+    """glanceclient's exceptions, imported on first need. Importing glanceclient costs
+    ~0.2 s (oslo_utils.strutils compiles some 400 regular expressions), which a migration
+    that only reads records (:meth:`GlanceApi._get_json`) and meets no error never pays."""
+    from glanceclient import exc  # noqa: PLC0415 (see the docstring)
+
+    return exc
+
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +131,8 @@ class GlanceApi:
         reads the source image (:meth:`get`) needs neither."""
         with self._making:
             if self._client is None:
+                from glanceclient import Client  # noqa: PLC0415 (see _gexc)
+
                 self._client = Client("2", **self._kwargs)
             return self._client
 
@@ -132,14 +144,14 @@ class GlanceApi:
             response = self.http.get(path, raise_exc=False)
         except kexc.ConnectTimeout as exc:
             url = f"{str(self.http.get_endpoint()).rstrip('/')}/{path.lstrip('/')}"
-            raise gexc.InvalidEndpoint(message=f"Error communicating with {url} {exc}") from exc
+            raise _gexc().InvalidEndpoint(message=f"Error communicating with {url} {exc}") from exc
         except kexc.ConnectFailure as exc:
             url = f"{str(self.http.get_endpoint()).rstrip('/')}/{path.lstrip('/')}"
-            raise gexc.CommunicationError(
+            raise _gexc().CommunicationError(
                 message=f"Error finding address for {url}: {exc}"
             ) from exc
         if not response.ok or response.status_code == 300:
-            raise gexc.from_response(response, response.content)
+            raise _gexc().from_response(response, response.content)
         body = response.json()
         if not isinstance(body, dict):
             raise GlanceError(f"Glance at {self.where} answered {path} with no JSON object")
@@ -153,7 +165,7 @@ class GlanceApi:
         _last_response.status = None
         try:
             yield
-        except (gexc.HTTPException, kexc.HttpError) as exc:
+        except (_gexc().HTTPException, kexc.HttpError) as exc:
             status = http_status(exc)
             described = _describe(exc)
             if status is not None and str(status) not in described:
@@ -162,7 +174,7 @@ class GlanceApi:
                 f"Glance at {self.where}: {doing} failed: {described}",
                 retryable=retryable_status(status),
             ) from exc
-        except (gexc.CommunicationError, gexc.InvalidEndpoint, kexc.ConnectionError) as exc:
+        except (_gexc().CommunicationError, _gexc().InvalidEndpoint, kexc.ConnectionError) as exc:
             if _closed_unanswered(exc):  # connected: not the URL's fault
                 raise GlanceError(
                     f"Glance: {doing} failed: {_unreachable(exc, self.creds, connected=True)}",
@@ -208,7 +220,7 @@ class GlanceApi:
                 body = self._get_json(f"/v2/images/{urllib.parse.quote(image_id, safe='')}")
                 return ImageRecord.from_glance(body)
         except GlanceError as exc:
-            if isinstance(exc.__cause__, gexc.HTTPNotFound):
+            if isinstance(exc.__cause__, _gexc().HTTPNotFound):
                 return None
             raise
 
@@ -295,6 +307,8 @@ class GlanceApi:
         Through an HTTP proxy (the environment's ``*_proxy``, which requests honours) this
         falls back to :meth:`upload`, hashed on the way.
         """
+        from glanceclient.common.utils import strip_version  # noqa: PLC0415 (see _gexc)
+
         doing = f"uploading the data of image {image_id}"
         with self._errors(doing):
             endpoint, _ = strip_version(str(self.http.get_endpoint()))
@@ -341,7 +355,7 @@ class GlanceApi:
         on_progress: Callable[[int], None] | None,
         bwlimit: int | None,
         before_last: Callable[[], None] | None = None,
-    ) -> gexc.HTTPException | None:
+    ) -> glance_exc.HTTPException | None:
         """PUT the file's ``size`` bytes to ``url``; None, or the error Glance answered with.
 
         An error status is returned as glanceclient would have raised it (so that
@@ -360,7 +374,7 @@ class GlanceApi:
             try:
                 conn.connect()
             except OSError as exc:  # worded as glanceclient words it: the URL and the key
-                raise gexc.CommunicationError(
+                raise _gexc().CommunicationError(
                     message=f"Error finding address for {url}: {exc}"
                 ) from exc
             conn.putrequest("PUT", parts.path, skip_accept_encoding=True)
@@ -393,7 +407,7 @@ class GlanceApi:
         answer.headers.update({k.lower(): v for k, v in response.getheaders()})
         answer.headers.setdefault("content-type", "text/plain")
         answer._content = body  # what glanceclient's from_response reads
-        error: gexc.HTTPException = gexc.from_response(answer, body)
+        error: glance_exc.HTTPException = _gexc().from_response(answer, body)
         return error
 
     def _tls(self) -> ssl.SSLContext:
@@ -446,7 +460,7 @@ class GlanceApi:
             with self._errors(f"deleting image {image_id}"):
                 self.client.images.delete(image_id)
         except GlanceError as exc:
-            if not isinstance(exc.__cause__, gexc.HTTPNotFound):
+            if not isinstance(exc.__cause__, _gexc().HTTPNotFound):
                 raise
 
     def ping(self) -> int:
