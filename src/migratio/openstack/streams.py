@@ -46,6 +46,10 @@ RTT_PER_STREAM = 0.008
 MAX_AUTO = 8
 #: no stream for less than this: an rsync start costs a few round trips
 MIN_RANGE = 8 << 20
+#: with the migration's own connection for the first stream, the others log in once its first
+#: bytes move, or after this many seconds: each login's key exchange costs both hosts tens of
+#: milliseconds of CPU, which the first piece's start needs more
+HEAD_START = 1.0
 #: a file goes in about this many pieces, each no smaller than MIN_PIECE, no larger than MAX_PIECE
 PIECES = 32
 MIN_PIECE = 32 << 20
@@ -143,9 +147,13 @@ class _Sum:
         self.done = [0] * count
         self.lock = threading.Lock()
         self.on_progress = on_progress
+        #: set once the first piece's bytes are on their way (rsync's first report)
+        self.moving = threading.Event()
 
     def of(self, k: int) -> Callable[[int], None]:
         def report(count: int) -> None:
+            if k == 0 and count > 0:
+                self.moving.set()
             with self.lock:
                 self.done[k] = count
                 total = sum(self.done)
@@ -153,6 +161,16 @@ class _Sum:
                 self.on_progress(total)
 
         return report
+
+
+def _head_start(moving: threading.Event, stop: threading.Event) -> bool:
+    """Wait until the first piece's bytes move, or :data:`HEAD_START` seconds; False if
+    ``stop`` is set meanwhile."""
+    deadline = time.monotonic() + HEAD_START
+    while not moving.is_set() and time.monotonic() < deadline:
+        if stop.wait(0.05):
+            return False
+    return not stop.is_set()
 
 
 @contextmanager
@@ -258,6 +276,8 @@ def push_ranges(
             with contextlib.ExitStack() as stack:
                 master = shared if number == 0 and shared is not None else None
                 if master is None:
+                    if shared is not None and not _head_start(progress.moving, stop):
+                        raise Cancelled("stopped")
                     master = stack.enter_context(SshMaster(target))
                 # one login per stream: its pieces' rsyncs wait for the master instead of
                 # logging in beside it (sshd drops logins beyond MaxStartups, 10 by default)
@@ -284,6 +304,8 @@ def push_ranges(
                         )
                     finally:
                         pieces.sent(k)
+                        if k == 0:  # also when it moved nothing (a finished piece is skipped)
+                            progress.moving.set()
                     results.append(result)
                     compress.sent(k, result.compress, pieces.spans[k][2], result.seconds)
         except BaseException:
