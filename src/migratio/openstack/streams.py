@@ -167,8 +167,8 @@ def _head_start(moving: threading.Event, stop: threading.Event) -> bool:
     """Wait until the first piece's bytes move, or :data:`HEAD_START` seconds; False if
     ``stop`` is set meanwhile."""
     deadline = time.monotonic() + HEAD_START
-    while not moving.is_set() and time.monotonic() < deadline:
-        if stop.wait(0.05):
+    while not moving.wait(0.05) and time.monotonic() < deadline:
+        if stop.is_set():
             return False
     return not stop.is_set()
 
@@ -304,8 +304,8 @@ def push_ranges(
                         )
                     finally:
                         pieces.sent(k)
-                        if k == 0:  # also when it moved nothing (a finished piece is skipped)
-                            progress.moving.set()
+                    if k == 0:  # done, even if it moved nothing (a piece rsync found complete)
+                        progress.moving.set()
                     results.append(result)
                     compress.sent(k, result.compress, pieces.spans[k][2], result.seconds)
         except BaseException:
