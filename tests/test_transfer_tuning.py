@@ -36,7 +36,7 @@ from migratio.openstack.compression import (
 )
 from migratio.openstack.copies import Owners
 from migratio.openstack.migration import migrate_to_openstack
-from migratio.openstack.streams import layout, piece_size, stream_count
+from migratio.openstack.streams import layout, measure_rtt, piece_size, stream_count
 from migratio.request import MigrationRequest, Outcome
 
 MiB = 1 << 20
@@ -374,6 +374,39 @@ def test_stream_count_follows_the_round_trip() -> None:
     assert stream_count(None, 0.500, big) == 8
     assert stream_count(4, 0.0001, big) == 4  # STREAMS=4 forces it...
     assert stream_count(4, 0.040, 20 * MiB) == 2  # ...but no range under 8 MiB
+
+
+def test_the_round_trip_is_the_kernels_not_the_gils(clean_sandbox: Sandbox) -> None:
+    """``STREAMS=auto`` and ``COMPRESS=auto`` read the round trip from a TCP connect made in
+    a thread beside the migration's others. Timed by the clock, it also held however long
+    that thread then waited for the GIL: up to 25 ms on this machine with three busy threads,
+    which made the loopback look like a WAN (zstd and several streams on a LAN)."""
+    sb = clean_sandbox
+    busy = threading.Event()
+
+    def hog() -> None:
+        while not busy.is_set():
+            sum(range(10_000))
+
+    hogs = [threading.Thread(target=hog) for _ in range(3)]
+    for thread in hogs:
+        thread.start()
+    try:
+        lan = [measure_rtt(sb.ssh.address, sb.ssh.port) for _ in range(20)]
+        wan = None
+        if sb.network is not None:
+            sb.shape(None, 20)
+            try:
+                wan = measure_rtt(sb.ssh.address, sb.ssh.port)
+            finally:
+                sb.shape()
+    finally:
+        busy.set()
+        for thread in hogs:
+            thread.join()
+    assert all(rtt is not None and rtt < 0.004 for rtt in lan), lan  # compression.WAN_RTT
+    if wan is not None:
+        assert 0.019 <= wan <= 0.030, wan
 
 
 def test_a_rerun_keeps_the_layout_an_interrupted_attempt_left() -> None:
