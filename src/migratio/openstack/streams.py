@@ -49,7 +49,8 @@ MAX_AUTO = 8
 MIN_RANGE = 8 << 20
 #: with the migration's own connection for the first stream, the others log in once its first
 #: bytes move, or after this many seconds: each login's key exchange costs both hosts tens of
-#: milliseconds of CPU, which the first piece's start needs more
+#: milliseconds of CPU, which the first piece's start needs more (not during a compression
+#: trial, which compares the rates of pieces started together)
 HEAD_START = 1.0
 #: a file goes in about this many pieces, each no smaller than MIN_PIECE, no larger than MAX_PIECE
 PIECES = 32
@@ -303,7 +304,9 @@ def push_ranges(
             with contextlib.ExitStack() as stack:
                 master = shared if number == 0 and shared is not None else None
                 if master is None:
-                    if shared is not None and not _head_start(progress.moving, stop):
+                    # not while lz4 is tried against zstd: its two waves must start alike
+                    head_start = shared is not None and not compress.trial
+                    if head_start and not _head_start(progress.moving, stop):
                         raise Cancelled("stopped")
                     master = stack.enter_context(SshMaster(target))
                 # one login per stream: its pieces' rsyncs wait for the master instead of
