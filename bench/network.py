@@ -221,7 +221,12 @@ def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float |
     with log_file.open("rb") as log:
         log.seek(logged)
         lines = log.read().decode().splitlines()
-    trial = [x for x in lines if "compression: lz4 reached" in x]
+    # the trial, and its fall back to lz4 if zstd's later pieces were slower
+    trial = [
+        x.split("compression: ")[-1]
+        for x in lines
+        if "compression: lz4 reached" in x or "compression: zstd's last" in x
+    ]
     milestones = {}
     for name, marker in _MILESTONES:
         stamp = next((_STAMP.match(x) for x in lines if marker in x), None)
@@ -235,7 +240,7 @@ def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float |
         wire=meter.wire / size,
         utilisation=meter.rate() / link if link else 0.0,
         decision=decision.group(1) if decision else "-",
-        trial=trial[-1].split("compression: ")[-1] if trial else "",
+        trial="; then ".join(trial),
         peak_rss=peak.bytes / MB,
         cpu_src=(usage.ru_utime + usage.ru_stime) / (size / GiB),
         cpu_dst=cpu_dst / (size / GiB),

@@ -26,6 +26,9 @@ from migratio.errors import TransferError
 log = logging.getLogger(__name__)
 
 RSYNC = "rsync"
+#: zstd's level: rsync's default (3) costs the sender about three times lz4's CPU, level 1
+#: about half again as much, for ~0.34 of an OS-like image against lz4's ~0.49 (bench/RESULTS.md)
+ZSTD_LEVEL = 1
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+(\d+)%")
 _SENT = re.compile(r"Total bytes sent:\s*([\d,]+)")
 
@@ -200,6 +203,8 @@ def _argv(
         argv.append("--sparse")
     if compress != "none":
         argv += ["--compress", f"--compress-choice={compress}"]
+        if compress == "zstd":
+            argv.append(f"--compress-level={ZSTD_LEVEL}")
     if bwlimit is not None:
         argv.append(f"--bwlimit={max(1, round(bwlimit / 1024))}")
     argv += ["--", str(source), f"{target.destination}:{remote_path}"]

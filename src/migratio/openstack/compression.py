@@ -7,8 +7,8 @@
    kinds of data a little better and faster).  Above :data:`INCOMPRESSIBLE` (random data,
    already-compressed images) nothing is compressed: the sampling is all it costs (~50 ms).
 2. **the rate the link to the site reached** in the last transfer there (kept in the staging
-   directory, ``.link-<site>.json``).  zstd costs rsync's sender about a core for ~200 MB/s
-   of input; lz4 is nearly free but sends more.  Over a link slower than
+   directory, ``.link-<site>.json``).  zstd (at level 1, :data:`migratio.adapters.rsync.ZSTD_LEVEL`)
+   costs rsync about half again lz4's CPU and sends ~0.7 of lz4's bytes.  Over a link slower than
    :data:`ZSTD_BELOW` zstd wins; above :data:`LZ4_BELOW` (a LAN, loopback) compression only
    costs CPU and nothing is compressed; in between, lz4.  While the link is not known yet,
    the round trip to the site's SSH port (measured anyway, see :mod:`migratio.openstack.streams`)
@@ -25,10 +25,11 @@
 4. **an experiment, for a transfer in pieces** (several streams, see
    :mod:`migratio.openstack.streams`) while the link's rate is not known: the first wave of
    pieces (one per stream) goes with lz4, the second with zstd, and the rest with the one
-   whose pieces carried more of the *file* per second -- zstd only if it was at least
-   :data:`ZSTD_MARGIN` times faster, since later pieces run over warmed-up TCP windows
-   (:class:`PieceCompression`); should a later wave of zstd fall under lz4's rate, lz4 for
-   the rest. A round trip cannot tell a slow link from a fast one far
+   whose pieces carried more of the *file* per second -- zstd unless its pieces carried
+   less than :data:`ZSTD_MARGIN` of lz4's rate: beside lz4's pieces, which need less CPU,
+   zstd's look slower than a transfer in zstd turns out (:class:`PieceCompression`);
+   should a later wave of zstd fall under that share of lz4's rate, lz4 for the rest. A
+   round trip cannot tell a slow link from a fast one far
    away (200 Mbit/s and 1 Gbit/s at 40 ms): zstd wins on the first and makes the transfer
    CPU-bound on the second; nor can the wire rate of lz4's pieces (pieces that are short,
    CPU-bound or dominated by their start look like a slow link). Only the file's rate under
@@ -75,8 +76,11 @@ LZ4_BELOW = 450e6
 WAN_RTT = 0.004
 #: a link slower than this (bytes/s): zstd whatever the load
 SLOW_LINK = 50e6
-#: zstd's pieces must carry this many times lz4's file bytes per second to be kept
-ZSTD_MARGIN = 1.15
+#: zstd is kept unless its pieces carried less than this share of lz4's file bytes per second:
+#: its trial pieces share the CPU with lz4's and look slower than a transfer in zstd turns
+#: out (measured: 0.76-1.11 of lz4's rate in trials where zstd alone was 1.05-1.32 times
+#: faster than lz4 alone), and every byte it saves is one less on the sites' shared link
+ZSTD_MARGIN = 0.8
 #: the experiment of PieceCompression only for a transfer of at least this many pieces per stream
 MIN_WAVES = 3
 #: seconds an experiment's outcome is followed without trying again
@@ -225,12 +229,12 @@ class PieceCompression:
     A provisional ``auto`` choice (the link's rate not known) is settled by experiment: the
     pieces are taken in order, so pieces ``0 .. streams-1`` (the first wave, which run at
     once) go with lz4 and the next ``streams`` with zstd; once both waves are in, the rest
-    goes with zstd if its pieces carried at least :data:`ZSTD_MARGIN` times lz4's file bytes
+    goes with zstd if its pieces carried at least :data:`ZSTD_MARGIN` of lz4's file bytes
     per second (mean over the wave), else with lz4. A piece that starts before the second
-    wave is in takes the one ahead so far (lz4 until zstd is). Once zstd is chosen, its later
-    pieces are watched: should a wave of them (the last ``streams``) carry less of the file
-    per second than lz4's trial pieces did (the load changed, or a slow start of lz4's wave
-    made zstd look better than it is), lz4 for the rest, for good. With fewer than
+    wave is in takes the one ahead so far (lz4 until zstd's first pieces are in). Once zstd
+    is chosen, its later pieces are watched: should a wave of them (the last ``streams``)
+    carry less of the file per second than that share of lz4's trial rate (the load
+    changed), lz4 for the rest, for good. With fewer than
     :data:`MIN_WAVES` pieces per stream there is no experiment: lz4 throughout (cheap, and a
     slower zstd wave would cost more than the few pieces left could win back). A peer that
     cannot compress (an rsync older than 3.2) turns it off for the rest; one that did lz4 but
@@ -329,15 +333,15 @@ class PieceCompression:
             return
         self._after.append(rate)
         recent = self._after[-self.streams :]
-        if len(recent) < self.streams or _mean(recent) >= _mean(self._rates["lz4"]):
+        if len(recent) < self.streams or _mean(recent) >= ZSTD_MARGIN * _mean(self._rates["lz4"]):
             return
         self.algorithm, self._reverted = "lz4", True
         self._trial_rates = (_mean(self._rates["lz4"]), _mean(recent))  # what is kept: lz4
         self._trial_at = time.time()
         log.info(
             "compression: zstd's last %d pieces reached %.0f MB/s of file per piece, under "
-            "lz4's %.0f MB/s: lz4 from now on",
-            len(recent), _mean(recent) / 1e6, _mean(self._rates["lz4"]) / 1e6,
+            "%.0f %% of lz4's %.0f MB/s: lz4 from now on",
+            len(recent), _mean(recent) / 1e6, ZSTD_MARGIN * 100, _mean(self._rates["lz4"]) / 1e6,
         )  # fmt: skip
 
     def _zstd_ahead(self) -> bool:
