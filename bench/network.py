@@ -19,6 +19,9 @@ Cases (issue 11) and targets for migratio (REGISTER=ssh) / original's way:
 
 plus: time from the start of ``migratio migrate`` to the first 256 KiB on the link <= 1.5 s,
 and on the unshaped link (case 5, random data) ``COMPRESS=auto`` within 5 % of ``COMPRESS=none``.
+With ``--bwlimit RATE`` (e.g. ``40M``) both register ways are timed again with ``BWLIMIT=RATE``,
+and their average rate on the wire (between 5 % and 95 % of its bytes) is printed against the
+cap (target: within 5 %).
 "OS-like": a 4 GiB-virtual qcow2 of an ext4 filesystem (``mkfs.ext4 -d``) holding ~1 GiB of
 this machine's /usr; "random": the same size of random data. It also prints the bytes on the
 wire / file size, the link utilisation of the transfer (between 5 % and 95 % of its bytes),
@@ -60,6 +63,8 @@ from bench._measure import PeakRss, verdict  # noqa: E402
 from tests.sandbox.images import make_os_like_qcow2, make_qcow2  # noqa: E402
 from tests.sandbox.network import TwoHostNetwork, network_missing  # noqa: E402
 from tests.sandbox.site import Sandbox  # noqa: E402
+
+from migratio.config import parse_rate  # noqa: E402
 
 GiB = 1024**3
 MB = 1e6
@@ -147,6 +152,8 @@ class Run:
     first_byte: float = 0.0
     wire: float = 0.0  # bytes on the wire / file size
     utilisation: float = 0.0
+    #: bytes per second on the wire between 5 % and 95 % of them (LinkMeter.rate)
+    wire_rate: float = 0.0
     decision: str = ""
     #: COMPRESS=auto's trial of lz4 against zstd, as logged
     trial: str = ""
@@ -168,6 +175,8 @@ class Case:
     uncompressed: list[Run] = field(default_factory=list)
     #: REGISTER=ssh with COMPRESS fixed (--compress): what auto's choice costs against them
     fixed: dict[str, list[Run]] = field(default_factory=dict)
+    #: with --bwlimit: each register way with BWLIMIT set
+    capped: dict[str, list[Run]] = field(default_factory=dict)
     link: tuple[float, float] = (0.0, 0.0)
 
 
@@ -239,6 +248,7 @@ def run_migratio(sb: Sandbox, image_id: str, site: str, size: int, rate: float |
         first_byte=meter.when(FIRST_BYTES),
         wire=meter.wire / size,
         utilisation=meter.rate() / link if link else 0.0,
+        wire_rate=meter.rate(),
         decision=decision.group(1) if decision else "-",
         trial="; then ".join(trial),
         peak_rss=peak.bytes / MB,
@@ -314,7 +324,7 @@ def breakdown(runs: list[Run]) -> str:
     return "; ".join(parts)
 
 
-def report(cases: list[Case], sizes: dict[str, int]) -> None:
+def report(cases: list[Case], sizes: dict[str, int], cap: tuple[str, int] | None = None) -> None:
     print(flush=True)
     print(
         "| link | image | original (rsync + upload) | migratio ssh | ratio | migratio api | ratio |"
@@ -371,6 +381,16 @@ def report(cases: list[Case], sizes: dict[str, int]) -> None:
                 f"{spread([r.wire for r in runs], '{:.3f}')}, CPU s/GiB source "
                 f"{spread([r.cpu_src for r in runs])})"
             )
+        for way, runs in case.capped.items():
+            assert cap is not None
+            text, limit = cap
+            share = statistics.median(r.wire_rate / limit for r in runs)
+            print(
+                f"  BWLIMIT={text} ({limit / MB:.1f} MB/s), {way}: "
+                f"{spread([r.wire_rate / MB for r in runs])} MB/s on the wire, "
+                f"{share:.3f} of the cap (target within 5 %) {verdict(abs(share - 1) <= 0.05)}; "
+                f"{spread([r.seconds for r in runs])} s"
+            )
         for run in case.ssh:
             if run.trial:
                 print(f"  auto's trial: {run.trial}")
@@ -409,6 +429,12 @@ def parse_args() -> argparse.Namespace:
         help="also time REGISTER=ssh with COMPRESS fixed to each of these",
     )
     parser.add_argument(
+        "--bwlimit",
+        metavar="RATE",
+        help="also time both register ways with BWLIMIT=RATE (e.g. 40M) and print the average "
+        "rate on the wire against it (target: within 5 %%)",
+    )
+    parser.add_argument(
         "--remote-upload",
         choices=["auto", "cli"],
         default="auto",
@@ -424,8 +450,29 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def write_sites(sb: Sandbox, args: argparse.Namespace) -> dict[str, str]:
+    """The site files the runs use beside site-b and site-b-api; the ``--bwlimit`` ones' ids."""
+    if args.remote_upload != "auto":
+        conf = sb.site_conf.read_text()
+        sb.site_conf.write_text(conf + f"export REMOTE_UPLOAD={args.remote_upload}\n")
+    none_conf = sb.sites_dir / "site-b-none.conf"
+    none_conf.write_text(sb.site_conf.read_text() + "export COMPRESS=none\n")
+    for algorithm in args.compress:
+        fixed_conf = sb.sites_dir / f"site-b-{algorithm}.conf"
+        fixed_conf.write_text(sb.site_conf.read_text() + f"export COMPRESS={algorithm}\n")
+    capped_sites = {}
+    if args.bwlimit:
+        for way, base in (("ssh", sb.site_conf), ("api", sb.site_api_conf)):
+            capped_conf = sb.sites_dir / f"site-b-{way}-capped.conf"
+            capped_conf.write_text(base.read_text() + f"export BWLIMIT={args.bwlimit}\n")
+            capped_conf.chmod(0o600)
+            capped_sites[way] = capped_conf.stem
+    return capped_sites
+
+
 def main() -> int:
     args = parse_args()
+    cap = (args.bwlimit, parse_rate(args.bwlimit, "--bwlimit")) if args.bwlimit else None
     # SIGTERM unwinds like ^C: the sandbox's namespaces, servers and files go with it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     missing = network_missing()
@@ -459,14 +506,7 @@ def main() -> int:
                 kind: sb.source.upload_image(path, name=f"bench-{kind}", disk_format="qcow2")
                 for kind, path in images.items()
             }
-            if args.remote_upload != "auto":
-                conf = sb.site_conf.read_text()
-                sb.site_conf.write_text(conf + f"export REMOTE_UPLOAD={args.remote_upload}\n")
-            none_conf = sb.sites_dir / "site-b-none.conf"
-            none_conf.write_text(sb.site_conf.read_text() + "export COMPRESS=none\n")
-            for algorithm in args.compress:
-                fixed_conf = sb.sites_dir / f"site-b-{algorithm}.conf"
-                fixed_conf.write_text(sb.site_conf.read_text() + f"export COMPRESS={algorithm}\n")
+            capped_sites = write_sites(sb, args)
             for number in args.cases:
                 label, rate, rtt, kind, _ = CASES[number]
                 sb.shape(rate, rtt)
@@ -489,6 +529,10 @@ def main() -> int:
                         case.fixed.setdefault(algorithm, []).append(
                             run_migratio(sb, ids[kind], f"site-b-{algorithm}", sizes[kind], rate)
                         )
+                    for way, capped_site in capped_sites.items():
+                        case.capped.setdefault(way, []).append(
+                            run_migratio(sb, ids[kind], capped_site, sizes[kind], rate)
+                        )
                     if rate is None and not none_first:
                         case.uncompressed.append(
                             run_migratio(sb, ids[kind], "site-b-none", sizes[kind], rate)
@@ -503,10 +547,10 @@ def main() -> int:
                         flush=True,
                     )
                 cases.append(case)
-                report([case], sizes)  # as it goes: a long run shows what it has
+                report([case], sizes, cap)  # as it goes: a long run shows what it has
             sb.shape()
     print("\n== all cases")
-    report(cases, sizes)
+    report(cases, sizes, cap)
     return 0
 
 
