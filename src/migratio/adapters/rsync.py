@@ -115,8 +115,11 @@ def push(
         )  # fmt: skip
         compress = "none"
         done = run(
-            _argv(source, target, remote_path, sparse, io_timeout, compress, bwlimit, make_dir)
-        )
+            _argv(
+                source, target, remote_path, sparse, io_timeout, compress, bwlimit, make_dir,
+                renice_sshd,
+            )
+        )  # fmt: skip
     if done.returncode != 0:
         host_key = "Host key verification failed" in done.stderr
         why = why_it_failed(done, target)
@@ -157,7 +160,8 @@ def why_it_failed(done: processes.Completed, target: SshTarget) -> str:
 def _refused_compression(stderr: str) -> bool:
     text = stderr.lower()
     return "compress" in text and ("unknown option" in text or "negotiat" in text or
-                                   "not supported" in text or "invalid" in text)  # fmt: skip
+                                   "not supported" in text or "invalid" in text or
+                                   "unknown compress" in text)  # fmt: skip
 
 
 def _argv(

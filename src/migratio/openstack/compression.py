@@ -24,12 +24,13 @@
    minute old.)
 4. **an experiment, for a transfer in pieces** (several streams, see
    :mod:`migratio.openstack.streams`) while the link's rate is not known: the first wave of
-   pieces (one per stream) goes with lz4, the second with zstd, and the rest with the one
-   whose pieces carried more of the *file* per second -- zstd unless its pieces carried
-   less than :data:`ZSTD_MARGIN` of lz4's rate: beside lz4's pieces, which need less CPU,
-   zstd's look slower than a transfer in zstd turns out (:class:`PieceCompression`);
-   should a later wave of zstd fall under that share of lz4's rate, lz4 for the rest. A
-   round trip cannot tell a slow link from a fast one far
+   pieces (one per stream) goes with lz4, the second with zstd, and the rest with zstd
+   unless its pieces carried less than :data:`ZSTD_MARGIN` of lz4's *file* bytes per
+   second: beside lz4's pieces, which need less CPU, zstd's look slower than a transfer in
+   zstd turns out (:class:`PieceCompression`); should a later wave of zstd fall under that
+   share of lz4's rate, lz4 for the rest (where no core was spare, 3, zstd needs
+   :data:`BUSY_ZSTD_MARGIN` times lz4's rate instead). A round trip cannot tell a slow
+   link from a fast one far
    away (200 Mbit/s and 1 Gbit/s at 40 ms): zstd wins on the first and makes the transfer
    CPU-bound on the second; nor can the wire rate of lz4's pieces (pieces that are short,
    CPU-bound or dominated by their start look like a slow link). Only the file's rate under
@@ -40,7 +41,8 @@
    the next transfers to the site of an image whose samples compress within
    :data:`TRIAL_RATIO_SPAN` of the trial's go with it and do not try again (the losing wave
    costs seconds each time; a link and the load on it seldom change within the hour). A kept
-   zstd is watched against the trial's lz4 rate as the trial's own choice is, and where no
+   zstd is watched against that share of the trial's lz4 rate as the trial's own choice is,
+   and where no
    core is spare (3) the transfer tries again instead of giving zstd up for the hour.
 5. **what the peer's rsync supports**: rsync negotiates the algorithm; a peer that knows
    neither zstd nor lz4 (older than 3.2) fails the start of the transfer, which is then
@@ -81,6 +83,9 @@ SLOW_LINK = 50e6
 #: out (measured: 0.76-1.11 of lz4's rate in trials where zstd alone was 1.05-1.32 times
 #: faster than lz4 alone), and every byte it saves is one less on the sites' shared link
 ZSTD_MARGIN = 0.8
+#: ... but where the load average left no core to spare, only if they carried this many times
+#: lz4's: there zstd's extra CPU is what the other work needs
+BUSY_ZSTD_MARGIN = 1.15
 #: the experiment of PieceCompression only for a transfer of at least this many pieces per stream
 MIN_WAVES = 3
 #: seconds an experiment's outcome is followed without trying again
@@ -100,6 +105,8 @@ class Choice:
     #: the samples' ratio (``auto`` only), and the kept outcome of a trial it follows
     ratio: float | None = None
     kept: Trial | None = None
+    #: lz4 for want of a core to spare: a trial keeps zstd only by :data:`BUSY_ZSTD_MARGIN`
+    busy: bool = False
 
     @property
     def compresses(self) -> bool:
@@ -108,7 +115,7 @@ class Choice:
 
 @dataclass(frozen=True)
 class Trial:
-    """What :class:`PieceCompression`'s experiment found: the faster algorithm, the file
+    """What :class:`PieceCompression`'s experiment found: the algorithm its rule chose, the file
     bytes per second of each one's pieces (zstd's: its last wave, if it fell back to lz4),
     when it decided, and how well the image's samples compressed."""
 
@@ -178,6 +185,7 @@ def choose(
                 f"{choice.reason}, but no core to spare ({idle:.1f} idle)",
                 provisional=choice.provisional or choice.kept is not None,
                 ratio=choice.ratio,
+                busy=True,
             )
     return choice
 
@@ -230,7 +238,8 @@ class PieceCompression:
     pieces are taken in order, so pieces ``0 .. streams-1`` (the first wave, which run at
     once) go with lz4 and the next ``streams`` with zstd; once both waves are in, the rest
     goes with zstd if its pieces carried at least :data:`ZSTD_MARGIN` of lz4's file bytes
-    per second (mean over the wave), else with lz4. A piece that starts before the second
+    per second (mean over the wave; :data:`BUSY_ZSTD_MARGIN` times when the choice was lz4
+    for want of a spare core), else with lz4. A piece that starts before the second
     wave is in takes the one ahead so far (lz4 until zstd's first pieces are in). Once zstd
     is chosen, its later pieces are watched: should a wave of them (the last ``streams``)
     carry less of the file per second than that share of lz4's trial rate (the load
@@ -244,6 +253,8 @@ class PieceCompression:
     def __init__(self, choice: Choice, streams: int, pieces: int, piece_size: int = 0) -> None:
         self.choice = choice
         self.streams = max(1, min(streams, pieces))
+        #: zstd is kept unless its pieces carried less than this share of lz4's file rate
+        self.margin = BUSY_ZSTD_MARGIN if choice.busy else ZSTD_MARGIN
         unknown = choice.provisional and choice.compresses
         self.algorithm = "lz4" if unknown else choice.algorithm
         #: whether the first two waves try lz4 against zstd
@@ -273,7 +284,10 @@ class PieceCompression:
     def plan(self) -> str:
         """What this transfer will do, for the log before it starts."""
         if self.trial:
-            return f"lz4 for the first {self.streams} pieces, zstd for the next, then the faster"
+            return (
+                f"lz4 for the first {self.streams} pieces, zstd for the next, then zstd unless "
+                f"its pieces carried under {self.margin:.2f} of lz4's rate"
+            )
         return self.algorithm
 
     def for_piece(self, k: int) -> str:
@@ -326,14 +340,15 @@ class PieceCompression:
             )  # fmt: skip
 
     def _watch(self, algorithm: str, size: int, rate: float) -> None:
-        """After the trial chose zstd: back to lz4 if a wave of zstd is slower than lz4 was."""
+        """After the trial chose zstd: back to lz4 if a wave of zstd falls under the margin's
+        share of lz4's trial rate."""
         if not self._tried or self._reverted or self.algorithm != "zstd" or algorithm != "zstd":
             return
         if size < self._full:  # the file's last piece: its start weighs more
             return
         self._after.append(rate)
         recent = self._after[-self.streams :]
-        if len(recent) < self.streams or _mean(recent) >= ZSTD_MARGIN * _mean(self._rates["lz4"]):
+        if len(recent) < self.streams or _mean(recent) >= self.margin * _mean(self._rates["lz4"]):
             return
         self.algorithm, self._reverted = "lz4", True
         self._trial_rates = (_mean(self._rates["lz4"]), _mean(recent))  # what is kept: lz4
@@ -341,13 +356,14 @@ class PieceCompression:
         log.info(
             "compression: zstd's last %d pieces reached %.0f MB/s of file per piece, under "
             "%.0f %% of lz4's %.0f MB/s: lz4 from now on",
-            len(recent), _mean(recent) / 1e6, ZSTD_MARGIN * 100, _mean(self._rates["lz4"]) / 1e6,
+            len(recent), _mean(recent) / 1e6, self.margin * 100, _mean(self._rates["lz4"]) / 1e6,
         )  # fmt: skip
 
     def _zstd_ahead(self) -> bool:
-        """Whether zstd's pieces so far beat lz4's by the margin (under the lock)."""
+        """Whether zstd's pieces so far carried at least the margin's share of lz4's rate
+        (under the lock)."""
         lz4, zstd = self._rates["lz4"], self._rates["zstd"]
-        return bool(lz4 and zstd) and _mean(zstd) >= ZSTD_MARGIN * _mean(lz4)
+        return bool(lz4 and zstd) and _mean(zstd) >= self.margin * _mean(lz4)
 
     def outcome(self) -> Trial | None:
         """What the experiment found (with a fall back to lz4 after it), if it was made."""
