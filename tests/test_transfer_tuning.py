@@ -29,6 +29,7 @@ from migratio.openstack.compression import (
     BUSY_ZSTD_MARGIN,
     TRIAL_KEPT,
     ZSTD_MARGIN,
+    Choice,
     LinkHistory,
     PieceCompression,
     Trial,
@@ -227,6 +228,42 @@ def test_bwlimit_caps_rsync(clean_sandbox: Sandbox, tmp_path: Path) -> None:
     assert time.monotonic() - begin > 4
 
     assert 0.9 * CAP <= meter.rate() <= 1.1 * CAP, meter.rate() / CAP
+
+
+def test_bwlimit_caps_the_streams_together(clean_sandbox: Sandbox, tmp_path: Path) -> None:
+    """BWLIMIT over several streams at 20 ms: each stream's rsync gets its share, raised by
+    what its earlier pieces' starts (a few round trips each) cost, so that together they
+    average the cap (with the bare share: 0.94 of it here)."""
+    sb = clean_sandbox
+    if sb.network is None:
+        pytest.skip("needs the two-host sandbox (a round trip)")
+    image = make_qcow2(tmp_path / "random.qcow2", virtual_size=128 * MiB, data_bytes=96 * MiB)
+    settings = settings_for(sb, tmp_path)
+    site = settings.site("site-b")
+    assert isinstance(site, OpenStackSite) and site.ssh is not None
+    size, piece, cap = image.stat().st_size, 8 * MiB, 3 * CAP
+    (tmp_path / "work").mkdir()
+    sb.shape(1000, 20)
+    try:
+        with WireMeter(sb) as meter:
+            result = streams.push_ranges(
+                image,
+                site.ssh,
+                ".migratio-staging/capped",
+                streams=3,
+                piece=piece,
+                workdir=tmp_path / "work",
+                timeout=120,
+                cancel=threading.Event(),
+                on_progress=meter.progress,
+                compress=PieceCompression(Choice("none", "COMPRESS=none"), 3, -(-size // piece)),
+                bwlimit=cap,
+                make_dir=".migratio-staging",
+            )
+    finally:
+        sb.shape()
+    assert result.bytes_sent >= size
+    assert 0.95 * cap <= meter.rate() <= 1.05 * cap, meter.rate() / cap
 
 
 def _stat(pid: int) -> list[str]:
