@@ -28,9 +28,9 @@
    unless its pieces carried less than :data:`ZSTD_MARGIN` of lz4's *file* bytes per
    second: beside lz4's pieces, which need less CPU, zstd's look slower than a transfer in
    zstd turns out (:class:`PieceCompression`); should a later wave of zstd fall under that
-   share of lz4's rate, lz4 for the rest (where no core was spare, 3, zstd needs
-   :data:`BUSY_ZSTD_MARGIN` times lz4's rate instead). A round trip cannot tell a slow
-   link from a fast one far
+   share of lz4's rate, lz4 for the rest (also where no core was spare, 3: the trial
+   measures the rates under that load). A round trip cannot tell a slow link from a fast
+   one far
    away (200 Mbit/s and 1 Gbit/s at 40 ms): zstd wins on the first and makes the transfer
    CPU-bound on the second; nor can the wire rate of lz4's pieces (pieces that are short,
    CPU-bound or dominated by their start look like a slow link). Only the file's rate under
@@ -83,9 +83,6 @@ SLOW_LINK = 50e6
 #: out (measured: 0.76-1.11 of lz4's rate in trials where zstd alone was 1.05-1.32 times
 #: faster than lz4 alone), and every byte it saves is one less on the sites' shared link
 ZSTD_MARGIN = 0.8
-#: ... but where the load average left no core to spare, only if they carried this many times
-#: lz4's: there zstd's extra CPU is what the other work needs
-BUSY_ZSTD_MARGIN = 1.15
 #: the experiment of PieceCompression only for a transfer of at least this many pieces per stream
 MIN_WAVES = 3
 #: seconds an experiment's outcome is followed without trying again
@@ -105,8 +102,6 @@ class Choice:
     #: the samples' ratio (``auto`` only), and the kept outcome of a trial it follows
     ratio: float | None = None
     kept: Trial | None = None
-    #: lz4 for want of a core to spare: a trial keeps zstd only by :data:`BUSY_ZSTD_MARGIN`
-    busy: bool = False
 
     @property
     def compresses(self) -> bool:
@@ -185,7 +180,6 @@ def choose(
                 f"{choice.reason}, but no core to spare ({idle:.1f} idle)",
                 provisional=choice.provisional or choice.kept is not None,
                 ratio=choice.ratio,
-                busy=True,
             )
     return choice
 
@@ -238,8 +232,7 @@ class PieceCompression:
     pieces are taken in order, so pieces ``0 .. streams-1`` (the first wave, which run at
     once) go with lz4 and the next ``streams`` with zstd; once both waves are in, the rest
     goes with zstd if its pieces carried at least :data:`ZSTD_MARGIN` of lz4's file bytes
-    per second (mean over the wave; :data:`BUSY_ZSTD_MARGIN` times when the choice was lz4
-    for want of a spare core), else with lz4. A piece that starts before the second
+    per second (mean over the wave), else with lz4. A piece that starts before the second
     wave is in takes the one ahead so far (lz4 until zstd's first pieces are in). Once zstd
     is chosen, its later pieces are watched: should a wave of them (the last ``streams``)
     carry less of the file per second than that share of lz4's trial rate (the load
@@ -254,7 +247,7 @@ class PieceCompression:
         self.choice = choice
         self.streams = max(1, min(streams, pieces))
         #: zstd is kept unless its pieces carried less than this share of lz4's file rate
-        self.margin = BUSY_ZSTD_MARGIN if choice.busy else ZSTD_MARGIN
+        self.margin = ZSTD_MARGIN
         unknown = choice.provisional and choice.compresses
         self.algorithm = "lz4" if unknown else choice.algorithm
         #: whether the first two waves try lz4 against zstd
