@@ -30,8 +30,7 @@
    zstd turns out (:class:`PieceCompression`); should a later wave of zstd fall under that
    share of lz4's rate, lz4 for the rest (also where no core was spare, 3: the trial
    measures the rates under that load). A round trip cannot tell a slow link from a fast
-   one far
-   away (200 Mbit/s and 1 Gbit/s at 40 ms): zstd wins on the first and makes the transfer
+   one far away (200 Mbit/s and 1 Gbit/s at 40 ms): zstd wins on the first and makes the transfer
    CPU-bound on the second; nor can the wire rate of lz4's pieces (pieces that are short,
    CPU-bound or dominated by their start look like a slow link). Only the file's rate under
    each says which is faster here, now. A transfer of fewer than :data:`MIN_WAVES` pieces per
@@ -42,8 +41,8 @@
    :data:`TRIAL_RATIO_SPAN` of the trial's go with it and do not try again (the losing wave
    costs seconds each time; a link and the load on it seldom change within the hour). A kept
    zstd is watched against that share of the trial's lz4 rate as the trial's own choice is,
-   and where no
-   core is spare (3) the transfer tries again instead of giving zstd up for the hour.
+   and where no core is spare (3) the transfer tries again instead of giving zstd up for the
+   hour.
 5. **what the peer's rsync supports**: rsync negotiates the algorithm; a peer that knows
    neither zstd nor lz4 (older than 3.2) fails the start of the transfer, which is then
    re-run once without compression (zlib, the old peers' only choice, is 7 to 13 times slower than
@@ -246,8 +245,6 @@ class PieceCompression:
     def __init__(self, choice: Choice, streams: int, pieces: int, piece_size: int = 0) -> None:
         self.choice = choice
         self.streams = max(1, min(streams, pieces))
-        #: zstd is kept unless its pieces carried less than this share of lz4's file rate
-        self.margin = ZSTD_MARGIN
         unknown = choice.provisional and choice.compresses
         self.algorithm = "lz4" if unknown else choice.algorithm
         #: whether the first two waves try lz4 against zstd
@@ -279,7 +276,7 @@ class PieceCompression:
         if self.trial:
             return (
                 f"lz4 for the first {self.streams} pieces, zstd for the next, then zstd unless "
-                f"its pieces carried under {self.margin:.2f} of lz4's rate"
+                f"its pieces carried under {ZSTD_MARGIN:.2f} of lz4's rate"
             )
         return self.algorithm
 
@@ -341,7 +338,7 @@ class PieceCompression:
             return
         self._after.append(rate)
         recent = self._after[-self.streams :]
-        if len(recent) < self.streams or _mean(recent) >= self.margin * _mean(self._rates["lz4"]):
+        if len(recent) < self.streams or _mean(recent) >= ZSTD_MARGIN * _mean(self._rates["lz4"]):
             return
         self.algorithm, self._reverted = "lz4", True
         self._trial_rates = (_mean(self._rates["lz4"]), _mean(recent))  # what is kept: lz4
@@ -349,14 +346,14 @@ class PieceCompression:
         log.info(
             "compression: zstd's last %d pieces reached %.0f MB/s of file per piece, under "
             "%.0f %% of lz4's %.0f MB/s: lz4 from now on",
-            len(recent), _mean(recent) / 1e6, self.margin * 100, _mean(self._rates["lz4"]) / 1e6,
+            len(recent), _mean(recent) / 1e6, ZSTD_MARGIN * 100, _mean(self._rates["lz4"]) / 1e6,
         )  # fmt: skip
 
     def _zstd_ahead(self) -> bool:
         """Whether zstd's pieces so far carried at least the margin's share of lz4's rate
         (under the lock)."""
         lz4, zstd = self._rates["lz4"], self._rates["zstd"]
-        return bool(lz4 and zstd) and _mean(zstd) >= self.margin * _mean(lz4)
+        return bool(lz4 and zstd) and _mean(zstd) >= ZSTD_MARGIN * _mean(lz4)
 
     def outcome(self) -> Trial | None:
         """What the experiment found (with a fall back to lz4 after it), if it was made."""
